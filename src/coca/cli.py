@@ -1,0 +1,171 @@
+"""The ``coca`` command. Entry points only: all logic lives in the importable library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def cmd_list(args) -> int:
+    from .config import get_preset, list_presets
+    from .models.coca import create_model
+    from .summary import parameter_counts
+    print(f"{'preset':<16} {'image':>6} {'vision':>18} {'text (enc+dec)':>18} {'vocab':>7} {'params':>9}")
+    for name in list_presets():
+        cfg = get_preset(name)
+        v, t = cfg.vision, cfg.text
+        total = parameter_counts(create_model(name, device="meta"))["total"]
+        print(f"{name:<16} {v.image_size:>6} {f'ViT {v.width}x{v.layers} /{v.patch_size}':>18} "
+              f"{f'{t.d_model}x({t.encoder_layers}+{t.decoder_layers})':>18} {t.vocab_size:>7} {_fmt_params(total):>9}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .models.coca import create_model
+    from .summary import branch_totals, forward_flops, parameter_counts
+    model = create_model(args.preset, device="meta")
+    counts = parameter_counts(model)
+    flops = forward_flops(model, batch=1)
+    cfg = model.cfg
+    print(f"{cfg.name}: ViT {cfg.vision.width}x{cfg.vision.layers} patch {cfg.vision.patch_size} at "
+          f"{cfg.vision.image_size}px; T5 d_model {cfg.text.d_model}, {cfg.text.encoder_layers}+"
+          f"{cfg.text.decoder_layers} layers, {cfg.text.num_heads} heads, d_ff {cfg.text.d_ff}, "
+          f"vocab {cfg.text.vocab_size}, {cfg.text.context_length} tokens")
+    print(f"\n{'component':<28} {'parameters':>14} {'share':>7} {'fwd GFLOPs/sample':>18}")
+    for comp, n in counts.items():
+        if comp == "total":
+            print("-" * 70)
+        gf = flops.get(comp)
+        gf_s = f"{gf / 1e9:.2f}" if gf is not None else ""
+        print(f"{comp:<28} {n:>14,} {n / counts['total']:>7.1%} {gf_s:>18}")
+    visual, language = branch_totals(counts)
+    print(f"\nvisual branch {_fmt_params(visual)}, language branch {_fmt_params(language)}, "
+          f"total {_fmt_params(counts['total'])}")
+    print(f"forward FLOPs per sample (image + {cfg.text.context_length} tokens, measured with "
+          f"torch.utils.flop_counter): {flops['total'] / 1e9:.1f} GFLOPs; training step ~3x that")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from .convert import init_from_pretrained
+    if args.t5 is None and args.vit is None:
+        print("error: give --t5 DIR and/or --vit FILE", file=sys.stderr)
+        return 2
+    model = init_from_pretrained(args.preset, t5_dir=args.t5, vit_file=args.vit, vit_act=args.vit_act)
+    out = model.save_pretrained(args.out)
+    print(f"wrote {out} ({args.preset}; text branch from {args.t5 or 'random init'}, vision tower from "
+          f"{args.vit or 'random init'}; poolers, projections and temperature freshly initialised)")
+    return 0
+
+
+def cmd_caption(args) -> int:
+    import torch
+
+    from .data import eval_transform, load_image
+    from .models.coca import load
+    model = load(args.model, device=args.device)
+    if model.tokenizer is None:
+        print(f"error: {args.model} has no tokenizer.model; save the model with its tokenizer "
+              "(model.save_pretrained(dir, tokenizer=tok))", file=sys.stderr)
+        return 2
+    transform = eval_transform(model.cfg.vision.image_size)
+    paths = list(args.images)
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start:start + args.batch_size]
+        images = torch.stack([transform(load_image(p)) for p in chunk]).to(args.device)
+        ids = model.generate(images, max_new_tokens=args.max_new_tokens, strategy=args.strategy,
+                             num_beams=args.num_beams, top_k=args.top_k, top_p=args.top_p,
+                             temperature=args.temperature, seed=args.seed)
+        for path, text in zip(chunk, model.tokenizer.decode(ids)):
+            print(f"{path}\t{text}")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from .tokenizer import Tokenizer
+    t0 = time.time()
+    tok = Tokenizer.train(args.input, vocab_size=args.vocab_size, out_dir=args.out, model_type=args.model_type,
+                          character_coverage=args.character_coverage, hard_vocab_limit=args.hard_vocab_limit)
+    print(f"wrote {tok.path}: vocabulary {tok.vocab_size} (asked {args.vocab_size}) in {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    p = argparse.ArgumentParser(prog="coca", description="CoCa-Large-v2: contrastive captioning (ViT + T5).")
+    p.add_argument("--version", action="version", version=f"coca {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("list", help="list the model presets")
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("info", help="parameter table and forward FLOPs of a preset (built on the meta device)")
+    s.add_argument("preset")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("init", help="initialise a model from a local T5 v1.1 / Flan-T5 directory and CLIP ViT file")
+    s.add_argument("--t5", help="Hugging Face T5 directory (config.json + model.safetensors or pytorch_model.bin)")
+    s.add_argument("--vit", help="CLIP/open_clip ViT checkpoint (.safetensors, or .bin/.pt state dict)")
+    s.add_argument("--vit-act", choices=["gelu", "quick_gelu"], default="gelu",
+                   help="MLP activation of the ViT checkpoint: quick_gelu for OpenAI CLIP, gelu for LAION/open_clip")
+    s.add_argument("--preset", default="coca-large-v2")
+    s.add_argument("--out", required=True, help="output model directory")
+    s.set_defaults(fn=cmd_init)
+
+    s = sub.add_parser("caption", help="print generated captions for images")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer.model)")
+    s.add_argument("--strategy", choices=["greedy", "beam", "sample"], default="beam")
+    s.add_argument("--num-beams", type=int, default=4)
+    s.add_argument("--max-new-tokens", type=int, default=30)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_caption)
+
+    s = sub.add_parser("tokenizer", help="SentencePiece tokenizer tools")
+    tsub = s.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a SentencePiece model on a text file (one caption per line)")
+    t.add_argument("--input", required=True)
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--out", required=True, help="directory for tokenizer.model")
+    t.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
+    t.add_argument("--character-coverage", type=float, default=0.9995)
+    t.add_argument("--hard-vocab-limit", action="store_true",
+                   help="fail instead of shrinking the vocabulary when the corpus is too small")
+    t.set_defaults(fn=cmd_tokenizer_train)
+
+    s = sub.add_parser("demo", help="the built-in demo on the tiny preset")
+    s.add_argument("--out", default="runs/demo")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

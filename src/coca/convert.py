@@ -1,0 +1,244 @@
+"""Import weights from Hugging Face T5 (v1.1 / Flan-T5) and CLIP / open_clip ViT checkpoints.
+
+Nothing here downloads: it reads models already in memory or files on local disk. Checkpoint
+files are read as safetensors, or as PyTorch state dicts with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import CoCaConfig, ConfigError, TextConfig, VisionConfig, get_preset
+from .models.coca import CoCa, create_model, load_checked
+from .models.t5 import T5Decoder, T5Encoder
+from .models.vit import VisionTransformer
+
+# ---------------------------------------------------------------------------------------------
+# T5
+# ---------------------------------------------------------------------------------------------
+
+
+def text_config_from_hf(hf_config: dict, context_length: int = 77) -> TextConfig:
+    """Our TextConfig from a HF ``T5Config`` (object or dict). Only T5 v1.1-style models fit."""
+    c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    ff = c.get("feed_forward_proj", "relu")
+    if ff != "gated-gelu":
+        raise ConfigError(f"T5 checkpoint uses feed_forward_proj={ff!r}; coca's text branch is T5 v1.1 "
+                          "(gated-gelu), as in google/t5-v1_1-* and google/flan-t5-*")
+    if c.get("tie_word_embeddings", True):
+        raise ConfigError("T5 checkpoint ties its LM head to the embedding (original T5); coca expects an "
+                          "untied head as in T5 v1.1 / Flan-T5")
+    return TextConfig(
+        vocab_size=c["vocab_size"], context_length=context_length, d_model=c["d_model"], d_kv=c["d_kv"],
+        num_heads=c["num_heads"], d_ff=c["d_ff"], encoder_layers=c["num_layers"],
+        decoder_layers=c.get("num_decoder_layers") or c["num_layers"],
+        relative_buckets=c.get("relative_attention_num_buckets", 32),
+        relative_max_distance=c.get("relative_attention_max_distance", 128),
+        ln_eps=c.get("layer_norm_epsilon", 1e-6), dropout=0.0,
+        pad_id=c.get("pad_token_id", 0), eos_id=c.get("eos_token_id", 1))
+
+
+def t5_state_from_hf(sd: dict[str, Tensor], cfg: TextConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """HF T5 state dict -> (encoder state, decoder state) in our names. q/k/v are fused."""
+    def get(name):
+        if name not in sd:
+            raise KeyError(f"T5 checkpoint lacks {name!r}; is it a T5ForConditionalGeneration state dict?")
+        return sd[name]
+
+    shared = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
+    if shared is None:
+        raise KeyError("T5 checkpoint has neither 'shared.weight' nor 'encoder.embed_tokens.weight'")
+    enc = {"embed_tokens.weight": shared, "final_norm.weight": get("encoder.final_layer_norm.weight"),
+           "position_bias.embedding.weight": get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")}
+    dec = {"embed_tokens.weight": shared, "final_norm.weight": get("decoder.final_layer_norm.weight"),
+           "position_bias.embedding.weight": get("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+           "lm_head.weight": get("lm_head.weight")}
+
+    def self_attn(out, src, dst):
+        a = f"{src}.SelfAttention"
+        out[f"{dst}.self_attn.qkv.weight"] = torch.cat([get(f"{a}.q.weight"), get(f"{a}.k.weight"), get(f"{a}.v.weight")])
+        out[f"{dst}.self_attn.o.weight"] = get(f"{a}.o.weight")
+        out[f"{dst}.ln_self.weight"] = get(f"{src}.layer_norm.weight")
+
+    def ffn(out, src, dst):
+        for w in ("wi_0", "wi_1", "wo"):
+            out[f"{dst}.ff.{w}.weight"] = get(f"{src}.DenseReluDense.{w}.weight")
+        out[f"{dst}.ln_ff.weight"] = get(f"{src}.layer_norm.weight")
+
+    for i in range(cfg.encoder_layers):
+        self_attn(enc, f"encoder.block.{i}.layer.0", f"blocks.{i}")
+        ffn(enc, f"encoder.block.{i}.layer.1", f"blocks.{i}")
+    for i in range(cfg.decoder_layers):
+        self_attn(dec, f"decoder.block.{i}.layer.0", f"blocks.{i}")
+        x = f"decoder.block.{i}.layer.1"
+        dec[f"blocks.{i}.cross_attn.q.weight"] = get(f"{x}.EncDecAttention.q.weight")
+        dec[f"blocks.{i}.cross_attn.kv.weight"] = torch.cat([get(f"{x}.EncDecAttention.k.weight"),
+                                                             get(f"{x}.EncDecAttention.v.weight")])
+        dec[f"blocks.{i}.cross_attn.o.weight"] = get(f"{x}.EncDecAttention.o.weight")
+        dec[f"blocks.{i}.ln_cross.weight"] = get(f"{x}.layer_norm.weight")
+        ffn(dec, f"decoder.block.{i}.layer.2", f"blocks.{i}")
+    return enc, dec
+
+
+def from_hf_t5(hf_model, context_length: int = 77) -> tuple[T5Encoder, T5Decoder]:
+    """Our (text_encoder, text_decoder), sharing one embedding, with a HF T5 model's weights."""
+    cfg = text_config_from_hf(hf_model.config, context_length)
+    enc_state, dec_state = t5_state_from_hf(hf_model.state_dict(), cfg)
+    embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+    encoder, decoder = T5Encoder(cfg, embedding), T5Decoder(cfg, embedding)
+    load_checked(encoder, enc_state, "HF T5 encoder")
+    load_checked(decoder, dec_state, "HF T5 decoder")
+    return encoder.eval(), decoder.eval()
+
+
+def read_hf_t5_dir(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+    """(config dict, state dict) of a HF T5 directory: config.json plus model.safetensors, a sharded
+    safetensors index, or pytorch_model.bin (read with weights_only=True)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: --t5 expects a Hugging Face T5 directory "
+                                "(config.json + model.safetensors or pytorch_model.bin)")
+    hf_cfg = json.loads(cfg_file.read_text())
+    if (path / "model.safetensors").is_file():
+        state = read_state_file(path / "model.safetensors")
+    elif (path / "model.safetensors.index.json").is_file():
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        state = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(read_state_file(path / shard))
+    elif (path / "pytorch_model.bin").is_file():
+        state = read_state_file(path / "pytorch_model.bin")
+    else:
+        raise FileNotFoundError(f"no weights in {path}: expected model.safetensors, model.safetensors.index.json "
+                                "or pytorch_model.bin")
+    return hf_cfg, state
+
+
+def read_state_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A state dict from safetensors, or from a torch file loaded with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} could not be read as a state dict with weights_only=True ({e}). "
+                         "Convert it to safetensors, e.g. via open_clip: "
+                         "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT
+# ---------------------------------------------------------------------------------------------
+
+
+def visual_state_only(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Accept a full CLIP/open_clip state dict ('visual.' prefix) or a visual-tower one."""
+    if any(k.startswith("visual.") for k in sd):
+        return {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    return sd
+
+
+def vision_config_from_clip(sd: dict[str, Tensor], heads: int | None = None, act: str = "gelu",
+                            ln_eps: float = 1e-5) -> VisionConfig:
+    """Infer the ViT shape from a CLIP visual state dict. CLIP uses 64-dim heads unless told."""
+    if "conv1.weight" not in sd or "transformer.resblocks.0.attn.in_proj_weight" not in sd:
+        raise KeyError("not a CLIP/open_clip ViT state dict (expected 'conv1.weight' and "
+                       "'transformer.resblocks.N.attn.in_proj_weight')")
+    width, _, patch, _ = sd["conv1.weight"].shape
+    grid = int(round((sd["positional_embedding"].shape[0] - 1) ** 0.5))
+    layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    return VisionConfig(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
+                        heads=heads or width // 64, mlp_dim=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                        act=act, ln_eps=ln_eps)
+
+
+def vit_state_from_clip(sd: dict[str, Tensor], cfg: VisionConfig) -> dict[str, Tensor]:
+    out = {k: sd[k] for k in ("conv1.weight", "class_embedding", "positional_embedding")}
+    for ln in ("ln_pre", "ln_post"):
+        out[f"{ln}.weight"], out[f"{ln}.bias"] = sd[f"{ln}.weight"], sd[f"{ln}.bias"]
+    for i in range(cfg.layers):
+        s, d = f"transformer.resblocks.{i}", f"blocks.{i}"
+        rename = {"ln_1": "ln_1", "ln_2": "ln_2", "mlp.c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj",
+                  "attn.out_proj": "attn.out"}
+        for a, b in rename.items():
+            out[f"{d}.{b}.weight"], out[f"{d}.{b}.bias"] = sd[f"{s}.{a}.weight"], sd[f"{s}.{a}.bias"]
+        out[f"{d}.attn.qkv.weight"], out[f"{d}.attn.qkv.bias"] = sd[f"{s}.attn.in_proj_weight"], sd[f"{s}.attn.in_proj_bias"]
+    return out
+
+
+def from_open_clip_vit(visual: nn.Module) -> VisionTransformer:
+    """Our ViT with the weights of an open_clip ``VisionTransformer`` (e.g. ``model.visual``)."""
+    sd = visual.state_dict()
+    block = visual.transformer.resblocks[0]
+    # open_clip names the activation module "gelu" whichever it is; its QuickGELU is its own class.
+    act = "quick_gelu" if type(getattr(block.mlp, "gelu", None)).__name__ == "QuickGELU" else "gelu"
+    cfg = vision_config_from_clip(sd, heads=block.attn.num_heads, act=act, ln_eps=visual.ln_pre.eps)
+    vit = VisionTransformer(cfg)
+    load_checked(vit, vit_state_from_clip(sd, cfg), "open_clip ViT")
+    return vit.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# A CoCa model from a T5 directory and a CLIP ViT file (`coca init`)
+# ---------------------------------------------------------------------------------------------
+
+
+def init_from_pretrained(preset: str | CoCaConfig = "coca-large-v2", t5_dir: str | None = None,
+                         vit_file: str | None = None, vit_act: str = "gelu") -> CoCa:
+    """A CoCa model whose text branch and/or vision tower come from local checkpoints; poolers,
+    projections and temperature keep their fresh initialisation."""
+    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    cfg.vision.act = vit_act
+    model = create_model(cfg)
+    if t5_dir is not None:
+        hf_cfg, state = read_hf_t5_dir(t5_dir)
+        t5_cfg = text_config_from_hf(hf_cfg, cfg.text.context_length)
+        shapes = ("d_model", "d_kv", "num_heads", "d_ff", "encoder_layers", "decoder_layers",
+                  "relative_buckets", "relative_max_distance")
+        diff = [f"{k}={getattr(t5_cfg, k)} (preset {getattr(cfg.text, k)})" for k in shapes
+                if getattr(t5_cfg, k) != getattr(cfg.text, k)]
+        if diff:
+            raise ConfigError(f"T5 checkpoint in {t5_dir} does not fit preset {cfg.name}: " + ", ".join(diff))
+        if t5_cfg.vocab_size < cfg.text.vocab_size:
+            raise ConfigError(f"T5 checkpoint vocabulary {t5_cfg.vocab_size} < preset vocabulary {cfg.text.vocab_size}")
+        enc, dec = t5_state_from_hf(state, t5_cfg)
+        # HF pads T5's 32,000 SentencePiece pieces to 32,128 rows; the extra rows are never produced
+        # by the tokenizer, so they are dropped to keep the preset's vocabulary.
+        V = cfg.text.vocab_size
+        for s in (enc, dec):
+            for k in ("embed_tokens.weight", "lm_head.weight"):
+                if k in s:
+                    s[k] = s[k][:V]
+        load_checked(model.text_encoder, enc, f"{t5_dir} (encoder)")
+        load_checked(model.text_decoder, dec, f"{t5_dir} (decoder)")
+        spiece = Path(t5_dir) / "spiece.model"
+        if spiece.is_file():
+            from .tokenizer import Tokenizer
+            tok = Tokenizer(spiece, cfg.text.context_length)
+            if tok.vocab_size > V:
+                raise ConfigError(f"{spiece} has {tok.vocab_size} ids > model vocabulary {V}")
+            model.tokenizer = tok
+    if vit_file is not None:
+        sd = visual_state_only(read_state_file(vit_file))
+        vcfg = vision_config_from_clip(sd, heads=cfg.vision.heads, act=vit_act)
+        for k in ("image_size", "patch_size", "width", "layers", "mlp_dim"):
+            if getattr(vcfg, k) != getattr(cfg.vision, k):
+                raise ConfigError(f"ViT checkpoint {vit_file} has {k}={getattr(vcfg, k)} but preset {cfg.name} "
+                                  f"expects {getattr(cfg.vision, k)}")
+        load_checked(model.visual, vit_state_from_clip(sd, vcfg), str(vit_file))
+    return model

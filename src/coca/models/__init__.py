@@ -1,0 +1,7 @@
+"""Model code: single-device, readable top to bottom. Parallelism lives in ``coca.train``."""
+
+from .coca import CoCa, create_model, load
+from .t5 import T5Decoder, T5Encoder
+from .vit import AttentionalPooler, VisionTransformer
+
+__all__ = ["CoCa", "create_model", "load", "T5Encoder", "T5Decoder", "VisionTransformer", "AttentionalPooler"]

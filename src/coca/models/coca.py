@@ -1,0 +1,222 @@
+"""CoCa: ViT image tower, cascaded attentional poolers, T5 text encoder and captioning decoder.
+
+    image -> ViT -> [B, 1+N, Wv] -> generative pooler (n_gen_queries) -> ln_visual -> visual tokens [B, Q, D]
+         visual tokens -> contrastive pooler (1 query) -> image_proj -> image_embed (L2-normalised)
+    text -> T5 encoder -> mean over non-pad tokens -> text_proj -> text_embed (L2-normalised)
+    shift_right(text) -> T5 decoder (causal self-attn, cross-attn to visual tokens) -> LM head -> logits
+
+The decoder sees only image tokens, never the text encoder's view of the same caption (which
+would let it copy). The encoder and decoder share one token embedding, as in T5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import CoCaConfig, ConfigError, get_preset
+from ..io import atomic_write_bytes, atomic_write_text
+from .t5 import T5Decoder, T5Encoder, init_t5_weights
+from .vit import AttentionalPooler, VisionTransformer
+
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.model"
+
+
+class CoCa(nn.Module):
+    def __init__(self, cfg: CoCaConfig):
+        super().__init__()
+        self.cfg = cfg
+        v, t = cfg.vision, cfg.text
+        self.visual = VisionTransformer(v)
+        self.gen_pooler = AttentionalPooler(t.d_model, v.width, cfg.pooler_heads, cfg.n_gen_queries)
+        self.ln_visual = nn.LayerNorm(t.d_model)
+        self.contrastive_pooler = AttentionalPooler(t.d_model, t.d_model, cfg.pooler_heads, 1)
+        self.image_proj = nn.Linear(t.d_model, cfg.embed_dim, bias=False)
+        token_embedding = nn.Embedding(t.vocab_size, t.d_model)
+        self.text_encoder = T5Encoder(t, token_embedding)
+        self.text_decoder = T5Decoder(t, token_embedding)
+        self.text_proj = nn.Linear(t.d_model, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.tokenizer = None  # set by coca.load() when the directory has a tokenizer.model
+        self.reset_parameters()
+
+    # --- construction helpers --------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        if self.logit_scale.is_meta:
+            return
+        init_t5_weights(self, self.cfg.text)
+        nn.init.normal_(self.text_encoder.embed_tokens.weight, std=1.0)  # T5: unit-variance embeddings
+        for proj in (self.image_proj, self.text_proj):
+            nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+
+    def tie_weights(self) -> None:
+        """Encoder and decoder share the token embedding (broken by ``to_empty``; restored here)."""
+        self.text_decoder.embed_tokens = self.text_encoder.embed_tokens
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        for tower in (self.visual, self.text_encoder, self.text_decoder):
+            tower.grad_checkpointing = enabled
+
+    # --- input checks: a clear message instead of an index error deep inside a kernel -------
+    def check_images(self, images: Tensor) -> None:
+        s = self.cfg.vision.image_size
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor of shape [B, 3, {s}, {s}], got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != s or images.shape[3] != s:
+            raise ValueError(f"images must have shape [B, 3, {s}, {s}] for {self.cfg.name}, got {list(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor (normalised pixels), got {images.dtype}; "
+                            "convert uint8 images with the model's preprocessing transform")
+
+    def check_tokens(self, tokens: Tensor, name: str = "text tokens") -> None:
+        t = self.cfg.text
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            shape = list(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"{name} must be a LongTensor of shape [B, L], got {shape}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be integer ids (torch.long), got {tokens.dtype}")
+        if tokens.shape[1] > t.context_length:
+            raise ValueError(f"{name} have length {tokens.shape[1]} > context_length {t.context_length}")
+        if tokens.numel() and tokens.device.type != "meta":
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= t.vocab_size:
+                raise ValueError(f"{name} contain id {lo if lo < 0 else hi} outside the vocabulary [0, {t.vocab_size})")
+
+    # --- towers ------------------------------------------------------------------------------
+    def encode_image_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (image_embed [B, E] normalised, visual tokens [B, Q, D] for the decoder)."""
+        self.check_images(images)
+        visual_tokens = self.ln_visual(self.gen_pooler(self.visual(images)))
+        pooled = self.contrastive_pooler(visual_tokens)[:, 0]
+        return F.normalize(self.image_proj(pooled), dim=-1), visual_tokens
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return self.encode_image_tokens(images)[0]
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """Mean of the encoder states over non-pad tokens, projected and L2-normalised: [B, E]."""
+        self.check_tokens(tokens)
+        mask = tokens != self.cfg.text.pad_id
+        hidden = self.text_encoder(tokens, mask)
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def shift_right(self, tokens: Tensor) -> Tensor:
+        """Teacher-forcing decoder inputs, as T5: [start=pad, t0, ..., t_{L-2}]."""
+        start = torch.full_like(tokens[:, :1], self.cfg.text.pad_id)
+        return torch.cat([start, tokens[:, :-1]], dim=1)
+
+    def forward(self, images: Tensor, text_tokens: Tensor) -> dict[str, Tensor]:
+        """``logits[:, i]`` predicts ``text_tokens[:, i]`` (decoder inputs are shifted right)."""
+        image_embeds, visual_tokens = self.encode_image_tokens(images)
+        text_embeds = self.encode_text(text_tokens)
+        logits = self.text_decoder(self.shift_right(text_tokens), visual_tokens)
+        return {"image_embeds": image_embeds, "text_embeds": text_embeds, "logits": logits,
+                "logit_scale": self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)}
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, **kwargs) -> Tensor:
+        """Caption ids [B, T] (no start token; EOS then pad after the end). See ``coca.generation``."""
+        from ..generation import generate
+        return generate(self, images, **kwargs)
+
+    # --- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> Path:
+        """Write config.json, model.safetensors (and tokenizer.model) atomically into ``path``."""
+        from safetensors.torch import save as save_safetensors
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().to("cpu").contiguous() for name, p in unique_state(self).items()}
+        atomic_write_bytes(path / WEIGHTS_FILE, save_safetensors(tensors, metadata={"format": "pt"}))
+        atomic_write_text(path / CONFIG_FILE, json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is not None:
+            atomic_write_bytes(path / TOKENIZER_FILE, tokenizer.serialized_model())
+        return path
+
+
+def unique_state(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters and persistent buffers, each shared tensor once under its first name."""
+    state = dict(model.named_parameters())
+    state.update((n, b) for n, b in model.named_buffers())
+    return state
+
+
+def create_model(config: str | CoCaConfig | dict[str, Any] = "coca-tiny", device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> CoCa:
+    """Build a CoCa model from a preset name, a ``CoCaConfig`` or a config dict.
+
+    ``device="meta"`` allocates nothing (for parameter counts and FLOPs of the large preset).
+    """
+    if isinstance(config, str):
+        cfg = get_preset(config)
+    elif isinstance(config, dict):
+        cfg = CoCaConfig.from_dict(config)
+    elif isinstance(config, CoCaConfig):
+        cfg = config
+    else:
+        raise TypeError(f"config must be a preset name, CoCaConfig or dict, got {type(config).__name__}")
+    with torch.device(device):
+        model = CoCa(cfg)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> CoCa:
+    """Load a directory written by ``save_pretrained``. Only safetensors are read: no pickle."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing: a model directory needs {CONFIG_FILE} and "
+                                    f"{WEIGHTS_FILE} (write one with model.save_pretrained(dir) or `coca init`)")
+    try:
+        cfg = CoCaConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise ConfigError(f"{path / CONFIG_FILE}: {e}") from None
+    with torch.device("meta"):
+        model = CoCa(cfg)
+    model.to_empty(device=device)
+    model.tie_weights()
+    try:
+        state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
+    load_checked(model, state, source=str(path / WEIGHTS_FILE))
+    if dtype is not None:
+        model.to(dtype)
+    if (path / TOKENIZER_FILE).is_file():
+        from ..tokenizer import Tokenizer
+        model.tokenizer = Tokenizer(path / TOKENIZER_FILE, context_length=cfg.text.context_length)
+    return model.eval()
+
+
+def load_checked(model: nn.Module, state: dict[str, Tensor], source: str, allow_missing: bool = False) -> None:
+    """Copy ``state`` into ``model`` after checking every name and shape; errors list what differs."""
+    expected = unique_state(model)
+    problems = []
+    missing = [n for n in expected if n not in state]
+    unexpected = [n for n in state if n not in expected]
+    if missing and not allow_missing:
+        problems.append(f"missing {len(missing)} tensors, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}")
+    for name, tensor in state.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            problems.append(f"{name} has shape {tuple(tensor.shape)} but the config expects {tuple(expected[name].shape)}")
+    if problems:
+        raise ValueError(f"{source} does not match the model config: " + "; ".join(problems[:8]))
+    with torch.no_grad():
+        for name, tensor in state.items():
+            expected[name].copy_(tensor)

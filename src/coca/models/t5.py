@@ -1,0 +1,313 @@
+"""T5 v1.1 text encoder and decoder, weight-compatible with Hugging Face ``T5ForConditionalGeneration``.
+
+Faithful to T5 (Raffel et al. 2020; v1.1 changes): RMSNorm without bias or mean subtraction,
+relative position buckets shared by all layers of a stack (bidirectional in the encoder,
+causal in the decoder), no 1/sqrt(d) attention scaling (folded into the init), gated-GELU
+feed-forward, untied LM head. Attention runs through ``scaled_dot_product_attention`` with the
+position bias passed as an additive mask. Self-attention projections are fused into one matmul.
+
+The decoder keeps a KV cache for generation: self-attention keys/values are written into a
+preallocated buffer one step at a time; cross-attention keys/values of the visual tokens are
+computed once (``DecoderCache.cross``) and reused for every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    """T5LayerNorm: x / rms(x) * weight, computed in fp32, no bias and no mean subtraction."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
+    """Map (key_pos - query_pos) to a bucket: exact for small distances, log-spaced up to max_distance."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = -relative_position.clamp(max=0)  # future positions all fall into bucket 0
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    large = max_exact + (
+        torch.log(distance.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """One learned scalar per (bucket, head), shared across the layers of a stack."""
+
+    def __init__(self, cfg: TextConfig, bidirectional: bool):
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.num_buckets = cfg.relative_buckets
+        self.max_distance = cfg.relative_max_distance
+        self.embedding = nn.Embedding(cfg.relative_buckets, cfg.num_heads)
+
+    def forward(self, q_len: int, k_len: int, q_offset: int = 0) -> Tensor:
+        """Returns [1, H, q_len, k_len] bias for queries at positions q_offset..q_offset+q_len-1."""
+        device = self.embedding.weight.device
+        q_pos = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        buckets = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention without bias terms and without 1/sqrt(d_kv) scaling (T5 convention)."""
+
+    def __init__(self, cfg: TextConfig, cross: bool = False):
+        super().__init__()
+        self.n_heads, self.d_kv = cfg.num_heads, cfg.d_kv
+        inner = cfg.num_heads * cfg.d_kv
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(cfg.d_model, inner, bias=False)
+            self.kv = nn.Linear(cfg.d_model, 2 * inner, bias=False)
+        else:
+            self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        # [B, L, n*H*Dh] -> n x [B, H, L, Dh]
+        B, L, _ = x.shape
+        return x.view(B, L, n, self.n_heads, self.d_kv).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys/values [B, H, N, Dh] of a context; computed once per image when decoding."""
+        return self._heads(self.kv(context), 2)
+
+    def forward(self, x: Tensor, bias: Tensor | None, kv: tuple[Tensor, Tensor] | None = None,
+                cache: "LayerCache | None" = None) -> Tensor:
+        """x: [B, L, D]. bias: additive [B|1, H, L, S] (position bias + masks) or None.
+
+        Self-attention: keys/values come from x (and, with a cache, from the earlier steps).
+        Cross-attention: ``kv`` holds the projected context keys/values.
+        """
+        B, L, _ = x.shape
+        if self.cross:
+            q = self._heads(self.q(x), 1)[0]
+            k, v = kv
+        else:
+            q, k, v = self._heads(self.qkv(x), 3)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+            dropout_p=self.dropout if self.training else 0.0, scale=1.0)
+        return self.o(out.transpose(1, 2).reshape(B, L, self.n_heads * self.d_kv))
+
+
+class GatedGeluFFN(nn.Module):
+    """T5 v1.1 feed-forward: wo(gelu_tanh(wi_0 x) * wi_1 x)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.wo(self.dropout(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)))
+
+
+class T5Block(nn.Module):
+    """Pre-norm residual block: self-attention, [cross-attention], feed-forward."""
+
+    def __init__(self, cfg: TextConfig, cross: bool):
+        super().__init__()
+        self.ln_self = RMSNorm(cfg.d_model, cfg.ln_eps)
+        self.self_attn = T5Attention(cfg)
+        if cross:
+            self.ln_cross = RMSNorm(cfg.d_model, cfg.ln_eps)
+            self.cross_attn = T5Attention(cfg, cross=True)
+        self.ln_ff = RMSNorm(cfg.d_model, cfg.ln_eps)
+        self.ff = GatedGeluFFN(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, bias: Tensor | None, cross_kv: tuple[Tensor, Tensor] | None = None,
+                cache: "LayerCache | None" = None) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.ln_self(x), bias, cache=cache))
+        if cross_kv is not None:
+            x = x + self.dropout(self.cross_attn(self.ln_cross(x), None, kv=cross_kv))
+        return x + self.dropout(self.ff(self.ln_ff(x)))
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention runs in: the autocast dtype when autocast is on, else x's own."""
+    dev = x.device.type
+    if dev != "meta" and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, S] bool (True = attend) -> additive [B, 1, 1, S]."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)[:, None, None, :]
+
+
+class T5Encoder(nn.Module):
+    """Bidirectional T5 stack. ``forward(tokens) -> [B, L, d_model]`` after the final RMSNorm."""
+
+    def __init__(self, cfg: TextConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = embed_tokens
+        self.position_bias = RelativePositionBias(cfg, bidirectional=True)
+        self.blocks = nn.ModuleList([T5Block(cfg, cross=False) for _ in range(cfg.encoder_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.ln_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.grad_checkpointing = False
+
+    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """tokens: [B, L] ids; attention_mask: [B, L] (1 = real token). Default: tokens != pad_id."""
+        if attention_mask is None:
+            attention_mask = tokens != self.cfg.pad_id
+        x = self.dropout(self.embed_tokens(tokens))
+        L = tokens.shape[1]
+        bias_dtype = compute_dtype(x)
+        bias = self.position_bias(L, L).to(bias_dtype) + padding_bias(attention_mask.bool(), bias_dtype)
+        for block in self.blocks:
+            x = checkpoint(block, x, bias, use_reentrant=False) if self.grad_checkpointing and self.training else block(x, bias)
+        return self.dropout(self.final_norm(x))
+
+
+class LayerCache:
+    """Self-attention keys/values of one decoder layer, preallocated to the maximum length."""
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, d_kv: int, dtype, device):
+        self.k = torch.empty(batch, n_heads, max_len, d_kv, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise RuntimeError(f"KV cache overflow: {end} positions > capacity {self.k.shape[2]}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        self.k[:, :, :self.length] = self.k[index, :, :self.length]
+        self.v[:, :, :self.length] = self.v[index, :, :self.length]
+
+
+class DecoderCache:
+    """Per-layer self-attention caches plus the cross-attention keys/values of the visual tokens."""
+
+    def __init__(self, layers: list[LayerCache], cross: list[tuple[Tensor, Tensor]]):
+        self.layers, self.cross = layers, cross
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def reorder(self, index: Tensor) -> None:
+        """Beam search: row i takes the history of row index[i]. Cross keys/values are identical
+        within a beam group, so they are never moved."""
+        for layer in self.layers:
+            layer.reorder(index)
+
+
+class T5Decoder(nn.Module):
+    """Causal T5 stack with cross-attention to the visual tokens, final RMSNorm and untied LM head.
+
+    ``forward(tokens, visual_tokens) -> [B, L, vocab]`` logits, equal to HF
+    ``T5ForConditionalGeneration(encoder_outputs=(visual_tokens,), decoder_input_ids=tokens).logits``.
+    """
+
+    def __init__(self, cfg: TextConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = embed_tokens
+        self.position_bias = RelativePositionBias(cfg, bidirectional=False)
+        self.blocks = nn.ModuleList([T5Block(cfg, cross=True) for _ in range(cfg.decoder_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.ln_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.grad_checkpointing = False
+
+    def cross_kv(self, visual_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
+        return [block.cross_attn.project_kv(visual_tokens) for block in self.blocks]
+
+    def new_cache(self, visual_tokens: Tensor, max_len: int, repeat: int = 1) -> DecoderCache:
+        """Allocate a cache for ``max_len`` decoder positions and project the visual keys/values
+        once per image; with ``repeat`` (beam search) each image's projection serves its beams."""
+        cross = self.cross_kv(visual_tokens)
+        if repeat > 1:
+            cross = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in cross]
+        B, dtype = cross[0][0].shape[0], cross[0][0].dtype
+        layers = [LayerCache(B, self.cfg.num_heads, max_len, self.cfg.d_kv, dtype, visual_tokens.device)
+                  for _ in self.blocks]
+        return DecoderCache(layers, cross)
+
+    def forward(self, tokens: Tensor, visual_tokens: Tensor | None = None, cache: DecoderCache | None = None) -> Tensor:
+        """tokens: [B, L] decoder inputs (start token = pad). visual_tokens: [B, N, d_model].
+
+        With ``cache``, tokens are the new positions only and visual_tokens may be omitted.
+        """
+        B, L = tokens.shape
+        x = self.dropout(self.embed_tokens(tokens))
+        offset = 0 if cache is None else cache.length
+        total = offset + L
+        bias_dtype = compute_dtype(x)
+        bias = self.position_bias(L, total, q_offset=offset).to(bias_dtype)
+        if L > 1:  # causal mask within the new positions; a single new token may see everything
+            causal = torch.ones(L, total, dtype=torch.bool, device=x.device).tril(diagonal=offset)
+            bias = bias.masked_fill(~causal, torch.finfo(bias_dtype).min)
+        cross = cache.cross if cache is not None else self.cross_kv(visual_tokens)
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.grad_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, bias, cross[i], use_reentrant=False)
+            else:
+                x = block(x, bias, cross[i], layer_cache)
+        return self.lm_head(self.dropout(self.final_norm(x)))
+
+
+def init_t5_weights(module: nn.Module, cfg: TextConfig) -> None:
+    """T5's initialisation (Mesh TF): attention scaling lives here, not in the forward pass."""
+    d, dkv, H, dff = cfg.d_model, cfg.d_kv, cfg.num_heads, cfg.d_ff
+    for m in module.modules():
+        if isinstance(m, T5Attention):
+            inner = H * dkv
+            if m.cross:
+                nn.init.normal_(m.q.weight, std=(d * dkv) ** -0.5)
+                nn.init.normal_(m.kv.weight, std=d ** -0.5)
+            else:
+                nn.init.normal_(m.qkv.weight[:inner], std=(d * dkv) ** -0.5)
+                nn.init.normal_(m.qkv.weight[inner:], std=d ** -0.5)
+            nn.init.normal_(m.o.weight, std=inner ** -0.5)
+        elif isinstance(m, GatedGeluFFN):
+            nn.init.normal_(m.wi_0.weight, std=d ** -0.5)
+            nn.init.normal_(m.wi_1.weight, std=d ** -0.5)
+            nn.init.normal_(m.wo.weight, std=dff ** -0.5)
+        elif isinstance(m, RelativePositionBias):
+            nn.init.normal_(m.embedding.weight, std=d ** -0.5)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, T5Decoder):
+            nn.init.normal_(m.lm_head.weight, std=d ** -0.5)

@@ -1,0 +1,128 @@
+"""CLIP-compatible Vision Transformer and the attentional poolers of CoCa.
+
+The ViT follows CLIP (Radford et al. 2021): a bias-free patch convolution, a class token,
+learned absolute positions, ``ln_pre``, pre-LN residual blocks, and ``ln_post`` — here applied
+to every token, because CoCa pools the whole token sequence rather than the class token.
+Parameter names mirror open_clip's so CLIP ViT-L/14 weights map one to one (``coca.convert``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import VisionConfig
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP checkpoints were trained with."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Standard biased multi-head attention (nn.MultiheadAttention's weights, SDPA compute)."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.self_attention = kv_dim is None
+        if self.self_attention:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(kv_dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def _split(self, x: Tensor, n: int) -> tuple[Tensor, ...]:
+        B, L, _ = x.shape  # [B, L, n*dim] -> n x [B, heads, L, head_dim]
+        return x.view(B, L, n, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        B, L, _ = x.shape
+        if self.self_attention:
+            q, k, v = self._split(self.qkv(x), 3)
+        else:
+            (q,) = self._split(self.q(x), 1)
+            k, v = self._split(self.kv(context), 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.attn = MultiHeadAttention(cfg.width, cfg.heads)
+        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(cfg.width, cfg.mlp_dim))
+        self.mlp.add_module("act", QuickGELU() if cfg.act == "quick_gelu" else nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(cfg.mlp_dim, cfg.width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTransformer(nn.Module):
+    """``forward(images [B, 3, S, S]) -> [B, 1 + N, width]`` tokens after ln_post, class token first."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.num_patches + 1, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.blocks = nn.ModuleList([ResidualBlock(cfg) for _ in range(cfg.layers)])
+        self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.grad_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # CLIP's initialisation (open_clip VisionTransformer / OpenAI model.py).
+        w, L = self.cfg.width, self.cfg.layers
+        scale = w ** -0.5
+        nn.init.normal_(self.class_embedding, std=scale)
+        nn.init.normal_(self.positional_embedding, std=scale)
+        attn_std, proj_std, fc_std = w ** -0.5, w ** -0.5 * (2 * L) ** -0.5, (2 * w) ** -0.5
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.normal_(block.attn.out.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.conv1(images)                               # [B, width, S/p, S/p]
+        x = x.flatten(2).transpose(1, 2)                     # [B, N, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+        return self.ln_post(x)
+
+
+class AttentionalPooler(nn.Module):
+    """Learned queries cross-attending to a token sequence (CoCa, Yu et al. 2022, Sec. 3.2).
+
+    ``forward(x [B, N, context_dim]) -> [B, n_queries, dim]``.
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int, n_queries: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_queries, dim) * dim ** -0.5)
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_k = nn.LayerNorm(context_dim)
+        self.attn = MultiHeadAttention(dim, heads, kv_dim=context_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.ln_q(self.query).to(x.dtype).expand(x.shape[0], -1, -1)
+        return self.attn(q, self.ln_k(x))

@@ -1,0 +1,112 @@
+"""Our towers against the reference implementations, with the same (random) weights, in fp32."""
+
+import pytest
+import torch
+
+import coca
+from coca.convert import from_hf_t5, from_open_clip_vit
+
+transformers = pytest.importorskip("transformers")
+
+
+def make_hf_t5(seed=0, **overrides):
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=300, d_model=64, d_kv=16, num_heads=4, d_ff=96, num_layers=3, num_decoder_layers=2,
+              relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
+              feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+              pad_token_id=0, eos_token_id=1)
+    kw.update(overrides)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**kw)).eval()
+    # HF initialises norms to 1 and relative biases tiny; randomise them so every weight is exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or "relative_attention_bias" in name:
+                p.normal_(1.0 if "layer_norm" in name else 0.0, 0.5)
+    return model
+
+
+def padded_tokens(B=3, L=40, vocab=300, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, vocab, (B, L), generator=g)
+    for b, n in enumerate([L, L // 2, 5][:B]):  # rows of different real lengths
+        tokens[b, n - 1] = 1
+        tokens[b, n:] = 0
+    return tokens
+
+
+@torch.no_grad()
+def test_t5_encoder_matches_hf():
+    hf = make_hf_t5()
+    encoder, _ = from_hf_t5(hf)
+    tokens = padded_tokens()
+    mask = tokens != 0
+    ref = hf.encoder(input_ids=tokens, attention_mask=mask).last_hidden_state
+    ours = encoder(tokens)
+    # padded positions are never used; compare real tokens only
+    torch.testing.assert_close(ours[mask], ref[mask], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_t5_encoder_matches_hf_past_max_distance():
+    # sequences longer than the 128-position max distance exercise the log-spaced buckets' clamp
+    hf = make_hf_t5(relative_attention_max_distance=16, relative_attention_num_buckets=8)
+    encoder, _ = from_hf_t5(hf, context_length=77)
+    tokens = torch.randint(3, 300, (2, 60))
+    torch.testing.assert_close(encoder(tokens), hf.encoder(input_ids=tokens).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_t5_decoder_matches_hf_logits():
+    hf = make_hf_t5()
+    _, decoder = from_hf_t5(hf)
+    visual_tokens = torch.randn(3, 17, 64)
+    tokens = padded_tokens(L=30)
+    ref = hf(encoder_outputs=(visual_tokens,), decoder_input_ids=tokens).logits
+    torch.testing.assert_close(decoder(tokens, visual_tokens), ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_t5_decoder_cache_matches_full_pass():
+    hf = make_hf_t5()
+    _, decoder = from_hf_t5(hf)
+    visual_tokens = torch.randn(2, 9, 64)
+    tokens = torch.randint(3, 300, (2, 12))
+    full = decoder(tokens, visual_tokens)
+    cache = decoder.new_cache(visual_tokens, max_len=12)
+    prefix = decoder(tokens[:, :5], cache=cache)  # prefill several positions, then one at a time
+    steps = [decoder(tokens[:, i:i + 1], cache=cache) for i in range(5, 12)]
+    torch.testing.assert_close(torch.cat([prefix] + steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_shared_embedding_after_conversion():
+    encoder, decoder = from_hf_t5(make_hf_t5())
+    assert encoder.embed_tokens is decoder.embed_tokens
+
+
+def test_original_t5_is_rejected_with_reason():
+    hf = make_hf_t5(feed_forward_proj="relu", tie_word_embeddings=True)
+    with pytest.raises(coca.config.ConfigError, match="gated-gelu"):
+        from_hf_t5(hf)
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+@torch.no_grad()
+def test_vit_matches_open_clip(act):
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer as OCViT
+    from open_clip.transformer import QuickGELU
+    torch.manual_seed(0)
+    ref = OCViT(image_size=32, patch_size=8, width=64, layers=3, heads=4, mlp_ratio=3.0, output_dim=48,
+                act_layer=QuickGELU if act == "quick_gelu" else torch.nn.GELU, output_tokens=True).eval()
+    with torch.no_grad():  # open_clip zero/one-initialises norms and biases; randomise everything
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ours = from_open_clip_vit(ref)
+    assert ours.cfg.act == act
+    images = torch.randn(2, 3, 32, 32)
+    pooled, tokens = ref(images)
+    x = ours(images)
+    assert x.shape == (2, 1 + 16, 64)
+    torch.testing.assert_close(x[:, 1:], tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x[:, 0] @ ref.proj, pooled, atol=1e-5, rtol=1e-5)
