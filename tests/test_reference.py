@@ -110,3 +110,33 @@ def test_vit_matches_open_clip(act):
     assert x.shape == (2, 1 + 16, 64)
     torch.testing.assert_close(x[:, 1:], tokens, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x[:, 0] @ ref.proj, pooled, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams, length_penalty", [(1, 1.0), (3, 1.0), (4, 0.6), (4, 2.0)])
+@torch.no_grad()
+def test_generation_matches_hf_generate(num_beams, length_penalty):
+    """Our greedy and beam search (with KV cache) against HF ``generate`` on the same T5 decoder."""
+    from types import SimpleNamespace
+
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from coca.generation import _beam_search, _greedy_or_sample
+    hf = make_hf_t5(seed=3, vocab_size=60)
+    with torch.no_grad():  # confident predictions with EOS reachable, so lengths differ by row
+        hf.lm_head.weight.mul_(3.0)
+        hf.lm_head.weight[1] += 0.5 * hf.lm_head.weight[7]
+    _, decoder = from_hf_t5(hf)
+    shim = SimpleNamespace(cfg=SimpleNamespace(text=decoder.cfg), text_decoder=decoder)
+    visual = torch.randn(6, 11, 64, generator=torch.Generator().manual_seed(5))
+    ref = hf.generate(encoder_outputs=BaseModelOutput(last_hidden_state=visual), num_beams=num_beams,
+                      do_sample=False, max_new_tokens=20, length_penalty=length_penalty, early_stopping=False,
+                      decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)[:, 1:]
+    if num_beams == 1:
+        ours = _greedy_or_sample(shim, visual, 20, 0, True, None)
+    else:
+        ours = _beam_search(shim, visual, 20, 0, num_beams, length_penalty, True)
+    def until_eos(rows):  # HF fills finished beams with EOS, we with pad: compare up to EOS
+        return [r[: r.index(1) + 1] if 1 in r else r for r in rows.tolist()]
+
+    assert len({len(r) for r in until_eos(ref)}) > 1  # rows end at different steps
+    assert until_eos(ours) == until_eos(ref)

@@ -1,0 +1,133 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import coca
+from coca.cli import main
+from coca.demo import demo_captions
+
+transformers = pytest.importorskip("transformers")
+open_clip = pytest.importorskip("open_clip")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_console_script_lists_presets():
+    out = subprocess.run([sys.executable, "-m", "coca.cli", "list"], capture_output=True, text=True, check=True).stdout
+    for name in ("coca-large-v2", "coca-base", "coca-tiny"):
+        assert name in out
+
+
+def test_info_large_counts_and_flops(capsys):
+    code, out, _ = run(capsys, "info", "coca-large-v2")
+    assert code == 0
+    assert "1,096,310,785" in out and "GFLOPs" in out
+    for row in ("vision tower", "attentional poolers", "text encoder", "text decoder", "token embedding", "LM head"):
+        assert row in out
+
+
+def test_info_unknown_preset(capsys):
+    code, _, err = run(capsys, "info", "coca-huge")
+    assert code == 2 and "unknown model preset 'coca-huge'" in err
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A HF T5 directory and an open_clip ViT file with coca-tiny's shapes, both random."""
+    root = tmp_path_factory.mktemp("ckpt")
+    t = coca.config.get_preset("coca-tiny").text
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=1100, d_model=t.d_model, d_kv=t.d_kv, num_heads=t.num_heads, d_ff=t.d_ff, num_layers=3,
+        num_decoder_layers=3, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)).eval()
+    hf.save_pretrained(root / "t5")
+    tok = coca.Tokenizer.train(demo_captions(), vocab_size=40, out_dir=root / "tok")
+    shutil.copy(tok.path, root / "t5" / "spiece.model")
+    from open_clip.transformer import VisionTransformer as OCViT
+    vit = OCViT(image_size=64, patch_size=8, width=192, layers=4, heads=4, mlp_ratio=4.0, output_dim=128,
+                output_tokens=True).eval()
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    from safetensors.torch import save_file
+    save_file({f"visual.{k}": v.contiguous() for k, v in vit.state_dict().items()}, str(root / "clip.safetensors"))
+    torch.save(vit.state_dict(), root / "clip.bin")
+    return root, hf, vit
+
+
+@pytest.mark.parametrize("vit_file", ["clip.safetensors", "clip.bin"])
+def test_init_from_t5_and_clip(capsys, checkpoints, vit_file):
+    root, hf, vit = checkpoints
+    out_dir = root / f"init-{vit_file}"
+    code, out, err = run(capsys, "init", "--preset", "coca-tiny", "--t5", str(root / "t5"),
+                         "--vit", str(root / vit_file), "--out", str(out_dir))
+    assert code == 0, err
+    model = coca.load(out_dir)
+    assert model.tokenizer is not None
+    tokens = torch.randint(3, 1024, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model.text_encoder(tokens), hf.encoder(input_ids=tokens).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+        visual = torch.randn(2, 32, 192)
+        torch.testing.assert_close(model.text_decoder(tokens, visual),
+                                   hf(encoder_outputs=(visual,), decoder_input_ids=tokens).logits[..., :1024],
+                                   atol=1e-4, rtol=1e-5)  # logits of HF's unit-std head reach ~30
+        images = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(model.visual(images)[:, 1:], vit(images)[1], atol=1e-5, rtol=1e-5)
+
+
+def test_init_rejects_wrong_shapes(capsys, checkpoints):
+    root, _, _ = checkpoints
+    code, _, err = run(capsys, "init", "--preset", "coca-base", "--t5", str(root / "t5"), "--out", str(root / "x"))
+    assert code == 2 and "does not fit preset coca-base" in err
+    code, _, err = run(capsys, "init", "--preset", "coca-base", "--vit", str(root / "clip.safetensors"),
+                       "--out", str(root / "x"))
+    assert code == 2 and "expects" in err
+    code, _, err = run(capsys, "init", "--preset", "coca-tiny", "--t5", str(root / "missing"), "--out", str(root / "x"))
+    assert code == 2 and "config.json not found" in err
+
+
+def test_caption_command(capsys, checkpoints, tmp_path):
+    root, _, _ = checkpoints
+    model_dir = root / "init-clip.safetensors"
+    if not model_dir.exists():
+        assert run(capsys, "init", "--preset", "coca-tiny", "--t5", str(root / "t5"), "--out", str(model_dir))[0] == 0
+    paths = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        p = tmp_path / f"img{i}.png"
+        Image.new("RGB", (80, 70), colour).save(p)
+        paths.append(str(p))
+    code, out, err = run(capsys, "caption", *paths, "--model", str(model_dir), "--strategy", "greedy",
+                         "--max-new-tokens", "5", "--batch-size", "2")
+    assert code == 0, err
+    assert [line.split("\t")[0] for line in out.strip().splitlines()] == paths
+    code, _, err = run(capsys, "caption", str(tmp_path / "nope.png"), "--model", str(model_dir))
+    assert code == 2 and "nope.png" in err
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    code, _, err = run(capsys, "caption", str(tmp_path / "bad.png"), "--model", str(model_dir))
+    assert code == 2 and "could not be decoded" in err
+
+
+def test_tokenizer_train_command(capsys, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(demo_captions()))
+    code, out, _ = run(capsys, "tokenizer", "train", "--input", str(corpus), "--vocab-size", "50",
+                       "--out", str(tmp_path / "tok"))
+    assert code == 0 and (tmp_path / "tok" / "tokenizer.model").is_file()
+    code, _, err = run(capsys, "tokenizer", "train", "--input", str(tmp_path / "none.txt"), "--out", str(tmp_path))
+    assert code == 2 and "none.txt" in err
+
+
+def test_demo_command(capsys, tmp_path):
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"))
+    assert code == 0
+    assert "cached == uncached tokens: True" in out
+    assert (tmp_path / "demo" / "demo.json").is_file()

@@ -1,0 +1,173 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import coca
+from coca.config import ConfigError
+
+
+def batch(model, B=3, L=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = model.cfg.vision.image_size
+    images = torch.randn(B, 3, s, s, generator=g)
+    tokens = torch.randint(3, model.cfg.text.vocab_size, (B, L), generator=g)
+    for b in range(B):
+        n = L - 3 * b
+        tokens[b, n - 1], tokens[b, n:] = 1, 0
+    return images, tokens
+
+
+def test_presets_registered():
+    names = coca.list_models()
+    assert {"coca-large-v2", "coca-base", "coca-tiny"} <= set(names)
+
+
+def test_large_preset_shapes_on_meta_device():
+    model = coca.create_model("coca-large-v2", device="meta")
+    t, v = model.cfg.text, model.cfg.vision
+    assert (t.d_model, t.encoder_layers, t.decoder_layers, t.num_heads, t.d_kv, t.d_ff, t.vocab_size,
+            t.context_length, t.relative_buckets, t.relative_max_distance) == (1024, 24, 24, 16, 64, 2816, 32000, 77, 32, 128)
+    assert (v.image_size, v.patch_size, v.width, v.layers, v.heads, v.mlp_dim) == (224, 14, 1024, 24, 16, 4096)
+    assert model.cfg.n_gen_queries == 256
+    assert sum(p.numel() for p in model.parameters()) == 1_096_310_785
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_create_model_accepts_config_object_and_dict():
+    cfg = coca.config.get_preset("coca-tiny")
+    assert coca.create_model(cfg, device="meta").cfg.name == "coca-tiny"
+    assert coca.create_model(cfg.to_dict(), device="meta").cfg.text.d_model == cfg.text.d_model
+
+
+def test_unknown_preset_and_keys_are_clear_errors():
+    with pytest.raises(ConfigError, match="did you mean 'coca-large-v2'"):
+        coca.create_model("coca-large")
+    d = coca.config.get_preset("coca-tiny").to_dict()
+    d["text"]["d_modle"] = 3
+    with pytest.raises(ConfigError, match="did you mean 'd_model'"):
+        coca.create_model(d)
+    d = coca.config.get_preset("coca-tiny").to_dict()
+    d["vision"]["patch_size"] = 7
+    with pytest.raises(ConfigError, match="multiple of patch_size"):
+        coca.create_model(d)
+
+
+def test_forward_outputs(tiny):
+    images, tokens = batch(tiny)
+    out = tiny(images, tokens)
+    B, L = tokens.shape
+    assert out["image_embeds"].shape == out["text_embeds"].shape == (B, tiny.cfg.embed_dim)
+    torch.testing.assert_close(out["image_embeds"].norm(dim=-1), torch.ones(B))
+    torch.testing.assert_close(out["text_embeds"].norm(dim=-1), torch.ones(B))
+    assert out["logits"].shape == (B, L, tiny.cfg.text.vocab_size)
+    assert math.isclose(out["logit_scale"].item(), 1 / 0.07, rel_tol=1e-5)
+    assert tiny.visual(images).shape == (B, 1 + 64, tiny.cfg.vision.width)
+    assert tiny.text_encoder(tokens).shape == (B, L, tiny.cfg.text.d_model)
+
+
+def test_logit_scale_clamped_at_100(tiny):
+    with torch.no_grad():
+        tiny.logit_scale.fill_(math.log(500.0))
+    assert tiny(*batch(tiny))["logit_scale"].item() == 100.0
+
+
+def test_text_embedding_ignores_padding(tiny):
+    _, tokens = batch(tiny)
+    longer = torch.cat([tokens, torch.zeros(tokens.shape[0], 7, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(tiny.encode_text(tokens), tiny.encode_text(longer), atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_is_causal_and_logits_predict_same_position(tiny):
+    images, tokens = batch(tiny, L=12)
+    base = tiny(images, tokens)["logits"]
+    changed = tokens.clone()
+    changed[:, 6] = 5
+    after = tiny(images, changed)["logits"]
+    # logits[:, i] sees tokens[:, :i] only (inputs are shifted right)
+    torch.testing.assert_close(after[:, :7], base[:, :7])
+    assert not torch.allclose(after[:, 7:], base[:, 7:])
+
+
+def test_shared_token_embedding(tiny):
+    assert tiny.text_encoder.embed_tokens is tiny.text_decoder.embed_tokens
+    assert tiny.text_decoder.lm_head.weight.data_ptr() != tiny.text_encoder.embed_tokens.weight.data_ptr()
+
+
+def test_bad_inputs_are_clear_errors(tiny):
+    images, tokens = batch(tiny)
+    with pytest.raises(ValueError, match=r"\[B, 3, 64, 64\]"):
+        tiny(torch.randn(2, 3, 32, 32), tokens[:2])
+    with pytest.raises(TypeError, match="floating-point"):
+        tiny(torch.zeros(3, 3, 64, 64, dtype=torch.uint8), tokens)
+    bad = tokens.clone()
+    bad[0, 0] = tiny.cfg.text.vocab_size
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tiny(images, bad)
+    with pytest.raises(ValueError, match="context_length"):
+        tiny.encode_text(torch.ones(1, 78, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer ids"):
+        tiny.encode_text(tokens.float())
+
+
+def test_bf16_autocast_forward_backward(tiny):
+    images, tokens = batch(tiny)
+    tiny.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny(images, tokens)
+        loss = F.cross_entropy(out["logits"].flatten(0, 1).float(), tokens.flatten(), ignore_index=0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in tiny.parameters())
+    assert tiny.visual.conv1.weight.dtype == torch.float32  # fp32 master weights
+
+
+def test_gradient_checkpointing_gives_same_gradients(tiny):
+    images, tokens = batch(tiny)
+    tiny.train()
+
+    def grads():
+        tiny.zero_grad()
+        out = tiny(images, tokens)
+        (out["logits"].square().mean() + out["logit_scale"] * (out["image_embeds"] @ out["text_embeds"].T).sum()).backward()
+        return [p.grad.clone() for p in tiny.parameters()]
+
+    plain = grads()
+    tiny.set_grad_checkpointing(True)
+    for a, b in zip(plain, grads()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_save_and_load_roundtrip(tiny, tmp_path):
+    images, tokens = batch(tiny)
+    path = tiny.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = coca.load(path)
+    assert loaded.text_encoder.embed_tokens is loaded.text_decoder.embed_tokens
+    with torch.no_grad():
+        a, b = tiny(images, tokens), loaded(images, tokens)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_load_rejects_mismatched_checkpoint(tiny, tmp_path):
+    path = tiny.save_pretrained(tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["text"]["vocab_size"] = 2048
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"lm_head.weight has shape \(1024, 192\) but the config expects \(2048, 192\)"):
+        coca.load(path)
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        coca.load(tmp_path / "nope")
+    (tmp_path / "m").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        coca.load(tmp_path / "m")
+    coca.create_model("coca-tiny").save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        coca.load(tmp_path / "m")
