@@ -20,6 +20,7 @@ total parameter counts match; both counts are printed.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -163,6 +164,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def write_json(path: str | None, data: dict) -> None:
     if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(data, f, indent=2)
         print(f"\nwrote {path}")

@@ -171,3 +171,16 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
         coca.load(tmp_path / "m")
+
+
+def test_trimmed_batch_gives_identical_outputs(tiny):
+    from coca.tokenizer import trim_padding
+    images, tokens = batch(tiny, L=77)
+    tokens[:, 30:] = 0
+    tokens[0, 29] = 1
+    trimmed = trim_padding(tokens)
+    assert trimmed.shape == (3, 30)
+    full, short = tiny(images, tokens), tiny(images, trimmed)
+    torch.testing.assert_close(short["text_embeds"], full["text_embeds"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short["logits"], full["logits"][:, :30], atol=1e-5, rtol=1e-5)
+    assert trim_padding(torch.zeros(2, 77, dtype=torch.long)).shape == (2, 1)

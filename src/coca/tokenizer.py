@@ -124,3 +124,15 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, context_length={self.context_length})"
+
+
+def trim_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Drop the trailing columns that are padding in every row: [B, 77] -> [B, longest caption].
+
+    T5's relative positions make the model's outputs on the kept positions identical to the
+    full-length ones (padding is masked everywhere), so a batch pays only for its longest caption
+    rather than for all 77 positions. Web captions average well under 77 tokens.
+    """
+    used = (tokens != pad_id).any(0).nonzero()
+    return tokens[:, : int(used.max()) + 1 if used.numel() else 1]
+

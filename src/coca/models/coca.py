@@ -99,11 +99,11 @@ class CoCa(nn.Module):
     def encode_image(self, images: Tensor) -> Tensor:
         return self.encode_image_tokens(images)[0]
 
-    def encode_text(self, tokens: Tensor) -> Tensor:
+    def encode_text(self, tokens: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
         """Mean of the encoder states over non-pad tokens, projected and L2-normalised: [B, E]."""
         self.check_tokens(tokens)
         mask = tokens != self.cfg.text.pad_id
-        hidden = self.text_encoder(tokens, mask)
+        hidden = self.text_encoder(tokens, mask, inputs_embeds)
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         return F.normalize(self.text_proj(pooled), dim=-1)
@@ -115,9 +115,15 @@ class CoCa(nn.Module):
 
     def forward(self, images: Tensor, text_tokens: Tensor) -> dict[str, Tensor]:
         """``logits[:, i]`` predicts ``text_tokens[:, i]`` (decoder inputs are shifted right)."""
+        self.check_tokens(text_tokens)
         image_embeds, visual_tokens = self.encode_image_tokens(images)
-        text_embeds = self.encode_text(text_tokens)
-        logits = self.text_decoder(self.shift_right(text_tokens), visual_tokens)
+        decoder_inputs = self.shift_right(text_tokens)
+        # One lookup for encoder and decoder inputs: the shared table then gets one dense
+        # gradient in backward instead of two that must be allocated and summed.
+        encoder_embeds, decoder_embeds = self.text_encoder.embed_tokens(
+            torch.cat([text_tokens, decoder_inputs])).chunk(2)
+        text_embeds = self.encode_text(text_tokens, encoder_embeds)
+        logits = self.text_decoder(decoder_inputs, visual_tokens, inputs_embeds=decoder_embeds)
         return {"image_embeds": image_embeds, "text_embeds": text_embeds, "logits": logits,
                 "logit_scale": self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)}
 

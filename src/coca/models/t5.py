@@ -180,11 +180,12 @@ class T5Encoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.grad_checkpointing = False
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """tokens: [B, L] ids; attention_mask: [B, L] (1 = real token). Default: tokens != pad_id."""
+    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+        """tokens: [B, L] ids; attention_mask: [B, L] (1 = real token), default tokens != pad_id.
+        ``inputs_embeds`` (the embedded tokens) may be passed when the caller already looked them up."""
         if attention_mask is None:
             attention_mask = tokens != self.cfg.pad_id
-        x = self.dropout(self.embed_tokens(tokens))
+        x = self.dropout(self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds)
         L = tokens.shape[1]
         bias_dtype = compute_dtype(x)
         bias = self.position_bias(L, L).to(bias_dtype) + padding_bias(attention_mask.bool(), bias_dtype)
@@ -264,13 +265,14 @@ class T5Decoder(nn.Module):
                   for _ in self.blocks]
         return DecoderCache(layers, cross)
 
-    def forward(self, tokens: Tensor, visual_tokens: Tensor | None = None, cache: DecoderCache | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, visual_tokens: Tensor | None = None, cache: DecoderCache | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
         """tokens: [B, L] decoder inputs (start token = pad). visual_tokens: [B, N, d_model].
 
         With ``cache``, tokens are the new positions only and visual_tokens may be omitted.
         """
         B, L = tokens.shape
-        x = self.dropout(self.embed_tokens(tokens))
+        x = self.dropout(self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds)
         offset = 0 if cache is None else cache.length
         total = offset + L
         bias_dtype = compute_dtype(x)

@@ -1,0 +1,164 @@
+"""Caption-generation throughput: our KV-cached ``model.generate`` vs open_clip's ``CoCa.generate``.
+
+Run (from the repository root; about 3 minutes on 2 CPU cores):
+
+    .venv/bin/python benchmarks/generation.py --json benchmarks/results/generation.json
+
+Both models are built at a matched size (see ``benchmarks/matched.py``; parameter counts are
+printed), randomly initialised, fp32, eval mode, ``torch.no_grad``, ``torch.set_num_threads(2)``.
+
+Every row generates exactly ``--new-tokens`` tokens per image:
+
+* ours: ``generate(images, strategy=..., max_new_tokens=N, min_new_tokens=N)``; min_new_tokens
+  masks EOS for all N steps, so no row stops early.
+* open_clip: ``generate(images, seq_len=N + 1, min_seq_len=N, ...)``. Its output starts with the
+  start token, so N + 1 columns are N new tokens. ``MinLengthLogitsProcessor`` masks EOS until the
+  last step, where open_clip forces EOS itself. Greedy is ``generation_type="top_k", top_k=1``
+  (one candidate left, so multinomial sampling is argmax). ``pad_token_id=-1`` is an id that can
+  never be generated, because open_clip stops a row that emits its pad id. Start token 2, EOS 1
+  (ids inside the 32000 vocabulary; open_clip's defaults 49406/49407 are CLIP ids and lie outside it).
+  Beam search: ``generation_type="beam_search", num_beam_groups=1`` (plain beam search, like ours).
+
+The script checks the output shapes, so a run that stopped early fails instead of reporting
+inflated throughput. Timings include image encoding (both generate() calls encode the images).
+Throughput = batch * new_tokens / seconds (for beam search: tokens of the returned captions, not
+of all beams). In each repetition the methods run back to back, rotating the order, and the
+table reports the median over repetitions; one untimed warm-up run of each comes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import matched  # noqa: E402
+
+OC_SOT, OC_EOS, OC_PAD = 2, 1, -1
+
+
+def make_methods(ours, oc, images, n, beam_images, num_beams, with_uncached, with_beam):
+    """name -> (callable, batch, expected output columns, kind)."""
+    greedy = dict(strategy="greedy", max_new_tokens=n, min_new_tokens=n)
+    beam = dict(strategy="beam", num_beams=num_beams, max_new_tokens=n, min_new_tokens=n)
+    oc_common = dict(seq_len=n + 1, min_seq_len=n, sot_token_id=OC_SOT, eos_token_id=OC_EOS, pad_token_id=OC_PAD)
+    B, Bb = images.shape[0], beam_images.shape[0]
+    methods = {
+        "greedy/ours (KV cache)": (lambda: ours.generate(images, use_cache=True, **greedy), B, n, "greedy"),
+        "greedy/open_clip": (lambda: oc.generate(images, generation_type="top_k", top_k=1, **oc_common), B, n + 1, "greedy"),
+    }
+    if with_uncached:
+        methods["greedy/ours (no cache)"] = (lambda: ours.generate(images, use_cache=False, **greedy), B, n, "greedy")
+    if with_beam:
+        methods[f"beam{num_beams}/ours (KV cache)"] = (
+            lambda: ours.generate(beam_images, use_cache=True, **beam), Bb, n, "beam")
+        methods[f"beam{num_beams}/open_clip"] = (
+            lambda: oc.generate(beam_images, generation_type="beam_search", num_beams=num_beams, num_beam_groups=1,
+                                **oc_common), Bb, n + 1, "beam")
+        if with_uncached:
+            methods[f"beam{num_beams}/ours (no cache)"] = (
+                lambda: ours.generate(beam_images, use_cache=False, **beam), Bb, n, "beam")
+    return methods
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=8, help="images per generate() call (greedy rows)")
+    p.add_argument("--beam-batch", type=int, default=2, help="images per call for the beam-search rows")
+    p.add_argument("--num-beams", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=40)
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (median reported)")
+    p.add_argument("--no-beam", action="store_true", help="skip the beam-search rows")
+    p.add_argument("--no-uncached", action="store_true", help="skip our use_cache=False reference rows")
+    matched.add_size_args(p)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    size = matched.size_from_args(args)
+    n = args.new_tokens
+    if not 1 <= n <= 75:
+        p.error("--new-tokens must be in [1, 75] (open_clip's text context is 76 including the start token)")
+
+    ours, _ = matched.build_ours(size)
+    oc, oc_cfg = matched.build_open_clip(size)
+    ours.eval()
+    oc.eval()
+    p_ours, p_oc = matched.n_params(ours), matched.n_params(oc)
+    b_ours, b_oc = matched.param_breakdown_ours(ours), matched.param_breakdown_open_clip(oc)
+
+    images = torch.randn(args.batch, 3, size.image_size, size.image_size)
+    beam_images = torch.randn(args.beam_batch, 3, size.image_size, size.image_size)
+    methods = make_methods(ours, oc, images, n, beam_images, args.num_beams,
+                           with_uncached=not args.no_uncached, with_beam=not args.no_beam)
+
+    print(f"# CoCa caption generation, {n} new tokens, fp32, {args.threads} threads")
+    print(f"size: {size}")
+    print(f"params: ours {p_ours / 1e6:.2f}M, open_clip {p_oc / 1e6:.2f}M (ours/open_clip {p_ours / p_oc:.3f})")
+    for k in b_ours:
+        print(f"  {k:22s} ours {b_ours[k] / 1e6:7.2f}M   open_clip {b_oc[k] / 1e6:7.2f}M")
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start[0]:.2f}")
+
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    names = list(methods)
+    t_all = time.perf_counter()
+    with torch.no_grad():
+        for name in names:  # warm-up, and check that every method produces exactly n tokens
+            fn, batch, cols, _ = methods[name]
+            out = fn()
+            if tuple(out.shape) != (batch, cols):
+                raise RuntimeError(f"{name}: output shape {tuple(out.shape)}, expected {(batch, cols)}: "
+                                   f"generation did not produce exactly {n} new tokens")
+        for r in range(args.reps):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                times[name].append(matched.timed(methods[name][0]))
+            print(f"rep {r + 1}/{args.reps}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in names), flush=True)
+    load_end = os.getloadavg()
+
+    results = []
+    for name in names:
+        _, batch, _, kind = methods[name]
+        med = matched.median(times[name])
+        results.append({"method": name, "kind": kind, "batch": batch, "new_tokens": n, "median_s": med,
+                        "times_s": times[name], "tokens_per_s": batch * n / med})
+    by = {r["method"]: r for r in results}
+    rows = []
+    for r in results:
+        ref = by["greedy/open_clip"] if r["kind"] == "greedy" else by.get(f"beam{args.num_beams}/open_clip")
+        r["speedup_vs_open_clip"] = ref["median_s"] / r["median_s"]
+        rows.append([r["method"], r["batch"], n, f"{r['median_s']:.3f}",
+                     f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_open_clip']:.2f}x"])
+
+    print()
+    print(f"Matched size: ViT {size.vision_width}w x {size.vision_layers}L @ {size.image_size}px/{size.patch_size}, "
+          f"text {size.text_width}w, {size.encoder_layers} enc + {size.decoder_layers} dec layers, vocab {size.vocab}; "
+          f"params ours {p_ours / 1e6:.1f}M vs open_clip {p_oc / 1e6:.1f}M. "
+          f"fp32, {args.threads} CPU threads, median of {args.reps} interleaved reps.")
+    print()
+    print(matched.markdown_table(
+        ["method", "batch", "new tokens", "median s", "tokens/s", "ours/open_clip (tokens/s ratio)"], rows))
+    print()
+    g = by["greedy/ours (KV cache)"]["speedup_vs_open_clip"]
+    print(f"greedy, KV cache: ours/open_clip tokens/s = {g:.2f}x")
+    if not args.no_beam:
+        print(f"beam{args.num_beams}, KV cache: ours/open_clip tokens/s = "
+              f"{by[f'beam{args.num_beams}/ours (KV cache)']['speedup_vs_open_clip']:.2f}x")
+    print(f"total {time.perf_counter() - t_all:.0f}s; load average start {load_start[0]:.2f}, end {load_end[0]:.2f} "
+          f"(other processes on the machine make absolute numbers noisy)")
+
+    matched.write_json(args.json, {
+        "benchmark": "generation", "args": vars(args), "size": vars(size), "open_clip_cfg": oc_cfg,
+        "params": {"ours": p_ours, "open_clip": p_oc, "ours_breakdown": b_ours, "open_clip_breakdown": b_oc},
+        "env": matched.env_info(args.threads), "load_avg": {"start": load_start, "end": load_end},
+        "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
