@@ -43,7 +43,8 @@ def test_info_unknown_preset(capsys):
 def checkpoints(tmp_path_factory):
     """A HF T5 directory and an open_clip ViT file with coca-tiny's shapes, both random."""
     root = tmp_path_factory.mktemp("ckpt")
-    t = coca.config.get_preset("coca-tiny").text
+    preset = coca.config.get_preset("coca-tiny")
+    t, v = preset.text, preset.vision
     torch.manual_seed(0)
     hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
         vocab_size=1100, d_model=t.d_model, d_kv=t.d_kv, num_heads=t.num_heads, d_ff=t.d_ff, num_layers=3,
@@ -52,8 +53,8 @@ def checkpoints(tmp_path_factory):
     tok = coca.Tokenizer.train(demo_captions(), vocab_size=40, out_dir=root / "tok")
     shutil.copy(tok.path, root / "t5" / "spiece.model")
     from open_clip.transformer import VisionTransformer as OCViT
-    vit = OCViT(image_size=64, patch_size=8, width=192, layers=4, heads=4, mlp_ratio=4.0, output_dim=128,
-                output_tokens=True).eval()
+    vit = OCViT(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers, heads=v.heads,
+                mlp_ratio=v.mlp_dim / v.width, output_dim=64, output_tokens=True).eval()
     with torch.no_grad():
         for p in vit.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -76,7 +77,7 @@ def test_init_from_t5_and_clip(capsys, checkpoints, vit_file):
     with torch.no_grad():
         torch.testing.assert_close(model.text_encoder(tokens), hf.encoder(input_ids=tokens).last_hidden_state,
                                    atol=1e-5, rtol=1e-5)
-        visual = torch.randn(2, 32, 192)
+        visual = torch.randn(2, 16, model.cfg.text.d_model)
         torch.testing.assert_close(model.text_decoder(tokens, visual),
                                    hf(encoder_outputs=(visual,), decoder_input_ids=tokens).logits[..., :1024],
                                    atol=1e-4, rtol=1e-5)  # logits of HF's unit-std head reach ~30

@@ -64,7 +64,7 @@ def test_forward_outputs(tiny):
     torch.testing.assert_close(out["text_embeds"].norm(dim=-1), torch.ones(B))
     assert out["logits"].shape == (B, L, tiny.cfg.text.vocab_size)
     assert math.isclose(out["logit_scale"].item(), 1 / 0.07, rel_tol=1e-5)
-    assert tiny.visual(images).shape == (B, 1 + 64, tiny.cfg.vision.width)
+    assert tiny.visual(images).shape == (B, 1 + tiny.cfg.vision.num_patches, tiny.cfg.vision.width)
     assert tiny.text_encoder(tokens).shape == (B, L, tiny.cfg.text.d_model)
 
 
@@ -157,7 +157,7 @@ def test_load_rejects_mismatched_checkpoint(tiny, tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["text"]["vocab_size"] = 2048
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"lm_head.weight has shape \(1024, 192\) but the config expects \(2048, 192\)"):
+    with pytest.raises(ValueError, match=r"lm_head.weight has shape \(1024, 128\) but the config expects \(2048, 128\)"):
         coca.load(path)
 
 

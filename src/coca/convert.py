@@ -235,10 +235,10 @@ def init_from_pretrained(preset: str | CoCaConfig = "coca-large-v2", t5_dir: str
             model.tokenizer = tok
     if vit_file is not None:
         sd = visual_state_only(read_state_file(vit_file))
-        vcfg = vision_config_from_clip(sd, heads=cfg.vision.heads, act=vit_act)
+        found = vision_config_from_clip(sd, heads=1, act=vit_act)  # head count is not in the weights
         for k in ("image_size", "patch_size", "width", "layers", "mlp_dim"):
-            if getattr(vcfg, k) != getattr(cfg.vision, k):
-                raise ConfigError(f"ViT checkpoint {vit_file} has {k}={getattr(vcfg, k)} but preset {cfg.name} "
+            if getattr(found, k) != getattr(cfg.vision, k):
+                raise ConfigError(f"ViT checkpoint {vit_file} has {k}={getattr(found, k)} but preset {cfg.name} "
                                   f"expects {getattr(cfg.vision, k)}")
-        load_checked(model.visual, vit_state_from_clip(sd, vcfg), str(vit_file))
+        load_checked(model.visual, vit_state_from_clip(sd, cfg.vision), str(vit_file))
     return model
