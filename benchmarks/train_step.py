@@ -127,7 +127,7 @@ def memory_child(args) -> int:
     base = peak_rss_kb()
     model, loss_fn = build(args.memory_child, size)
     after_build = peak_rss_kb()
-    step = make_step(model, loss_fn, images, tokens, False, args.lr)
+    step = make_step(model, loss_fn, images, ours_tokens if args.memory_child == "ours" else tokens, False, args.lr)
     step()
     step()
     peak = peak_rss_kb()
@@ -139,8 +139,9 @@ def measure_memory(args, which: str) -> dict:
     skip = {"json", "memory_child", "no_bf16", "no_memory", "reps"}
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", which]
     for key, value in vars(args).items():
-        if key not in skip:
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        if key in skip or value is False or value is None:
+            continue
+        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

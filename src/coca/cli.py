@@ -96,9 +96,20 @@ def cmd_tokenizer_train(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .config import load_run_config
+    from .train import train
+    cfg = load_run_config(args.config, args.set)
+    summary = train(cfg)
+    state = "finished" if summary["finished"] else "stopped"
+    print(f"{state} at step {summary['step']}; run directory {summary['run_dir']}"
+          + (f"; model {summary['model_dir']}" if "model_dir" in summary else ""))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(args.out)
+    run_demo(args.out, args.set)
     return 0
 
 
@@ -150,8 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail instead of shrinking the vocabulary when the corpus is too small")
     t.set_defaults(fn=cmd_tokenizer_train)
 
+    s = sub.add_parser("train", help="train or resume a run from a YAML config")
+    s.add_argument("--config", help="run config YAML (configs/*.yaml); omitted: built-in defaults")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=3e-4 --set train.steps=100 (repeatable)")
+    s.set_defaults(fn=cmd_train)
+
     s = sub.add_parser("demo", help="the built-in demo on the tiny preset")
-    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--out", default="runs/demo", help="run directory for the model and the report")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override configs/demo.yaml")
     s.set_defaults(fn=cmd_demo)
     return p
 

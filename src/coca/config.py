@@ -58,6 +58,11 @@ def _coerce(value, hint, path):
         hint = args[0]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{path}' must be {hint.__name__}, got {value!r}")
     return value
@@ -211,3 +216,213 @@ register_preset(CoCaConfig(
                     encoder_layers=3, decoder_layers=3),
     embed_dim=128, n_gen_queries=16, pooler_heads=4,
 ))
+
+
+# ---------------------------------------------------------------------------------------------
+# Run configuration: one typed tree per training run, saved as YAML in the run directory.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (CoCa recipe: resize + random crop, horizontal flip, colour jitter)."""
+
+    crop_scale_min: float = 0.9  # RandomResizedCrop area fraction lower bound (upper bound 1.0)
+    flip_prob: float = 0.5       # a flipped image gets "left"/"right" swapped in its caption
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02
+
+    def __post_init__(self):
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ConfigError(f"augment.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ConfigError(f"augment.flip_prob must be in [0, 1], got {self.flip_prob}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ConfigError(f"augment.hue must be in [0, 0.5], got {self.hue}")
+        for k in ("brightness", "contrast", "saturation"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"augment.{k} must be >= 0, got {getattr(self, k)}")
+
+
+DATA_KINDS = ("synthetic", "webdataset", "csv", "folder")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"        # synthetic | webdataset | csv | folder
+    train: str = ""                # shard pattern ("data/{00000..00099}.tar"), CSV/TSV path, or folder root
+    val: str = ""                  # same kind as train; empty: no validation set (synthetic: built in)
+    image_root: str = ""           # CSV: base directory of relative image paths (default: the CSV's directory)
+    image_column: str = "filepath"
+    caption_column: str = "caption"
+    templates: str = "a photo of a {}."  # folder: caption templates separated by "|"
+    batch_size: int = 64           # per process
+    workers: int = 1               # DataLoader worker processes
+    shuffle_buffer: int = 1000     # webdataset sample shuffle buffer
+    max_pixels: int = 89_478_485   # larger images are skipped (decompression bombs)
+    synthetic_train_size: int = 100_000
+    synthetic_val_size: int = 512
+    synthetic_seed: int = 0
+    tokenizer: str = ""            # tokenizer.model path; empty: train one on the training captions
+    tokenizer_vocab_size: int = 32000
+    tokenizer_model_type: str = "unigram"  # unigram (as T5) or bpe
+    tokenizer_train_captions: int = 200_000  # captions read to train a tokenizer
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if self.kind not in DATA_KINDS:
+            raise ConfigError(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}{_nearest(self.kind, list(DATA_KINDS))}")
+        if self.kind != "synthetic" and not self.train:
+            raise ConfigError(f"data.train is required for data.kind={self.kind!r} (shards, CSV path or folder)")
+        _positive(self, "batch_size", "max_pixels", "synthetic_train_size", "synthetic_val_size",
+                  "tokenizer_vocab_size", "tokenizer_train_captions")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+        if self.tokenizer_model_type not in ("unigram", "bpe"):
+            raise ConfigError(f"data.tokenizer_model_type must be 'unigram' or 'bpe', got {self.tokenizer_model_type!r}")
+        if isinstance(self.augment, dict):
+            self.augment = from_dict(AugmentConfig, self.augment, "data.augment")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01     # not applied to norms, biases, embeddings, queries, temperature
+    warmup_frac: float = 0.1       # linear warm-up over this fraction of train.steps, then cosine
+    min_lr_ratio: float = 0.0      # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0         # max global gradient norm; 0 disables
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        for k in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, k) < 1.0:
+                raise ConfigError(f"optim.{k} must be in [0, 1), got {getattr(self, k)}")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ConfigError(f"optim.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0")
+
+
+@dataclass
+class LossConfig:
+    contrastive_weight: float = 1.0  # the description weights both objectives equally
+    caption_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.contrastive_weight < 0 or self.caption_weight < 0 or self.contrastive_weight + self.caption_weight == 0:
+            raise ConfigError("loss weights must be >= 0 and not both 0")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    val_every: int = 500            # 0 disables periodic validation
+    val_batches: int = 8
+    precision: str = "bf16"         # bf16 autocast with fp32 master weights, or fp32
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    threads: int = 0                # CPU threads for torch; 0 leaves torch's default
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        _positive(self, "steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_batches")
+        if self.val_every < 0 or self.threads < 0:
+            raise ConfigError("train.val_every and train.threads must be >= 0")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if not self.run_dir:
+            raise ConfigError("train.run_dir must be set")
+
+
+@dataclass
+class RunConfig:
+    model: CoCaConfig = field(default_factory=lambda: get_preset("coca-tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_model(spec: Any) -> CoCaConfig:
+    """``model:`` may name a preset and override parts of it: {preset: coca-tiny, text: {vocab_size: 64}}."""
+    if isinstance(spec, str):
+        return get_preset(spec)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"model must be a preset name or a mapping, got {type(spec).__name__}")
+    spec = dict(spec)
+    preset = spec.pop("preset", None)
+    base = get_preset(preset).to_dict() if preset else {}
+    try:
+        return CoCaConfig.from_dict(_deep_merge(base, spec))
+    except ConfigError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["optim.lr=3e-4", "model.text.vocab_size=64"] -> nested dict; values parsed as YAML scalars."""
+    import yaml
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def run_config_from_dict(data: dict) -> RunConfig:
+    data = dict(data or {})
+    model = resolve_model(data.pop("model", "coca-tiny"))
+    cfg = from_dict(RunConfig, data)
+    cfg.model = model
+    return cfg
+
+
+def load_run_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or start from defaults) and apply ``--set key=value`` overrides."""
+    import yaml
+    data: dict = {}
+    if path:
+        from pathlib import Path
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {path!r} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    try:
+        return run_config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path + ': ' if path else ''}{e}") from None

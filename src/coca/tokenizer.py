@@ -116,6 +116,18 @@ class Tokenizer:
             pieces.append(int(i))
         return self._sp.decode(pieces)
 
+    def __getstate__(self):  # DataLoader workers receive the tokenizer by pickling
+        state = dict(self.__dict__)
+        state["_sp"] = self._sp.serialized_model_proto()
+        return state
+
+    def __setstate__(self, state):
+        import sentencepiece as spm
+        proto = state.pop("_sp")
+        self.__dict__.update(state)
+        self._sp = spm.SentencePieceProcessor()
+        self._sp.LoadFromSerializedProto(proto)
+
     def __call__(self, texts):
         return self.encode(texts)
 

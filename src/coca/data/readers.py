@@ -130,6 +130,19 @@ class CsvSource:
         image = self._images[index]
         return _printable(image) if image else f"row {index}"
 
+    def captions(self, limit: int | None = None) -> Iterator[str]:
+        """The valid captions, in file order, without reading any image (for tokenizer training)."""
+        n = 0
+        for caption in self._captions:
+            if caption is None or _has_surrogates(caption):
+                continue
+            caption = decode_caption(caption)
+            if isinstance(caption, str):
+                yield caption
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+
     def load(self, index: int) -> tuple[Image.Image, str] | Skipped:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range [0, {len(self)})")

@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification, captioning metrics, and the synthetic held-out suite."""

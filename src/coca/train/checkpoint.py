@@ -1,0 +1,73 @@
+"""Atomic training checkpoints that a run directory resumes from by itself.
+
+Layout: ``RUN_DIR/checkpoints/step_00000500/{model.safetensors, state.pt}``. A checkpoint is
+written into a hidden temporary directory, every file fsynced, then renamed into place, so a
+crash at any moment leaves either the previous complete checkpoint or the new one. ``state.pt``
+(optimiser, scheduler, RNG, data position) holds only tensors and plain Python values and is
+loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from ..io import _fsync_dir, atomic_write_bytes
+from ..models.coca import load_checked, unique_state
+
+NAME = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)), key=lambda p: p.name)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(root: Path, step: int, model, state: dict, keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in unique_state(model).items()}
+        atomic_write_bytes(tmp / "model.safetensors", save(tensors))
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, device) -> dict:
+    """Load weights into ``model`` and return the training state dict."""
+    load_checked(model, load_file(str(path / "model.safetensors"), device=str(device)), str(path))
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
+def clean_temporaries(root: Path) -> None:
+    """Remove half-written checkpoints left by a killed run."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".step_"):
+                shutil.rmtree(p, ignore_errors=True)
