@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -8,7 +9,11 @@ from PIL import Image
 
 import coca
 from coca.cli import main
-from coca.demo import demo_captions
+from coca.data.synthetic import SyntheticScenes
+
+
+def demo_captions():
+    return SyntheticScenes(300).captions()
 
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
@@ -128,7 +133,13 @@ def test_tokenizer_train_command(capsys, tmp_path):
 
 
 def test_demo_command(capsys, tmp_path):
-    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"))
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--set", "train.steps=20",
+                       "--set", "train.progress=false", "--set", "data.workers=0")
     assert code == 0
-    assert "cached == uncached tokens: True" in out
-    assert (tmp_path / "demo" / "demo.json").is_file()
+    assert "zero-shot accuracy" in out and "exact match" in out
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    for key in ("zeroshot_accuracy", "caption_exact_match", "cider", "wall_time_s"):
+        assert key in metrics
+    for name in ("curves.png", "gallery.png", "predictions.json", "metrics.jsonl", "config.yaml"):
+        assert (tmp_path / "demo" / name).is_file()
+    assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()

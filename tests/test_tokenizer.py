@@ -2,7 +2,11 @@ import pytest
 import torch
 
 import coca
-from coca.demo import demo_captions
+from coca.data.synthetic import SyntheticScenes
+
+
+def demo_captions():
+    return SyntheticScenes(300).captions()
 
 
 @pytest.fixture(scope="module")

@@ -247,6 +247,7 @@ class AugmentConfig:
 
 
 DATA_KINDS = ("synthetic", "webdataset", "csv", "folder")
+DEFAULT_PRESET = "coca-tiny"  # a run config without a model section trains the tiny preset
 
 
 @dataclass
@@ -349,7 +350,7 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    model: CoCaConfig = field(default_factory=lambda: get_preset("coca-tiny"))
+    model: CoCaConfig = field(default_factory=lambda: get_preset(DEFAULT_PRESET))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -373,8 +374,8 @@ def resolve_model(spec: Any) -> CoCaConfig:
     if not isinstance(spec, dict):
         raise ConfigError(f"model must be a preset name or a mapping, got {type(spec).__name__}")
     spec = dict(spec)
-    preset = spec.pop("preset", None)
-    base = get_preset(preset).to_dict() if preset else {}
+    # overrides without a preset apply to the default model, as every other section's defaults do
+    base = get_preset(spec.pop("preset", DEFAULT_PRESET)).to_dict()
     try:
         return CoCaConfig.from_dict(_deep_merge(base, spec))
     except ConfigError as e:
@@ -399,7 +400,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 def run_config_from_dict(data: dict) -> RunConfig:
     data = dict(data or {})
-    model = resolve_model(data.pop("model", "coca-tiny"))
+    model = resolve_model(data.pop("model", DEFAULT_PRESET))
     cfg = from_dict(RunConfig, data)
     cfg.model = model
     return cfg

@@ -30,7 +30,7 @@ COLOURS = {
     "yellow": (240, 205, 30), "purple": (140, 55, 185), "orange": (245, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.20, "large": 0.34}  # object extent as a fraction of the image side
+SIZES = {"small": 0.26, "large": 0.40}  # object extent as a fraction of the image side
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -92,10 +92,12 @@ def render(objects: tuple[Obj, ...], image_size: int, rng: np.random.Generator) 
     for i, obj in enumerate(objects):
         extent = SIZES[obj.size] * s * rng.uniform(0.92, 1.08)
         half = extent / 2
-        # each object gets its own horizontal slot: [0, s] for one, halves for two
-        lo, hi = (s * i / n) + half + 0.08 * s, (s * (i + 1) / n) - half - 0.08 * s
-        cx = rng.uniform(lo, hi) if hi > lo else (lo + hi) / 2
-        cy = rng.uniform(half + 0.12 * s, s - half - 0.12 * s)
+        # each object sits near the centre of its own horizontal slot (the whole width for one
+        # object, a half for two) with a small jitter: position varies, but not so much that a
+        # tiny model needs thousands of steps to learn shape independent of position
+        slot = s / n
+        cx = slot * (i + 0.5) + rng.uniform(-0.06, 0.06) * s
+        cy = s / 2 + rng.uniform(-0.08, 0.08) * s
         box = (cx - half, cy - half, cx + half, cy + half)
         colour = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[obj.colour])
         if obj.shape == "circle":

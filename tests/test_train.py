@@ -1,0 +1,236 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import coca
+from coca.config import ConfigError, load_run_config
+from coca.data.synthetic import Obj, SyntheticScenes, caption_for
+from coca.data.transforms import TrainTransform, swap_left_right
+from coca.losses import caption_loss, contrastive_loss
+from coca.train.optim import lr_factor, param_groups
+
+FAST = ["model.text.vocab_size=64", "data.tokenizer_vocab_size=64", "data.tokenizer_model_type=bpe",
+        "data.tokenizer_train_captions=2000", "data.batch_size=8", "data.workers=0", "train.progress=false",
+        "train.val_every=0", "train.log_every=1", "train.tensorboard=false", "train.threads=1",
+        "train.precision=fp32", "optim.lr=1e-3"]
+
+
+def config(tmp_path, *extra, name="run"):
+    return load_run_config(None, FAST + [f"train.run_dir={tmp_path / name}", *extra])
+
+
+def train_lines(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [x for x in lines if x.get("split") != "val"]
+
+
+def test_config_errors_and_overrides(tmp_path):
+    cfg = load_run_config(None, ["optim.lr=3e-4", "model.preset=coca-tiny", "model.text.vocab_size=64"])
+    assert cfg.optim.lr == 3e-4 and cfg.model.text.vocab_size == 64
+    with pytest.raises(ConfigError, match="did you mean 'lr'"):
+        load_run_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        load_run_config(None, ["train.stpes=1"])
+    with pytest.raises(ConfigError, match="must be int"):
+        load_run_config(None, ["train.steps=many"])
+    with pytest.raises(ConfigError, match="data.kind"):
+        load_run_config(None, ["data.kind=parquet"])
+    with pytest.raises(ConfigError, match="data.train is required"):
+        load_run_config(None, ["data.kind=csv"])
+    with pytest.raises(FileNotFoundError):
+        load_run_config(str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("train: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(str(tmp_path / "bad.yaml"))
+
+
+def test_shipped_configs_load():
+    here = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for name in ("demo.yaml", "coca-large-v2.yaml"):
+        cfg = load_run_config(os.path.join(here, name))
+        assert cfg.loss.contrastive_weight == cfg.loss.caption_weight == 1.0
+    large = load_run_config(os.path.join(here, "coca-large-v2.yaml"))
+    assert large.model.name == "coca-large-v2" and large.train.precision == "bf16"
+    assert large.optim.lr == 1e-4 and large.optim.warmup_frac == 0.1
+    assert large.data.tokenizer_vocab_size == 32000 and large.model.text.context_length == 77
+
+
+def test_swap_left_right():
+    assert swap_left_right("a red circle left of a blue square") == "a red circle right of a blue square"
+    assert swap_left_right("Left, RIGHT and leftover") == "Right, LEFT and leftover"
+
+
+def test_flip_commutes_with_canonical_captions():
+    # flipping a scene reverses its left-to-right order; the swapped caption must be canonical again
+    rng = np.random.default_rng(0)
+    objects = [Obj(s, c, sh) for s in ("small", "large") for c in ("red", "blue", "orange") for sh in ("circle", "square")]
+    for _ in range(200):
+        a, b = rng.choice(len(objects), 2, replace=False)
+        scene = (objects[a], objects[b])
+        assert caption_for(scene[::-1]) == swap_left_right(caption_for(scene))
+
+
+def test_train_transform_flip_swaps_caption_and_is_seeded():
+    image, _ = SyntheticScenes(1).load(0)
+    flip = TrainTransform(64, crop_scale_min=1.0, flip_prob=1.0, brightness=0, contrast=0, saturation=0, hue=0)
+    keep = TrainTransform(64, crop_scale_min=1.0, flip_prob=0.0, brightness=0, contrast=0, saturation=0, hue=0)
+    x, cap = flip(image, "a small red circle left of a blue square", seed=1)
+    y, cap2 = keep(image, "a small red circle left of a blue square", seed=1)
+    assert cap == "a small red circle right of a blue square" and cap2.endswith("left of a blue square")
+    torch.testing.assert_close(x, y.flip(-1), atol=1e-5, rtol=0)
+    aug = TrainTransform(64)
+    a, b, c = aug(image, "x", 5)[0], aug(image, "x", 5)[0], aug(image, "x", 6)[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_synthetic_dataset_is_deterministic_with_disjoint_splits():
+    a, b = SyntheticScenes(50, seed=3), SyntheticScenes(50, seed=3)
+    assert a.captions() == b.captions()
+    assert np.array_equal(np.asarray(a.load(7)[0]), np.asarray(b.load(7)[0]))
+    assert a.captions() != SyntheticScenes(50, split="test", seed=3).captions()
+    singles = SyntheticScenes(200, max_objects=1)
+    assert all(" of " not in c for c in singles.captions())
+    assert len({c.split()[2] + c.split()[3] for c in singles.captions()}) == 18  # all colour x shape classes
+    with pytest.raises(ValueError, match="split"):
+        SyntheticScenes(5, split="dev")
+
+
+def test_schedule_and_weight_decay_groups():
+    assert lr_factor(0, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 0.1) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 0.1) == pytest.approx(0.0, abs=1e-9)
+    assert lr_factor(100, 100, 0.1, min_lr_ratio=0.1) == pytest.approx(0.1)
+    model = coca.create_model("coca-tiny")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "logit_scale" in no_decay_names and "text_encoder.embed_tokens.weight" in no_decay_names
+    assert "visual.positional_embedding" in no_decay_names and "gen_pooler.query" in no_decay_names
+    assert all(not n.endswith(".bias") for n in (names[id(p)] for p in decay["params"]))
+    assert all(p.dim() == 2 or p.dim() == 4 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_losses():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    logits = 10 * img @ txt.T
+    expected = -(logits.log_softmax(1).diagonal().mean() + logits.log_softmax(0).diagonal().mean()) / 2
+    torch.testing.assert_close(contrastive_loss(img, txt, torch.tensor(10.0)), expected)
+    cap_logits = torch.randn(2, 3, 5, generator=g)
+    tokens = torch.tensor([[3, 1, 0], [4, 4, 1]])
+    mask = tokens != 0
+    ref = torch.nn.functional.cross_entropy(cap_logits[mask], tokens[mask])
+    torch.testing.assert_close(caption_loss(cap_logits, tokens), ref)
+
+
+def test_training_run_writes_metrics_checkpoints_and_model(tmp_path):
+    from coca.train import train
+    cfg = config(tmp_path, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2",
+                 "train.val_every=3", "train.val_batches=2", "data.synthetic_val_size=32", "train.tensorboard=true")
+    summary = train(cfg, log=lambda *a: None)
+    run = tmp_path / "run"
+    lines = train_lines(run)
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(x["loss"]) and "samples_per_s" in x and "lr" in x for x in lines)
+    vals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert [v["step"] for v in vals] == [3, 6] and all("val_i2t_acc" in v for v in vals)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 6
+    assert any((run / "tb").iterdir())
+    model = coca.load(summary["model_dir"])
+    assert model.tokenizer is not None and model.cfg.text.vocab_size == 64
+
+
+def test_training_learns(tmp_path):
+    from coca.train import train
+    train(config(tmp_path, "train.steps=40", "train.checkpoint_every=40", "data.batch_size=16"), log=lambda *a: None)
+    losses = [x["caption_loss"] for x in train_lines(tmp_path / "run")]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
+
+
+def _train_cmd(run_dir, steps, every):
+    overrides = FAST + [f"train.run_dir={run_dir}", f"train.steps={steps}", f"train.checkpoint_every={every}"]
+    return [sys.executable, "-m", "coca.cli", "train"] + sum((["--set", o] for o in overrides), [])
+
+
+def _wait_for_step(run_dir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(x["step"] >= step for x in train_lines(run_dir)):
+            return
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    steps, every = 10, 4
+    subprocess.run(_train_cmd(tmp_path / "straight", steps, every), check=True, capture_output=True)
+    reference = {x["step"]: x["loss"] for x in train_lines(tmp_path / "straight")}
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(run, steps, every), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_step(run, 6, proc)  # past the step-4 checkpoint, before the step-8 one
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / "checkpoints" / "step_00000004").is_dir()
+    done = subprocess.run(_train_cmd(run, steps, every), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout + done.stderr
+    resumed = {x["step"]: x["loss"] for x in train_lines(run)}
+    assert sorted(resumed) == list(range(1, steps + 1))  # no repeated or missing steps
+    assert resumed == reference  # bitwise equal losses on CPU
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    run = tmp_path / "term"
+    proc = subprocess.Popen(_train_cmd(run, 1000, 500), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    saved = sorted((run / "checkpoints").iterdir())
+    assert len(saved) == 1 and int(saved[0].name.split("_")[1]) >= 3
+    assert b"stopped by signal" in out + err
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    from coca.train import train
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = ["filepath,caption"]
+    for i in range(24):
+        Image.new("RGB", (40, 48), (10 * i, 100, 200)).save(root / f"ok{i}.png")
+        rows.append(f"ok{i}.png,a picture number {i}")
+    (root / "trunc.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 10)
+    (root / "text.jpg").write_bytes(b"hello")
+    rows += ["trunc.jpg,a truncated jpeg", "text.jpg,not an image", "missing.png,no file", "ok0.png,", "ok1.png,   "]
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    cfg = config(tmp_path, "data.kind=csv", f"data.train={root / 'train.csv'}", "train.steps=8",
+                 "train.checkpoint_every=8", "data.tokenizer_vocab_size=40")
+    summary = train(cfg, log=lambda *a: None)
+    assert summary["finished"]
+    skipped = train_lines(tmp_path / "run")[-1]["skipped"]
+    assert skipped.get("decode_error", 0) >= 2 and skipped.get("missing_image", 0) >= 1
+    assert skipped.get("empty_caption", 0) >= 2
+
+
+def test_model_overrides_apply_to_the_default_preset():
+    cfg = load_run_config(None, ["model.text.vocab_size=64"])
+    assert cfg.model.name == "coca-tiny" and cfg.model.text.vocab_size == 64
+    assert load_run_config(None, ["model.preset=coca-base"]).model.text.d_model == 768
