@@ -93,7 +93,7 @@ def test_original_t5_is_rejected_with_reason():
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
 @torch.no_grad()
 def test_vit_matches_open_clip(act):
-    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("open_clip")
     from open_clip.transformer import VisionTransformer as OCViT
     from open_clip.transformer import QuickGELU
     torch.manual_seed(0)

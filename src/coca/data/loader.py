@@ -14,7 +14,6 @@ import itertools
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ..config import DataConfig
