@@ -99,9 +99,12 @@ class CoCa(nn.Module):
     def encode_image(self, images: Tensor) -> Tensor:
         return self.encode_image_tokens(images)[0]
 
-    def encode_text(self, tokens: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
+    def encode_text(self, tokens: Tensor) -> Tensor:
         """Mean of the encoder states over non-pad tokens, projected and L2-normalised: [B, E]."""
         self.check_tokens(tokens)
+        return self._text_embed(tokens)
+
+    def _text_embed(self, tokens: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
         mask = tokens != self.cfg.text.pad_id
         hidden = self.text_encoder(tokens, mask, inputs_embeds)
         m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -122,7 +125,7 @@ class CoCa(nn.Module):
         # gradient in backward instead of two that must be allocated and summed.
         encoder_embeds, decoder_embeds = self.text_encoder.embed_tokens(
             torch.cat([text_tokens, decoder_inputs])).chunk(2)
-        text_embeds = self.encode_text(text_tokens, encoder_embeds)
+        text_embeds = self._text_embed(text_tokens, encoder_embeds)
         logits = self.text_decoder(decoder_inputs, visual_tokens, inputs_embeds=decoder_embeds)
         return {"image_embeds": image_embeds, "text_embeds": text_embeds, "logits": logits,
                 "logit_scale": self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)}
