@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coca.data.readers import CsvSource, FolderSource, WebDatasetSource, expand_braces, split_shards
+from coca.data.readers import (
+    CsvSource,
+    FolderSource,
+    WebDatasetSource,
+    expand_braces,
+    split_shards,
+)
 from coca.data.samples import Skipped
 
 # ------------------------------------------------------------------------------------- helpers

@@ -94,8 +94,8 @@ def test_original_t5_is_rejected_with_reason():
 @torch.no_grad()
 def test_vit_matches_open_clip(act):
     pytest.importorskip("open_clip")
-    from open_clip.transformer import VisionTransformer as OCViT
     from open_clip.transformer import QuickGELU
+    from open_clip.transformer import VisionTransformer as OCViT
     torch.manual_seed(0)
     ref = OCViT(image_size=32, patch_size=8, width=64, layers=3, heads=4, mlp_ratio=3.0, output_dim=48,
                 act_layer=QuickGELU if act == "quick_gelu" else torch.nn.GELU, output_tokens=True).eval()

@@ -91,6 +91,17 @@ def test_train_transform_flip_swaps_caption_and_is_seeded():
     aug = TrainTransform(64)
     a, b, c = aug(image, "x", 5)[0], aug(image, "x", 5)[0], aug(image, "x", 6)[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
+    state = torch.get_rng_state()
+    aug(image, "x", 7)
+    assert torch.equal(state, torch.get_rng_state())  # augmentation never touches the global RNG
+
+
+def test_train_transform_crop_boxes_follow_scale_and_ratio():
+    aug = TrainTransform(64, crop_scale_min=0.5)
+    for seed in range(300):
+        top, left, h, w = aug.crop_box(80, 100, torch.Generator().manual_seed(seed))
+        assert 0 <= top and top + h <= 80 and 0 <= left and left + w <= 100
+        assert 0.5 * 8000 * 0.9 <= h * w <= 8000 and 0.7 <= w / h <= 1.45
 
 
 def test_synthetic_dataset_is_deterministic_with_disjoint_splits():

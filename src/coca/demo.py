@@ -119,6 +119,7 @@ def _wrap(text: str, width: int = 34) -> str:
 
 def _save_figure(fig, path: Path) -> None:
     import io
+
     from .io import atomic_write_bytes
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -56,34 +57,63 @@ class TrainTransform:
     """(PIL image, caption, seed) -> (normalised [3, S, S] tensor, caption).
 
     Random resized crop, horizontal flip (swapping "left" and "right" in the caption so the flip
-    never teaches a wrong caption), colour jitter. All randomness comes from ``seed``, so a
-    sample's augmentation depends only on its position in the data stream: resuming a run, or
-    changing the number of DataLoader workers, reproduces it exactly.
+    never teaches a wrong caption), colour jitter. All randomness comes from a generator seeded
+    with ``seed``, so a sample's augmentation depends only on its position in the data stream:
+    resuming a run, or changing the number of DataLoader workers, reproduces it exactly. The
+    parameters are drawn here rather than by the v2 transform classes, which use the global RNG
+    (saving and restoring it per sample cost more than the crop itself).
     """
+
+    RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 
     def __init__(self, image_size: int, crop_scale_min: float = 0.9, flip_prob: float = 0.5,
                  brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2, hue: float = 0.02):
-        self.crop = v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True,
-                                         interpolation=v2.InterpolationMode.BICUBIC)
+        self.size = image_size
+        self.scale = (crop_scale_min, 1.0)
         self.flip_prob = flip_prob
-        jitter = (brightness, contrast, saturation, hue)
-        self.jitter = v2.ColorJitter(*jitter) if any(jitter) else None
-        self.finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
+        self.jitter = [(fn, lo, hi) for fn, lo, hi, amount in (
+            (v2.functional.adjust_brightness, 1 - brightness, 1 + brightness, brightness),
+            (v2.functional.adjust_contrast, 1 - contrast, 1 + contrast, contrast),
+            (v2.functional.adjust_saturation, 1 - saturation, 1 + saturation, saturation),
+            (v2.functional.adjust_hue, -hue, hue, hue)) if amount > 0]
+        self.normalize = v2.Normalize(CLIP_MEAN, CLIP_STD)
 
     @classmethod
     def from_config(cls, image_size: int, aug) -> "TrainTransform":
         return cls(image_size, aug.crop_scale_min, aug.flip_prob, aug.brightness, aug.contrast, aug.saturation, aug.hue)
 
+    def crop_box(self, height: int, width: int, g: torch.Generator) -> tuple[int, int, int, int]:
+        """RandomResizedCrop's sampling (10 tries, then the centre crop), from generator ``g``."""
+        area = height * width
+        log_ratio = (math.log(self.RATIO[0]), math.log(self.RATIO[1]))
+        for _ in range(10):
+            u = torch.rand(2, generator=g).tolist()
+            target = area * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (), generator=g))
+                left = int(torch.randint(0, width - w + 1, (), generator=g))
+                return top, left, h, w
+        side = min(height, width)
+        return (height - side) // 2, (width - side) // 2, side, side
+
     def __call__(self, image: Image.Image, caption: str, seed: int) -> tuple[torch.Tensor, str]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            x = self.crop(v2.functional.to_image(image))  # uint8 [3, S, S]
-            if torch.rand(()).item() < self.flip_prob:
-                x = v2.functional.horizontal_flip(x)
-                caption = swap_left_right(caption)
-            if self.jitter is not None:
-                x = self.jitter(x)
-        return self.finish(x), caption
+        g = torch.Generator().manual_seed(seed)
+        x = v2.functional.to_image(image)  # uint8 [3, H, W]
+        top, left, h, w = self.crop_box(x.shape[-2], x.shape[-1], g)
+        x = v2.functional.resized_crop(x, top, left, h, w, [self.size, self.size],
+                                       interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        if torch.rand((), generator=g).item() < self.flip_prob:
+            x = v2.functional.horizontal_flip(x)
+            caption = swap_left_right(caption)
+        x = v2.functional.to_dtype(x, torch.float32, scale=True)  # jitter in float: faster than uint8
+        if self.jitter:  # like ColorJitter: each factor uniform in its range, applied in random order
+            u = torch.rand(len(self.jitter), generator=g).tolist()
+            for i in torch.randperm(len(self.jitter), generator=g).tolist():
+                fn, lo, hi = self.jitter[i]
+                x = fn(x, lo + u[i] * (hi - lo))
+        return self.normalize(x), caption
 
 
 class EvalTransform:

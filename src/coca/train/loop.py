@@ -26,7 +26,12 @@ from ..io import atomic_write_text
 from ..losses import CoCaLoss, contrastive_accuracy
 from ..models.coca import create_model
 from ..tokenizer import Tokenizer
-from .checkpoint import clean_temporaries, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    clean_temporaries,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .optim import build_optimizer, build_scheduler
 
 MAX_NONFINITE_IN_A_ROW = 20
