@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all install java clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/coca demo --out runs/demo
 
-test: $(STAMP)
+# Java runs the COCO captioning scorers (PTB tokenizer, METEOR, SPICE); installed with apt-get if missing.
+java:
+	@bash scripts/ensure-java.sh
+
+test: $(STAMP) java
 	$(BIN)/python -m pytest -q
 
 # Includes the tests marked slow.
-test-all: $(STAMP)
+test-all: $(STAMP) java
 	COCA_SLOW=1 $(BIN)/python -m pytest -q
 
 clean:

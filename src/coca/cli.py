@@ -112,6 +112,111 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _finish_eval(task: str, args, results: dict, rows: list) -> int:
+    from .evaluate.common import print_table, write_results
+    results = {"task": task, "model": str(args.model), **results}
+    path = write_results(args.out or f"eval_{task}.json", results)
+    print_table(f"{task} ({args.model})", rows)
+    skipped = results.get("skipped")
+    if skipped:
+        print(f"  skipped images: {skipped} (listed in the JSON under skipped_files)")
+    for name, reason in results.get("unavailable", {}).items():
+        print(f"  {name}: unavailable: {reason}")
+    print(f"results and per-item predictions: {path}")
+    return 0
+
+
+def cmd_eval_zeroshot(args) -> int:
+    from .evaluate.common import load_model
+    from .evaluate.zeroshot import (
+        IMAGENET_CLASSNAMES,
+        IMAGENET_TEMPLATES,
+        evaluate_zeroshot,
+        labelled_images,
+        load_classnames,
+        load_templates,
+    )
+    classnames_file = args.classnames or (IMAGENET_CLASSNAMES if args.dataset == "imagenet" else None)
+    classnames = load_classnames(classnames_file) if classnames_file else None
+    templates = load_templates(args.templates or IMAGENET_TEMPLATES)
+    paths, labels, classnames = labelled_images(args.images, args.labels_file, classnames)
+    model = load_model(args.model, args.device)
+    results = evaluate_zeroshot(model, model.tokenizer, paths, labels, classnames, templates,
+                                batch_size=args.batch_size, workers=args.workers)
+    m = results["metrics"]
+    return _finish_eval("zeroshot", args, results, [
+        ("top-1", m["top1"]), ("top-5", m["top5"]), ("mean per-class top-1", m["mean_per_class_top1"]),
+        ("images", m["n_images"]), ("classes", m["n_classes"]), ("templates", m["n_templates"]),
+        ("chance top-1", m["chance_top1"])])
+
+
+def _generate_kwargs(args) -> dict:
+    return {"strategy": args.strategy, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+
+
+def cmd_eval_caption(args) -> int:
+    from .evaluate.captioning import (
+        METRICS,
+        evaluate_captions,
+        load_caption_annotations,
+    )
+    from .evaluate.common import load_model
+    items = load_caption_annotations(args.annotations, args.split)[:args.limit]
+    model = load_model(args.model, args.device)
+    results = evaluate_captions(model, model.tokenizer, items, args.images, batch_size=args.batch_size,
+                                workers=args.workers, spice=not args.no_spice, **_generate_kwargs(args))
+    m = results["metrics"]
+    rows = [(name, m[name]) for name in METRICS if name in m]
+    rows += [("exact match", m["exact_match"]), ("images", m["n_images"]), ("tokenizer", results["tokenizer"])]
+    return _finish_eval("caption", args, results, rows)
+
+
+def cmd_eval_retrieval(args) -> int:
+    from .evaluate.captioning import load_caption_annotations
+    from .evaluate.common import load_model
+    from .evaluate.retrieval import evaluate_retrieval
+    items = load_caption_annotations(args.annotations, args.split)[:args.limit]
+    model = load_model(args.model, args.device)
+    results = evaluate_retrieval(model, model.tokenizer, items, args.images, batch_size=args.batch_size,
+                                 workers=args.workers)
+    m = results["metrics"]
+    return _finish_eval("retrieval", args, results, [(k, v) for k, v in m.items()])
+
+
+def cmd_classify(args) -> int:
+    from .data import eval_transform, load_image
+    from .evaluate.common import load_model
+    from .evaluate.zeroshot import check_template, load_templates, rank_labels
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    if len(labels) < 2:
+        raise ValueError(f"--labels needs at least two comma-separated labels, got {args.labels!r}")
+    templates = None
+    if args.templates:
+        templates = load_templates(args.templates)
+    elif args.template:
+        check_template(args.template, "--template")
+        templates = [args.template]
+    model = load_model(args.model, args.device)
+    transform = eval_transform(model.cfg.vision.image_size)
+    import torch
+    images = torch.stack([transform(load_image(p)) for p in args.images])
+    probs = rank_labels(model, model.tokenizer, images, labels, templates)
+    for path, row in zip(args.images, probs.tolist()):
+        print(path)
+        for p, label in sorted(zip(row, labels), reverse=True)[:args.top]:
+            print(f"  {p:7.2%}  {label}")
+    return 0
+
+
+def cmd_synthetic(args) -> int:
+    from .evaluate.synthetic import write_eval_sets
+    paths = write_eval_sets(args.out, args.n_classify, args.n_caption, args.seed, args.image_size, args.split)
+    print(f"wrote {args.n_classify} single-object scenes to {paths['classify']} (class names {paths['classnames']}, "
+          f"templates {paths['templates']}) and {args.n_caption} captioned scenes to {paths['captions']} "
+          f"(annotations {paths['annotations']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     p = argparse.ArgumentParser(prog="coca", description="CoCa-Large-v2: contrastive captioning (ViT + T5).")
@@ -148,6 +253,60 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_caption)
 
+    s = sub.add_parser("classify", help="rank labels for images by zero-shot similarity")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--model", required=True, help="model directory")
+    s.add_argument("--labels", required=True, help='comma-separated labels, e.g. "a dog,a cat,a car"')
+    s.add_argument("--template", help="one prompt template with {} for the label, e.g. 'a photo of {}.'")
+    s.add_argument("--templates", help="file of prompt templates (one per line), averaged per label")
+    s.add_argument("--top", type=int, default=5, help="how many labels to print per image")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_classify)
+
+    s = sub.add_parser("eval", help="evaluate a model: zero-shot classification, captioning, retrieval")
+    esub = s.add_subparsers(dest="eval_command", required=True)
+
+    def common(e, batch_size):
+        e.add_argument("--model", required=True, help="model directory (with tokenizer.model)")
+        e.add_argument("--images", required=True, help="image directory")
+        e.add_argument("--out", help="JSON results file (default eval_<task>.json)")
+        e.add_argument("--batch-size", type=int, default=batch_size)
+        e.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+        e.add_argument("--device", default="cpu")
+
+    e = esub.add_parser("zeroshot", help="zero-shot classification: top-1, top-5, per-class accuracy")
+    common(e, 64)
+    e.add_argument("--dataset", choices=["imagenet", "folder"], default="folder",
+                   help="imagenet: the shipped 1,000 class names (sorted synset folders = class order)")
+    e.add_argument("--classnames", help="class names file, one per line (sorted folder i = line i)")
+    e.add_argument("--templates", help="prompt templates file, one per line with {} (default: CLIP's 80)")
+    e.add_argument("--labels-file", help="CSV/TSV of image,label (index or name) instead of class folders")
+    e.set_defaults(fn=cmd_eval_zeroshot)
+
+    for name, fn, help_text in (("caption", cmd_eval_caption, "captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE"),
+                                ("retrieval", cmd_eval_retrieval, "image-text retrieval recall@1/5/10")):
+        e = esub.add_parser(name, help=help_text)
+        common(e, 32 if name == "caption" else 64)
+        e.add_argument("--annotations", required=True,
+                       help="COCO captions JSON, Karpathy dataset_coco.json, or a list of {image, caption}")
+        e.add_argument("--split", help="Karpathy split to use (default test)")
+        e.add_argument("--limit", type=int, help="evaluate only the first N images")
+        if name == "caption":
+            e.add_argument("--strategy", choices=["greedy", "beam"], default="beam")
+            e.add_argument("--num-beams", type=int, default=3)
+            e.add_argument("--max-new-tokens", type=int, default=30)
+            e.add_argument("--no-spice", action="store_true", help="skip SPICE (slow; needs Java + CoreNLP)")
+        e.set_defaults(fn=fn)
+
+    s = sub.add_parser("synthetic", help="write held-out synthetic scenes as an image folder and a COCO captions file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n-classify", type=int, default=540)
+    s.add_argument("--n-caption", type=int, default=300)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--split", choices=["train", "val", "test"], default="test")
+    s.set_defaults(fn=cmd_synthetic)
+
     s = sub.add_parser("tokenizer", help="SentencePiece tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)
     t = tsub.add_parser("train", help="train a SentencePiece model on a text file (one caption per line)")
@@ -178,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ConfigError, FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -1,10 +1,26 @@
-"""Captioning metrics that need no external runtime: exact match and CIDEr (pycocoevalcap's scorer)."""
+"""Captioning evaluation: COCO-style metrics with pycocoevalcap, caption annotation files, and
+generation over a folder of images.
+
+The standard COCO protocol: candidates and references are tokenised with the PTB tokenizer
+(Stanford CoreNLP, Java), then scored with BLEU-1..4, METEOR (Java), ROUGE-L, CIDEr and SPICE
+(Java + Stanford CoreNLP models). A metric that cannot run here is reported as unavailable with
+the reason, never dropped silently.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .common import image_batches, skip_counts
 
 _PUNCT = re.compile(r"[^\w\s]")
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 
 def normalise(caption: str) -> str:
@@ -24,3 +40,231 @@ def cider(candidates: list[str], references: list[list[str]]) -> float:
     res = {i: [normalise(c) or "<empty>"] for i, c in enumerate(candidates)}
     score, _ = Cider().compute_score(gts, res)
     return float(score)
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+def java_missing() -> str | None:
+    """Why Java-based scorers cannot run, or None when a Java runtime is on PATH."""
+    return None if shutil.which("java") else "no Java runtime on PATH (install e.g. default-jre-headless)"
+
+
+def spice_missing() -> str | None:
+    reason = java_missing()
+    if reason:
+        return reason
+    from pycocoevalcap.spice import get_stanford_models as models
+    jar = Path(models.SPICEDIR) / models.SPICELIB / f"{models.JAR}.jar"
+    if not jar.is_file():
+        return (f"SPICE needs {jar.name} (Stanford CoreNLP) in {jar.parent}; fetch it once with "
+                "`python -c 'from pycocoevalcap.spice.spice import Spice; Spice()'` on a machine with internet")
+    return None
+
+
+def tokenize(captions: dict) -> tuple[dict, str]:
+    """{id: [str]} -> ({id: [tokenised str]}, tokenizer name). PTB (Java) when possible, else a
+    Python approximation (lower-case, punctuation removed) that is reported as such."""
+    if java_missing() is None:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()}), "ptb"
+    return {k: [normalise(c) for c in v] for k, v in captions.items()}, "python (no Java: not the standard PTB)"
+
+
+def coco_metrics(candidates: dict, references: dict, spice: bool = True) -> dict:
+    """Score ``{id: caption}`` against ``{id: [reference, ...]}``.
+
+    Returns {"metrics": {name: corpus score}, "unavailable": {name: reason}, "tokenizer": str,
+    "per_item": {id: {name: score}}}.
+    """
+    if set(candidates) != set(references):
+        raise ValueError("candidates and references must cover the same ids")
+    if not candidates:
+        raise ValueError("nothing to score: no candidates")
+    ids = sorted(candidates, key=str)
+    gts, tokenizer = tokenize({i: list(references[i]) for i in ids})
+    res, _ = tokenize({i: [candidates[i]] for i in ids})
+    metrics, unavailable, per_item = {}, {}, {i: {} for i in ids}
+
+    def record(name, corpus, items):
+        metrics[name] = float(corpus)
+        for i, v in zip(ids, items):
+            per_item[i][name] = float(v) if not isinstance(v, dict) else float(v["All"]["f"])
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    corpus, items = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        record(f"BLEU-{n + 1}", corpus[n], items[n])
+    java = java_missing()
+    if java:
+        unavailable["METEOR"] = java
+    else:
+        from pycocoevalcap.meteor.meteor import Meteor
+        try:
+            scorer = Meteor()
+            try:
+                corpus, items = scorer.compute_score(gts, res)
+            finally:
+                _close_meteor(scorer)
+            record("METEOR", corpus, items)
+        except Exception as e:  # a failing external scorer must not lose the other metrics
+            unavailable["METEOR"] = f"METEOR failed: {type(e).__name__}: {e}"
+    corpus, items = Rouge().compute_score(gts, res)
+    record("ROUGE-L", corpus, items)
+    corpus, items = Cider().compute_score(gts, res)
+    record("CIDEr", corpus, items)
+    reason = "disabled (--no-spice)" if not spice else spice_missing()
+    if reason:
+        unavailable["SPICE"] = reason
+    else:
+        from pycocoevalcap.spice.spice import Spice
+        try:
+            corpus, items = Spice().compute_score(gts, res)
+            record("SPICE", corpus, items)
+        except Exception as e:
+            unavailable["SPICE"] = f"SPICE failed: {type(e).__name__}: {e}"
+    return {"metrics": metrics, "unavailable": unavailable, "tokenizer": tokenizer, "per_item": per_item}
+
+
+def _close_meteor(scorer) -> None:
+    """pycocoevalcap's Meteor keeps a Java process; end it now rather than at interpreter exit."""
+    proc = getattr(scorer, "meteor_p", None)
+    if proc is not None and proc.poll() is None:
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        proc.kill()
+        proc.wait()
+
+
+# -------------------------------------------------------------------------------- annotations
+
+def load_caption_annotations(path: str | os.PathLike, split: str | None = None) -> list[dict]:
+    """Images with their reference captions: [{"id", "file_name", "captions": [str, ...]}].
+
+    Accepts
+    - COCO format: {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]};
+    - Karpathy's dataset_coco.json: {"images": [{"filepath", "filename", "split", "sentences": [{"raw"}]}]},
+      filtered to ``split`` (default "test");
+    - a list of {"image": path, "caption": str or [str]} (the common Karpathy-split JSON layout).
+    Images without any caption are left out; a file that matches none of these is an error
+    naming what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {str(path)!r} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    try:
+        if isinstance(data, list):
+            items = _from_list(data)
+        elif isinstance(data, dict) and "annotations" in data:
+            items = _from_coco(data)
+        elif isinstance(data, dict) and data.get("images") and "sentences" in data["images"][0]:
+            items = _from_karpathy(data, split or "test")
+        else:
+            raise ValueError("expected a COCO captions file ({'images': [...], 'annotations': [...]}), "
+                             "Karpathy's dataset_coco.json, or a list of {'image', 'caption'} entries")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: malformed annotation entry ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    items = [it for it in items if it["captions"]]
+    if not items:
+        raise ValueError(f"{path}: no images with captions" + (f" in split {split!r}" if split else ""))
+    return items
+
+
+def _caption_text(c, where: str) -> str:
+    if not isinstance(c, str):
+        raise ValueError(f"{where}: caption must be a string, got {type(c).__name__}")
+    return " ".join(c.split())
+
+
+def _from_coco(data: dict) -> list[dict]:
+    if not isinstance(data.get("images"), list) or not isinstance(data["annotations"], list):
+        raise ValueError("'images' and 'annotations' must both be lists")
+    items, by_id = [], {}
+    for im in data["images"]:
+        item = {"id": im["id"], "file_name": im["file_name"], "captions": []}
+        if item["id"] in by_id:
+            raise ValueError(f"image id {item['id']!r} appears twice in 'images'")
+        by_id[item["id"]] = item
+        items.append(item)
+    for n, ann in enumerate(data["annotations"]):
+        image_id = ann["image_id"]
+        if image_id not in by_id:
+            raise ValueError(f"annotation {n} refers to image_id {image_id!r}, which is not in 'images'")
+        text = _caption_text(ann["caption"], f"annotation {n}")
+        if text:
+            by_id[image_id]["captions"].append(text)
+    return items
+
+
+def _from_karpathy(data: dict, split: str) -> list[dict]:
+    items = []
+    for n, im in enumerate(data["images"]):
+        if im.get("split") != split and not (split == "train" and im.get("split") == "restval"):
+            continue
+        name = os.path.join(im.get("filepath", ""), im["filename"])
+        caps = [_caption_text(s["raw"], f"image {n}") for s in im["sentences"]]
+        items.append({"id": im.get("cocoid", im.get("imgid", n)), "file_name": name, "captions": [c for c in caps if c]})
+    return items
+
+
+def _from_list(data: list) -> list[dict]:
+    items, by_name = [], {}
+    for n, entry in enumerate(data):
+        caps = entry["caption"]
+        caps = [caps] if isinstance(caps, str) else caps
+        if not isinstance(caps, list):
+            raise ValueError(f"entry {n}: 'caption' must be a string or a list of strings")
+        name = entry["image"]
+        if name not in by_name:
+            by_name[name] = {"id": entry.get("image_id", len(items)), "file_name": name, "captions": []}
+            items.append(by_name[name])
+        by_name[name]["captions"].extend(t for t in (_caption_text(c, f"entry {n}") for c in caps) if t)
+    return items
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def generate_captions(model, tokenizer, paths: list[Path], batch_size: int = 32, workers: int = 0,
+                      skipped: list | None = None, **generate_kwargs) -> dict[int, str]:
+    """{position in paths: generated caption} for every readable image."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for idx, images in image_batches(paths, model.cfg.vision.image_size, batch_size, workers, skipped, "captioning"):
+        texts = tokenizer.decode(model.generate(images.to(device), **generate_kwargs))
+        out.update(zip(idx, texts))
+    return out
+
+
+def evaluate_captions(model, tokenizer, items: list[dict], images_root: str | os.PathLike, batch_size: int = 32,
+                      workers: int = 0, spice: bool = True, **generate_kwargs) -> dict:
+    root = Path(images_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image directory {str(root)!r} not found")
+    paths = [root / it["file_name"] for it in items]
+    skipped: list[dict] = []
+    generated = generate_captions(model, tokenizer, paths, batch_size, workers, skipped, **generate_kwargs)
+    if not generated:
+        raise ValueError(f"none of the {len(paths)} images could be read ({skip_counts(skipped)})")
+    keys = {i: str(items[i]["id"]) for i in generated}
+    scores = coco_metrics({keys[i]: generated[i] for i in generated},
+                          {keys[i]: items[i]["captions"] for i in generated}, spice=spice)
+    scores["metrics"]["exact_match"] = exact_match([generated[i] for i in generated],
+                                                   [items[i]["captions"] for i in generated])
+    scores["metrics"]["n_images"] = len(generated)
+    predictions = [{"image_id": items[i]["id"], "file_name": items[i]["file_name"], "caption": generated[i],
+                    "references": items[i]["captions"], "scores": scores["per_item"][keys[i]]}
+                   for i in sorted(generated)]
+    return {"metrics": scores["metrics"], "unavailable": scores["unavailable"], "tokenizer": scores["tokenizer"],
+            "skipped": skip_counts(skipped), "skipped_files": skipped, "predictions": predictions}

@@ -61,3 +61,41 @@ def evaluate_synthetic(model, tokenizer, n_classify: int = 540, n_caption: int =
         "captions": [{k: v for k, v in g.items() if k != "image"} for g in gallery],
         "_gallery": gallery,
     }
+
+
+def write_eval_sets(out_dir, n_classify: int = 540, n_caption: int = 300, seed: int = 0, image_size: int = 64,
+                    split: str = "test") -> dict:
+    """Write held-out synthetic scenes to disk in the layouts the `coca eval` commands read:
+
+        OUT/classify/<colour>_<shape>/<index>.png   ImageNet-style folder of single-object scenes
+        OUT/classnames.txt, OUT/templates.txt       its class names (sorted folder order) and prompts
+        OUT/captions/<index>.png, OUT/captions.json one-or-two-object scenes, COCO captions format
+    """
+    import json
+    from pathlib import Path
+
+    from ..io import atomic_write_text
+    out = Path(out_dir)
+    names = class_names()
+    folders = sorted(n.replace(" ", "_") for n in names)
+    for folder in folders:
+        (out / "classify" / folder).mkdir(parents=True, exist_ok=True)
+    singles = SyntheticScenes(n_classify, split=split, seed=seed, image_size=image_size, max_objects=1)
+    for i in range(n_classify):
+        image, _ = singles.load(i)
+        obj = singles.scene(i)[0]
+        image.save(out / "classify" / f"{obj.colour}_{obj.shape}" / f"{i:05d}.png")
+    atomic_write_text(out / "classnames.txt", "".join(f.replace("_", " ") + "\n" for f in folders))
+    atomic_write_text(out / "templates.txt", "".join(t + "\n" for t in ZERO_SHOT_TEMPLATES))
+    (out / "captions").mkdir(parents=True, exist_ok=True)
+    scenes = SyntheticScenes(n_caption, split=split, seed=seed, image_size=image_size, max_objects=2)
+    images, annotations = [], []
+    for i in range(n_caption):
+        image, caption = scenes.load(i)
+        image.save(out / "captions" / f"{i:05d}.png")
+        images.append({"id": i, "file_name": f"{i:05d}.png", "width": image_size, "height": image_size})
+        annotations.append({"id": i, "image_id": i, "caption": caption})
+    atomic_write_text(out / "captions.json", json.dumps({"images": images, "annotations": annotations}) + "\n")
+    return {"classify": str(out / "classify"), "classnames": str(out / "classnames.txt"),
+            "templates": str(out / "templates.txt"), "captions": str(out / "captions"),
+            "annotations": str(out / "captions.json")}

@@ -1,15 +1,51 @@
 """Zero-shot classification as in CLIP: class embedding = mean of its normalised prompt
-embeddings, renormalised; prediction = nearest class embedding to the image embedding."""
+embeddings, renormalised; prediction = nearest class embedding to the image embedding.
+
+Ships the 1,000 ImageNet class names and the 80 prompt templates CLIP used
+(``evaluate/data/imagenet_classnames.txt``, ``imagenet_templates.txt``).
+"""
 
 from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .common import image_batches, read_text_list, skip_counts
+
+DATA_DIR = Path(__file__).parent / "data"
+IMAGENET_CLASSNAMES = DATA_DIR / "imagenet_classnames.txt"
+IMAGENET_TEMPLATES = DATA_DIR / "imagenet_templates.txt"
+
+
+def load_templates(path: str | os.PathLike) -> list[str]:
+    """One prompt template per line, each with exactly one ``{}`` for the class name."""
+    templates = read_text_list(path, "templates")
+    for n, t in enumerate(templates, 1):
+        check_template(t, where=f"{path}: line {n}")
+    return templates
+
+
+def check_template(template: str, where: str = "template") -> None:
+    if template.count("{}") != 1:
+        raise ValueError(f"{where}: template {template!r} needs exactly one '{{}}' for the class name")
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError) as e:
+        raise ValueError(f"{where}: template {template!r} is not a valid format string ({e}); "
+                         "write literal braces as '{{' and '}}'") from None
+
+
+def load_classnames(path: str | os.PathLike) -> list[str]:
+    return read_text_list(path, "class names")
+
 
 @torch.no_grad()
 def class_embeddings(model, tokenizer, class_names: list[str], templates: list[str], batch_size: int = 256) -> torch.Tensor:
-    """[C, E] normalised class embeddings."""
+    """[C, E] normalised class embeddings (mean of the normalised template embeddings, renormalised)."""
     device = next(model.parameters()).device
     out = []
     for name in class_names:
@@ -24,3 +60,111 @@ def class_embeddings(model, tokenizer, class_names: list[str], templates: list[s
 def zero_shot_logits(model, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """[B, C] cosine similarities of images to the class embeddings."""
     return model.encode_image(images) @ classifier.T
+
+
+def labelled_images(images: str | os.PathLike, labels_file: str | os.PathLike | None = None,
+                    classnames: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """(image paths, class indices, class names) for a zero-shot evaluation.
+
+    - ``labels_file`` None: ``images`` is an ImageNet-style folder, one sub-folder per class.
+      Sorted folder i is class i (how the ImageNet validation folders map to the standard
+      class order); without ``classnames`` the folder names are the class names.
+    - ``labels_file``: a CSV/TSV of ``image,label`` rows (a header row is allowed), image paths
+      relative to ``images``, label a class index or a class name.
+    """
+    from ..data.readers import FolderSource
+    root = Path(images)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image directory {str(root)!r} not found")
+    if labels_file is None:
+        folder = FolderSource(root)
+        if classnames is None:
+            classnames = folder.class_names
+        elif len(classnames) != len(folder.classes):
+            raise ValueError(f"{root} has {len(folder.classes)} class folders but {len(classnames)} class names "
+                             "were given; sorted folder i must be class i")
+        return list(folder.samples), list(folder.labels), list(classnames)
+    if classnames is None:
+        raise ValueError("a labels file needs class names (--classnames FILE or --dataset imagenet)")
+    return (*_read_labels_file(Path(labels_file), root, classnames), list(classnames))
+
+
+def _read_labels_file(path: Path, root: Path, classnames: list[str]) -> tuple[list[Path], list[int]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file {str(path)!r} not found")
+    text = path.read_text(encoding="utf-8", errors="strict")
+    delimiter = "\t" if "\t" in text.split("\n", 1)[0] else ","
+    index_of = {name: i for i, name in reversed(list(enumerate(classnames)))}
+    paths, labels = [], []
+    for n, row in enumerate(csv.reader(text.splitlines(), delimiter=delimiter), 1):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            raise ValueError(f"{path}: line {n}: expected 'image{delimiter}label', got {row!r}")
+        name, label = row[0].strip(), row[1].strip()
+        if label.lstrip("-").isdigit():
+            idx = int(label)
+            if not 0 <= idx < len(classnames):
+                raise ValueError(f"{path}: line {n}: label {idx} is outside [0, {len(classnames)})")
+        elif label in index_of:
+            idx = index_of[label]
+        elif n == 1:  # header row
+            continue
+        else:
+            raise ValueError(f"{path}: line {n}: label {label!r} is neither a class index nor a class name")
+        paths.append(root / name)
+        labels.append(idx)
+    if not paths:
+        raise ValueError(f"labels file {path} has no image,label rows")
+    return paths, labels
+
+
+@torch.no_grad()
+def evaluate_zeroshot(model, tokenizer, paths: list[Path], labels: list[int], classnames: list[str],
+                      templates: list[str], batch_size: int = 64, workers: int = 0) -> dict:
+    """Top-1, top-5 and per-class accuracy, with each image's top-5 predictions."""
+    model.eval()
+    device = next(model.parameters()).device
+    classifier = class_embeddings(model, tokenizer, classnames, templates)
+    scale = model.logit_scale.exp().clamp(max=model.cfg.max_logit_scale)
+    k = min(5, len(classnames))
+    skipped, predictions = [], []
+    correct1 = correct5 = 0
+    per_class_total = [0] * len(classnames)
+    per_class_correct = [0] * len(classnames)
+    for idx, images in image_batches(paths, model.cfg.vision.image_size, batch_size, workers, skipped, "zero-shot"):
+        probs = (scale * zero_shot_logits(model, images.to(device), classifier)).softmax(-1)
+        top_p, top_i = probs.topk(k, dim=-1)
+        for i, ps, cs in zip(idx, top_p.tolist(), top_i.tolist()):
+            truth = labels[i]
+            hit1, hit5 = cs[0] == truth, truth in cs
+            correct1 += hit1
+            correct5 += hit5
+            per_class_total[truth] += 1
+            per_class_correct[truth] += hit1
+            predictions.append({"image": str(paths[i]), "label": truth, "label_name": classnames[truth],
+                                "top5": [{"class": c, "name": classnames[c], "prob": round(p, 6)}
+                                         for c, p in zip(cs, ps)]})
+    n = len(predictions)
+    if n == 0:
+        raise ValueError(f"none of the {len(paths)} images could be read ({skip_counts(skipped)})")
+    per_class = [{"class": c, "name": classnames[c], "n": per_class_total[c],
+                  "top1": per_class_correct[c] / per_class_total[c]}
+                 for c in range(len(classnames)) if per_class_total[c]]
+    return {
+        "metrics": {"top1": correct1 / n, "top5": correct5 / n,
+                    "mean_per_class_top1": sum(r["top1"] for r in per_class) / len(per_class),
+                    "n_images": n, "n_classes": len(classnames), "n_templates": len(templates),
+                    "chance_top1": 1 / len(classnames)},
+        "skipped": skip_counts(skipped), "skipped_files": skipped,
+        "per_class": per_class, "predictions": predictions,
+    }
+
+
+@torch.no_grad()
+def rank_labels(model, tokenizer, images: torch.Tensor, labels: list[str], templates: list[str] | None = None):
+    """[B, L] probabilities of each label (softmax over the model's temperature-scaled cosines)."""
+    device = next(model.parameters()).device
+    classifier = class_embeddings(model, tokenizer, labels, templates or ["{}"])
+    scale = model.logit_scale.exp().clamp(max=model.cfg.max_logit_scale)
+    return (scale * zero_shot_logits(model, images.to(device), classifier)).softmax(-1)

@@ -1,0 +1,278 @@
+"""Evaluation: metrics against pycocoevalcap's scorers called directly, annotation formats,
+recall@K by hand, and every `coca eval` command end to end on synthetic data written to disk."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import coca
+from coca.cli import main
+from coca.config import load_run_config
+from coca.evaluate.captioning import coco_metrics, load_caption_annotations
+from coca.evaluate.retrieval import recall_at_k
+from coca.evaluate.synthetic import write_eval_sets
+from coca.evaluate.zeroshot import (
+    IMAGENET_CLASSNAMES,
+    IMAGENET_TEMPLATES,
+    load_classnames,
+    load_templates,
+)
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs a Java runtime (make test installs one)")
+
+CANDIDATES = {
+    1: "a man riding a horse on a beach",
+    2: "two dogs playing in the snow",
+    3: "a plate of food with broccoli",
+    4: "a red bus parked on the street",
+    5: "",
+}
+REFERENCES = {
+    1: ["A man rides a horse along the beach.", "a person on a horse near the ocean", "man riding horse on sand"],
+    2: ["Two dogs play in the snow.", "a pair of dogs running through snow"],
+    3: ["A plate with broccoli and rice.", "a dish of vegetables and meat on a table"],
+    4: ["A red double decker bus on a city street.", "a bus parked by the side of the road"],
+    5: ["a cat sleeping on a couch"],
+}
+
+
+@needs_java
+def test_coco_metrics_match_the_scorers_called_directly():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in REFERENCES.items()})
+    res = tok.tokenize({k: [{"caption": v}] for k, v in CANDIDATES.items()})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    expected = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
+    expected["METEOR"], _ = Meteor().compute_score(gts, res)
+    expected["ROUGE-L"], _ = Rouge().compute_score(gts, res)
+    expected["CIDEr"], _ = Cider().compute_score(gts, res)
+
+    out = coco_metrics(CANDIDATES, REFERENCES)
+    assert out["tokenizer"] == "ptb"
+    for name, value in expected.items():
+        assert out["metrics"][name] == pytest.approx(float(value), abs=1e-9), name
+    assert 0.2 < out["metrics"]["BLEU-1"] < 1 and out["metrics"]["CIDEr"] > 0.3
+    assert out["per_item"][5]["BLEU-1"] == pytest.approx(0, abs=1e-6)  # the empty caption scores nothing
+    assert "SPICE" in out["metrics"] or "SPICE" in out["unavailable"]  # never silently dropped
+
+
+def test_metrics_without_java_report_what_is_unavailable(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    out = coco_metrics(CANDIDATES, REFERENCES)
+    assert set(out["unavailable"]) == {"METEOR", "SPICE"}
+    assert "Java" in out["unavailable"]["METEOR"] and "python" in out["tokenizer"]
+    assert {"BLEU-4", "ROUGE-L", "CIDEr"} <= set(out["metrics"])
+    perfect = coco_metrics({1: "two dogs play in the snow"}, {1: ["Two dogs play in the snow."]}, spice=False)
+    assert perfect["metrics"]["BLEU-1"] == pytest.approx(1.0)
+    assert perfect["unavailable"]["SPICE"] == "disabled (--no-spice)"
+
+
+def test_annotation_formats_and_errors(tmp_path):
+    coco_file = tmp_path / "coco.json"
+    coco_file.write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "a.jpg"}, {"id": 8, "file_name": "b.jpg"}, {"id": 9, "file_name": "c.jpg"}],
+        "annotations": [{"image_id": 7, "caption": " a  dog "}, {"image_id": 7, "caption": "a puppy"},
+                        {"image_id": 8, "caption": "a cat"}]}))
+    items = load_caption_annotations(coco_file)
+    assert items == [{"id": 7, "file_name": "a.jpg", "captions": ["a dog", "a puppy"]},
+                     {"id": 8, "file_name": "b.jpg", "captions": ["a cat"]}]  # image 9 has no caption
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"filepath": "val2014", "filename": "x.jpg", "split": "test", "cocoid": 1, "sentences": [{"raw": "A cow."}]},
+        {"filepath": "val2014", "filename": "y.jpg", "split": "train", "cocoid": 2, "sentences": [{"raw": "A hen."}]}]}))
+    assert load_caption_annotations(karpathy) == [{"id": 1, "file_name": "val2014/x.jpg", "captions": ["A cow."]}]
+    assert load_caption_annotations(karpathy, "train")[0]["id"] == 2
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([{"image": "p.jpg", "caption": ["one", "two"]}, {"image": "q.jpg", "caption": "three"}]))
+    assert [it["captions"] for it in load_caption_annotations(listed)] == [["one", "two"], ["three"]]
+
+    bad = tmp_path / "bad.json"
+    for content, match in [("{not json", "not valid JSON"), ('{"foo": 1}', "expected a COCO captions file"),
+                           ('{"images": [{"id": 1}], "annotations": []}', "malformed"),
+                           ('{"images": [{"id": 1, "file_name": "a"}], "annotations": [{"image_id": 2, "caption": "x"}]}',
+                            "not in 'images'"),
+                           ('{"images": [{"id": 1, "file_name": "a"}], "annotations": [{"image_id": 1, "caption": 5}]}',
+                            "must be a string"),
+                           ('{"images": [], "annotations": []}', "no images with captions")]:
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=match) as e:
+            load_caption_annotations(bad)
+        assert str(bad) in str(e.value)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_caption_annotations(tmp_path / "missing.json")
+
+
+def test_recall_at_k_by_hand():
+    # 3 images, 5 texts; text j belongs to image owner[j]
+    owner = torch.tensor([0, 0, 1, 2, 2])
+    sim = torch.tensor([[0.9, 0.1, 0.8, 0.0, 0.0],   # image 0: best text 0 (its own) -> rank 0
+                        [0.5, 0.0, 0.4, 0.0, 0.3],   # image 1: its text 2 (0.4) is beaten by text 0 -> rank 1
+                        [0.0, 0.0, 0.0, 0.1, 0.2]])  # image 2: text 4 is its own -> rank 0
+    out = recall_at_k(sim, owner, ks=(1, 2))
+    assert out["i2t_rank"] == [0, 1, 0]
+    # texts: 0 -> image 0 (0.9 best) rank 0; 1 -> image 0 (0.1 vs 0.0, 0.0) rank 0; 2 -> image 1 (0.4 < 0.8) rank 1;
+    # 3 -> image 2 (0.1 best) rank 0; 4 -> image 2 (0.2 < 0.3) rank 1
+    assert out["t2i_rank"] == [0, 0, 1, 0, 1]
+    m = out["metrics"]
+    assert m["i2t_R@1"] == pytest.approx(2 / 3) and m["i2t_R@2"] == 1.0
+    assert m["t2i_R@1"] == pytest.approx(3 / 5) and m["t2i_R@2"] == 1.0
+
+
+def test_shipped_imagenet_files():
+    names = load_classnames(IMAGENET_CLASSNAMES)
+    templates = load_templates(IMAGENET_TEMPLATES)
+    assert len(names) == 1000 and names[0] == "tench" and names[-1] == "toilet paper"
+    assert len(templates) == 80 and all(t.count("{}") == 1 for t in templates)
+
+
+@pytest.mark.parametrize("loader, content, match", [
+    (load_templates, "a photo of a {}.\nno placeholder here\n", "line 2.*exactly one"),
+    (load_templates, "a {} and a {}\n", "exactly one"),
+    (load_templates, "a {0} {x}\n", "exactly one|valid format"),
+    (load_classnames, "\n  \n", "empty"),
+    (load_classnames, b"\xff\xfe\x00bad", "UTF-8"),
+])
+def test_template_and_classname_file_errors(tmp_path, loader, content, match):
+    f = tmp_path / "list.txt"
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=match) as e:
+        loader(f)
+    assert "list.txt" in str(e.value)
+
+
+# ------------------------------------------------------------------------ end to end on disk
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A coca-tiny trained for a few steps, the same architecture with random weights, and the
+    held-out synthetic scenes written to disk (with one corrupt image in each set)."""
+    from coca.train import train
+    root = tmp_path_factory.mktemp("eval")
+    cfg = load_run_config(None, [
+        "model.text.vocab_size=64", "data.tokenizer_vocab_size=64", "data.tokenizer_model_type=bpe",
+        "data.tokenizer_train_captions=2000", "data.batch_size=16", "data.workers=0", "train.progress=false",
+        "train.val_every=0", "train.log_every=10", "train.tensorboard=false", "train.threads=2",
+        "optim.lr=2e-3", "train.steps=60", "train.checkpoint_every=60", f"train.run_dir={root / 'run'}"])
+    model_dir = train(cfg, log=lambda *a: None)["model_dir"]
+    trained_model = coca.load(model_dir)
+    torch.manual_seed(1)
+    random_dir = coca.create_model(trained_model.cfg).save_pretrained(root / "random", tokenizer=trained_model.tokenizer)
+    sets = write_eval_sets(root / "data", n_classify=72, n_caption=40)
+    (root / "data" / "classify" / "red_circle" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (root / "data" / "captions" / "00003.png").write_bytes(b"")
+    return {"model": model_dir, "random": str(random_dir), **sets, "root": root}
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval_zeroshot_command(capsys, trained):
+    out_file = trained["root"] / "zs.json"
+    code, out, err = run(capsys, "eval", "zeroshot", "--model", trained["model"], "--images", trained["classify"],
+                         "--classnames", trained["classnames"], "--templates", trained["templates"],
+                         "--workers", 0, "--out", out_file)
+    assert code == 0, err
+    assert "top-1" in out and "top-5" in out and "skipped images" in out
+    res = json.loads(out_file.read_text())
+    m = res["metrics"]
+    assert m["n_images"] == 72 and m["n_classes"] == 18 and res["skipped"] == {"decode_error": 1}
+    assert 0 <= m["top1"] <= m["top5"] <= 1 and len(res["per_class"]) == 18
+    assert len(res["predictions"]) == 72 and len(res["predictions"][0]["top5"]) == 5
+    assert res["skipped_files"][0]["path"].endswith("zz_corrupt.png")
+    # the same through a labels file; class names may be given by name or index
+    rows = ["image,label"] + [f"{p['image'].split('classify/')[1]},{p['label'] if i % 2 else p['label_name']}"
+                              for i, p in enumerate(res["predictions"])]
+    labels = trained["root"] / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    code, _, err = run(capsys, "eval", "zeroshot", "--model", trained["model"], "--images", trained["classify"],
+                       "--labels-file", labels, "--classnames", trained["classnames"],
+                       "--templates", trained["templates"], "--workers", 0, "--out", out_file)
+    assert code == 0, err
+    assert json.loads(out_file.read_text())["metrics"]["top1"] == pytest.approx(m["top1"])
+
+
+def test_eval_caption_and_retrieval_commands(capsys, trained):
+    out_file = trained["root"] / "cap.json"
+    code, out, err = run(capsys, "eval", "caption", "--model", trained["model"], "--images", trained["captions"],
+                         "--annotations", trained["annotations"], "--strategy", "greedy", "--workers", 0,
+                         "--out", out_file)
+    assert code == 0, err
+    res = json.loads(out_file.read_text())
+    assert res["metrics"]["n_images"] == 39 and res["skipped"] == {"decode_error": 1}
+    for name in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "SPICE", "METEOR"):
+        assert name in res["metrics"] or name in res["unavailable"]
+        assert name in out
+    assert len(res["predictions"]) == 39 and "caption" in res["predictions"][0]
+
+    out_file = trained["root"] / "ret.json"
+    code, out, err = run(capsys, "eval", "retrieval", "--model", trained["model"], "--images", trained["captions"],
+                         "--annotations", trained["annotations"], "--workers", 0, "--out", out_file)
+    assert code == 0, err
+    res = json.loads(out_file.read_text())
+    assert res["metrics"]["n_images"] == 39 and "i2t_R@1" in out and "t2i_R@10" in out
+    assert len(res["predictions"]["text_to_image"]) == 39
+
+
+def test_trained_model_beats_random_weights(capsys, trained):
+    """Even a few training steps put zero-shot and retrieval above chance and CIDEr above a random model."""
+    scores = {}
+    for which in ("model", "random"):
+        for task, extra in (("zeroshot", ["--images", trained["classify"], "--classnames", trained["classnames"],
+                                          "--templates", trained["templates"]]),
+                            ("caption", ["--images", trained["captions"], "--annotations", trained["annotations"],
+                                         "--strategy", "greedy", "--no-spice"])):
+            out_file = trained["root"] / f"{which}_{task}.json"
+            assert run(capsys, "eval", task, "--model", trained[which], "--workers", 0, "--out", out_file,
+                       *extra)[0] == 0
+            scores[which, task] = json.loads(out_file.read_text())["metrics"]
+    assert scores["model", "zeroshot"]["top1"] > 2 * scores["model", "zeroshot"]["chance_top1"]
+    assert scores["model", "caption"]["CIDEr"] > scores["random", "caption"]["CIDEr"] + 0.1
+
+
+def test_classify_command(capsys, trained):
+    image = next((trained["root"] / "data" / "classify" / "blue_square").iterdir())
+    code, out, err = run(capsys, "classify", image, "--model", trained["model"],
+                         "--labels", "a small blue square,a large red circle,a small green triangle", "--top", 3)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == str(image) and len(lines) == 4
+    probs = [float(line.split("%")[0]) for line in lines[1:]]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(100, abs=0.1)
+    code, _, err = run(capsys, "classify", image, "--model", trained["model"], "--labels", "only one")
+    assert code == 2 and "at least two" in err
+
+
+def test_eval_bad_inputs(capsys, trained, tmp_path):
+    model, classify = trained["model"], trained["classify"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    bad_tpl = tmp_path / "tpl.txt"
+    bad_tpl.write_text("a photo of a dog\n")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text("{}")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"images": 3, "annotations": []}')
+    cases = [
+        (["eval", "zeroshot", "--model", model, "--images", classify, "--classnames", empty], "empty.txt"),
+        (["eval", "zeroshot", "--model", model, "--images", classify, "--templates", bad_tpl], "tpl.txt"),
+        (["eval", "zeroshot", "--model", model, "--images", tmp_path / "nope"], "nope"),
+        (["eval", "zeroshot", "--model", no_weights, "--images", classify], "model.safetensors"),
+        (["eval", "zeroshot", "--model", model, "--images", classify, "--dataset", "imagenet"], "1000 class names"),
+        (["eval", "caption", "--model", model, "--images", trained["captions"], "--annotations", bad_json], "bad.json"),
+        (["eval", "retrieval", "--model", model, "--images", tmp_path / "nope", "--annotations",
+          trained["annotations"]], "nope"),
+    ]
+    for argv, needle in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and needle in err, (argv, err)
