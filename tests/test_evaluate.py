@@ -276,3 +276,18 @@ def test_eval_bad_inputs(capsys, trained, tmp_path):
     for argv, needle in cases:
         code, _, err = run(capsys, *argv)
         assert code == 2 and needle in err, (argv, err)
+
+
+def test_image_batches_skip_and_count_missing_and_broken_files(tmp_path):
+    from PIL import Image
+
+    from coca.evaluate.common import image_batches, skip_counts
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30), "red").save(good)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    paths = [good, tmp_path / "missing.png", tmp_path / "broken.jpg", good]
+    skipped = []
+    batches = list(image_batches(paths, 32, batch_size=3, skipped=skipped))
+    assert [idx for idx, _ in batches] == [[0], [3]] and batches[0][1].shape == (1, 3, 32, 32)
+    assert skip_counts(skipped) == {"missing_image": 1, "decode_error": 1}
+    assert skipped[0]["path"].endswith("missing.png")
