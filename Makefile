@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install java clean
+.PHONY: demo test test-all install system-packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,15 +17,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/coca demo --out runs/demo
 
-# Java runs the COCO captioning scorers (PTB tokenizer, METEOR, SPICE); installed with apt-get if missing.
-java:
-	@bash scripts/ensure-java.sh
+# Java (COCO captioning scorers), g++ and ninja (DeepSpeed's JIT op): apt-get installs what is missing.
+system-packages:
+	@bash scripts/ensure-system-packages.sh
 
-test: $(STAMP) java
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q
 
 # Includes the tests marked slow.
-test-all: $(STAMP) java
+test-all: $(STAMP) system-packages
 	COCA_SLOW=1 $(BIN)/python -m pytest -q
 
 clean:

@@ -405,3 +405,25 @@ def test_folder_construction_errors(tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         FolderSource(tmp_path / "ok", templates=("a {} and a {}",))
     assert FolderSource(tmp_path / "ok", templates="a {}!").load(0)[1] == "a dog!"
+
+
+def test_webdataset_resampled_mode_feeds_more_consumers_than_shards(tmp_path, shards):
+    """4 ranks on 3 shards: the plain split refuses, resampled mode draws shards with replacement,
+    a seeded stream per rank that resumes at a batch position exactly."""
+    from coca.data.loader import WebDatasetStream
+
+    src = WebDatasetSource(str(tmp_path / "{00000..00002}.tar"), shuffle_buffer=0)
+
+    def stream(rank, resampled=True, start=0):
+        return WebDatasetStream(src, lambda image, caption, seed: caption, lambda b: list(b), batch_size=2,
+                                seed=0, start=start, rank=rank, world_size=4, resampled=resampled)
+
+    with pytest.raises(ValueError, match="resampled"):
+        next(iter(stream(3, resampled=False)))
+    take = lambda s, n: [b for b, _ in zip(iter(s), range(n))]  # noqa: E731
+    rank0 = take(stream(0), 8)
+    assert rank0 == take(stream(0), 8)  # deterministic
+    assert rank0 != take(stream(1), 8)  # each rank its own stream
+    assert take(stream(0, start=3), 5) == rank0[3:]  # resumes at a batch position
+    captions = {c for b in rank0 + take(stream(1), 8) + take(stream(2), 8) for c in b}
+    assert {c.split()[1] for c in captions} == {"0", "1", "2"}  # every shard is drawn

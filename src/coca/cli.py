@@ -217,6 +217,14 @@ def cmd_synthetic(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .config import load_run_config
+    from .plan import format_plan, plan
+    cfg = load_run_config(args.config, args.set)
+    print(format_plan(plan(cfg, args.gpus, args.gpu_memory, args.peak_tflops, args.mfu, args.samples)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     p = argparse.ArgumentParser(prog="coca", description="CoCa-Large-v2: contrastive captioning (ViT + T5).")
@@ -324,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=3e-4 --set train.steps=100 (repeatable)")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("plan", help="per-GPU memory, FLOPs, step time and GPU-hours of a run config")
+    s.add_argument("--config", help="run config YAML (e.g. configs/coca-large-v2.yaml)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    s.add_argument("--gpus", type=int, default=1)
+    s.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU (default 80, A100 80GB)")
+    s.add_argument("--peak-tflops", type=float, default=312, help="dense BF16 peak per GPU (A100: 312)")
+    s.add_argument("--mfu", type=float, default=0.5, help="assumed model-FLOPs utilisation (default 0.5)")
+    s.add_argument("--samples", type=float, help="samples seen (default: train.steps x global batch)")
+    s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("demo", help="the built-in demo on the tiny preset")
     s.add_argument("--out", default="runs/demo", help="run directory for the model and the report")

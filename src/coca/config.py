@@ -262,6 +262,7 @@ class DataConfig:
     batch_size: int = 64           # per process
     workers: int = 1               # DataLoader worker processes
     shuffle_buffer: int = 1000     # webdataset sample shuffle buffer
+    resampled: bool = False        # webdataset: draw shards with replacement per rank and worker (huge datasets)
     max_pixels: int = 89_478_485   # larger images are skipped (decompression bombs)
     synthetic_train_size: int = 100_000
     synthetic_val_size: int = 512
@@ -337,9 +338,19 @@ class TrainConfig:
     threads: int = 0                # CPU threads for torch; 0 leaves torch's default
     tensorboard: bool = True
     progress: bool = True
+    engine: str = "single"          # single | ddp | deepspeed (ddp/deepspeed: launch with torchrun or deepspeed)
+    accum_steps: int = 1            # micro-batches per step; >1 keeps the global contrastive batch (GradCache)
+    zero_stage: int = 2             # DeepSpeed ZeRO stage for the generated config
+    deepspeed_config: str = ""      # a DeepSpeed JSON of your own instead of the generated one
+    activation_checkpointing: bool = False  # recompute each transformer block in backward: less memory
 
     def __post_init__(self):
-        _positive(self, "steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_batches")
+        _positive(self, "steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_batches", "accum_steps")
+        if self.engine not in ("single", "ddp", "deepspeed"):
+            raise ConfigError(f"train.engine must be 'single', 'ddp' or 'deepspeed', got {self.engine!r}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"train.zero_stage must be 0, 1 or 2 (ZeRO-3 shards parameters, which the "
+                              f"CoCa forward does not gather), got {self.zero_stage}")
         if self.val_every < 0 or self.threads < 0:
             raise ConfigError("train.val_every and train.threads must be >= 0")
         if self.precision not in ("bf16", "fp32"):

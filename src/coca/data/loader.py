@@ -96,21 +96,29 @@ class WebDatasetStream(IterableDataset):
     batches it had produced before ``start``."""
 
     def __init__(self, source: WebDatasetSource, transform, collate, batch_size: int, seed: int,
-                 start: int = 0, rank: int = 0, world_size: int = 1):
+                 start: int = 0, rank: int = 0, world_size: int = 1, resampled: bool = False):
         self.source, self.transform, self.collate = source, transform, collate
         self.batch_size, self.seed, self.start, self.rank, self.world_size = batch_size, seed, start, rank, world_size
+        self.resampled = resampled
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        consumers = workers * self.world_size
         shards = split_shards(self.source.num_shards, self.rank, self.world_size, worker, workers)
-        if not shards:
-            raise ValueError(f"{self.source.num_shards} shards cannot feed {workers * self.world_size} data "
-                             "workers: use fewer data.workers or more shards")
+        if not shards and not self.resampled:
+            raise ValueError(f"{self.source.num_shards} shards cannot feed {consumers} data workers: use fewer "
+                             "data.workers, more shards, or data.resampled=true")
         skip = max(0, -(-(self.start - worker) // workers))  # batches this worker made before `start`
         produced, batch = 0, []
         for epoch in itertools.count():
-            for count, sample in enumerate(self.source.iter_samples(epoch, shards)):
+            if self.resampled:  # shards drawn with replacement, a seeded stream per consumer
+                rng = np.random.default_rng([self.seed, self.rank, worker, epoch, 2])
+                order = rng.integers(self.source.num_shards, size=max(1, self.source.num_shards // consumers))
+                samples = self.source.iter_samples(epoch, exact_order=order.tolist())
+            else:
+                samples = self.source.iter_samples(epoch, shards)
+            for count, sample in enumerate(samples):
                 if produced < skip:  # only count samples towards skipped batches; no decode work
                     batch.append(None)
                 elif isinstance(sample, Skipped):
@@ -142,7 +150,8 @@ def train_batches(cfg: DataConfig, image_size: int, tokenizer, seed: int, start:
     collate = TrimmingCollator(tokenizer)
     common = dict(num_workers=cfg.workers, persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
     if isinstance(source, WebDatasetSource):
-        stream = WebDatasetStream(source, transform, collate, cfg.batch_size, seed, start, rank, world_size)
+        stream = WebDatasetStream(source, transform, collate, cfg.batch_size, seed, start, rank, world_size,
+                                  cfg.resampled)
         return iter(DataLoader(stream, batch_size=None, **common))
     sampler = ResumableBatchSampler(len(source), cfg.batch_size, seed + 7919 * rank, start)
     return iter(DataLoader(SourceDataset(source, transform), batch_sampler=sampler, collate_fn=collate, **common))

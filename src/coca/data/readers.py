@@ -379,14 +379,16 @@ class WebDatasetSource:
             raise IndexError(f"shard ids {bad} out of range [0, {len(self.shards)})")
         return [i for i in perm if i in wanted]
 
-    def iter_samples(self, epoch: int, shard_ids: Sequence[int] | None = None
+    def iter_samples(self, epoch: int, shard_ids: Sequence[int] | None = None, exact_order: Sequence[int] | None = None
                      ) -> Iterator[tuple[str, Image.Image, str] | Skipped]:
         """Yield ``(key, image, caption)`` or ``Skipped``, in an order fixed by (seed, epoch).
 
         ``shard_ids`` (indices into ``self.shards``) restricts reading to those shards; an empty
-        list yields nothing.
+        list yields nothing. ``exact_order`` reads exactly these shards in this order, repeats
+        included (resampled mode).
         """
-        records = (rec for i in self.shard_order(epoch, shard_ids) for rec in self._read_shard(self.shards[i]))
+        order = list(exact_order) if exact_order is not None else self.shard_order(epoch, shard_ids)
+        records = (rec for i in order for rec in self._read_shard(self.shards[i]))
         if self.shuffle_buffer > 1:
             # its own stream, seeded by (seed, epoch) but independent of the shard permutation
             records = self._shuffled(records, np.random.default_rng([self.seed, epoch, 1]))

@@ -71,3 +71,51 @@ def clean_temporaries(root: Path) -> None:
         for p in root.iterdir():
             if p.name.startswith(".step_"):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------- DeepSpeed
+
+DS_TAG = "deepspeed"  # RUN_DIR/checkpoints/step_N/deepspeed/: DeepSpeed's own layout (one optimiser shard per rank)
+
+
+def save_deepspeed_checkpoint(root: Path, step: int, engine, state: dict, keep: int, world) -> Path:
+    """Every rank writes its ZeRO shard into a temporary directory; rank 0 then renames it into
+    place (after all ranks finished), so a complete ``step_N`` is all a resumed run ever sees."""
+    import torch.distributed as dist
+    final = root / f"step_{step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if world.parallel:
+        dist.barrier()
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=state, save_latest=False)
+    if world.parallel:
+        dist.barrier()
+    if world.is_main:
+        for dirpath, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in checkpoint_dirs(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if world.parallel:
+        dist.barrier()
+    return final
+
+
+def consolidated_model(checkpoint: Path, model_cfg):
+    """The fp32 model of a ZeRO checkpoint (master weights merged from every rank's shard)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from ..models.coca import create_model
+    model = create_model(model_cfg)
+    names = unique_state(model)  # DeepSpeed lists a shared tensor under each of its names; keep one
+    state = {k: v for k, v in get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG).items()
+             if k in names}
+    load_checked(model, state, str(checkpoint))
+    return model.eval()

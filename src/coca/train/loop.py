@@ -27,10 +27,23 @@ from ..losses import CoCaLoss, contrastive_accuracy
 from ..models.coca import create_model
 from ..tokenizer import Tokenizer
 from .checkpoint import (
+    DS_TAG,
     clean_temporaries,
+    consolidated_model,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    save_deepspeed_checkpoint,
+)
+from .distributed import (
+    Engine,
+    GlobalCoCaLoss,
+    World,
+    deepspeed_config,
+    global_sum,
+    grad_cache_step,
+    init_world,
+    shutdown,
 )
 from .optim import build_optimizer, build_scheduler
 
@@ -112,12 +125,12 @@ class _TensorBoard:
 
 
 @torch.no_grad()
-def validate(model, batches: list[dict], loss_fn, device, precision) -> dict:
+def validate(model, batches: list[dict], loss_fn, device, precision, input_dtype=None) -> dict:
     model.eval()
     totals, n = Counter(), 0
     for batch in batches:
-        images, tokens = batch["images"].to(device), batch["tokens"].to(device)
-        with autocast(device, precision):
+        images, tokens = batch["images"].to(device, dtype=input_dtype), batch["tokens"].to(device)
+        with torch.no_grad(), autocast(device, precision if input_dtype is None else "fp32"):
             out = model(images, tokens)
             losses = loss_fn(out, tokens)
         i2t, t2i = contrastive_accuracy(out["image_embeds"], out["text_embeds"])
@@ -128,47 +141,90 @@ def validate(model, batches: list[dict], loss_fn, device, precision) -> dict:
     return {k: v / n for k, v in totals.items()} if n else {}
 
 
+def _barrier(world: World) -> None:
+    if world.parallel:
+        torch.distributed.barrier()
+
+
 def train(cfg: RunConfig, log=print) -> dict:
-    """Train (or resume) the run in ``cfg.train.run_dir``; returns a summary dict."""
+    """Train (or resume) the run in ``cfg.train.run_dir``; returns a summary dict.
+
+    With ``train.engine`` ddp or deepspeed every process of the launch runs this function; rank 0
+    writes the logs, the config and the final model, and all ranks take part in checkpoints.
+    """
     tc = cfg.train
     run_dir = Path(tc.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    device = resolve_device(tc.device)
+    world = init_world(tc.engine, device.type)
+    if device.type == "cuda" and world.parallel:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    main = world.is_main
+    say = log if main else (lambda *a, **k: None)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
 
-    tokenizer = prepare_tokenizer(cfg, run_dir, log)
+    if main:
+        tokenizer = prepare_tokenizer(cfg, run_dir, say)
+    _barrier(world)
+    if not main:  # rank 0 trained or found the tokenizer; the others read the same file
+        tokenizer = prepare_tokenizer(cfg, run_dir, say)
     model = create_model(cfg.model).to(device).train()
+    if tc.activation_checkpointing:
+        model.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
-    loss_fn = CoCaLoss(cfg.loss.contrastive_weight, cfg.loss.caption_weight, cfg.model.text.pad_id)
+    ds_config = None
+    if tc.engine == "deepspeed":
+        ds_config = deepspeed_config(cfg, world, tc.deepspeed_config)
+        if main:
+            atomic_write_text(run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=1) + "\n")
+    engine = Engine(tc.engine, model, optimizer, scheduler, world, cfg, device, ds_config)
+    input_dtype = torch.bfloat16 if ds_config and ds_config.get("bf16", {}).get("enabled") else None
+    # DeepSpeed BF16 holds bf16 weights (fp32 master copies in the optimiser): no autocast there
+    precision = "fp32" if input_dtype is not None else tc.precision
+    loss_fn = GlobalCoCaLoss(cfg.loss.contrastive_weight, cfg.loss.caption_weight, cfg.model.text.pad_id, world)
+    val_loss_fn = CoCaLoss(cfg.loss.contrastive_weight, cfg.loss.caption_weight, cfg.model.text.pad_id)
 
     ckpt_root = run_dir / "checkpoints"
-    clean_temporaries(ckpt_root)
+    if main:
+        clean_temporaries(ckpt_root)
+    _barrier(world)
     step, batches_done, skipped, nonfinite = 0, 0, Counter(), 0
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
-        state = load_checkpoint(latest, model, device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if engine.kind == "deepspeed":
+            _, state = engine.wrapped.load_checkpoint(str(latest), tag=DS_TAG)
+        else:
+            state = load_checkpoint(latest, model, device)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         step, batches_done = state["step"], state["batches_done"]
         skipped, nonfinite = Counter(state["skipped"]), state.get("nonfinite_steps", 0)
-        log(f"resumed from {latest} at step {step}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", step)
-    tb = _TensorBoard(run_dir / "tb", tc.tensorboard)
+        say(f"resumed from {latest} at step {step}")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", step) if main else None
+    tb = _TensorBoard(run_dir / "tb", tc.tensorboard and main)
 
     def checkpoint() -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "step": step, "batches_done": batches_done,
+        state = {"rng_cpu": torch.get_rng_state(), "step": step, "batches_done": batches_done,
                  "skipped": dict(skipped), "nonfinite_steps": nonfinite}
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
-        return save_checkpoint(ckpt_root, step, model, state, tc.keep_checkpoints)
+        if engine.kind == "deepspeed":
+            return save_deepspeed_checkpoint(ckpt_root, step, engine.wrapped, state, tc.keep_checkpoints, world)
+        path = ckpt_root / f"step_{step:08d}"
+        if main:
+            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+            path = save_checkpoint(ckpt_root, step, model, state, tc.keep_checkpoints)
+        _barrier(world)
+        return path
 
     stop = {"signal": None}
 
@@ -176,56 +232,68 @@ def train(cfg: RunConfig, log=print) -> dict:
         stop["signal"] = signum
 
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    batches = train_batches(cfg.data, cfg.model.vision.image_size, tokenizer, tc.seed, start=batches_done)
-    val_set = val_batches(cfg.data, cfg.model.vision.image_size, tokenizer, tc.val_batches) if tc.val_every else []
+    batches = train_batches(cfg.data, cfg.model.vision.image_size, tokenizer, tc.seed, start=batches_done,
+                            rank=world.rank, world_size=world.world_size)
+    val_set = (val_batches(cfg.data, cfg.model.vision.image_size, tokenizer, tc.val_batches)
+               if tc.val_every and main else [])
 
     progress = None
-    if tc.progress:
+    if tc.progress and main:
         from tqdm import tqdm
         progress = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     t_start, window_t, window_samples = time.time(), time.time(), 0
     last = {}
     try:
-        while step < tc.steps and stop["signal"] is None:
-            batch = next(batches)
-            batches_done += 1
-            skipped.update(batch["skipped"])
-            if batch["images"].shape[0] < 2:  # contrastive learning needs at least two pairs
+        while step < tc.steps and not _agreed_stop(stop["signal"] is not None, world, device):
+            micro = []
+            for _ in range(tc.accum_steps):
+                batch = next(batches)
+                batches_done += 1
+                skipped.update(batch["skipped"])
+                micro.append((batch["images"].to(device, dtype=input_dtype, non_blocking=True),
+                              batch["tokens"].to(device, non_blocking=True)))
+            rows = sum(images.shape[0] for images, _ in micro)
+            if global_sum(rows, world, device) < 2:  # contrastive learning needs at least two pairs
                 continue
-            images = batch["images"].to(device, non_blocking=True)
-            tokens = batch["tokens"].to(device, non_blocking=True)
-            with autocast(device, tc.precision):
-                out = model(images, tokens)
-                losses = loss_fn(out, tokens)
-            optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(losses["loss"]):
+            engine.zero_grad()
+            if tc.accum_steps == 1:
+                with autocast(device, precision):
+                    out = engine.forward(*micro[0])
+                    losses = loss_fn(out, micro[0][1])
+                finite = global_sum(0 if torch.isfinite(losses["loss"]) else 1, world, device) == 0
+                if finite:
+                    engine.backward(losses["loss"])
+            else:
+                losses = grad_cache_step(engine, micro, loss_fn, lambda: autocast(device, precision))
+                out = losses.pop("_out")
+                finite = global_sum(0 if torch.isfinite(losses["loss"]) else 1, world, device) == 0
+            if not finite:
                 nonfinite += 1
                 if nonfinite >= MAX_NONFINITE_IN_A_ROW:
                     raise FloatingPointError(f"{nonfinite} non-finite losses in a row at step {step}; "
                                              "lower optim.lr or check the data")
+                engine.zero_grad()
                 continue
             nonfinite = 0
-            losses["loss"].backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                         if cfg.optim.grad_clip > 0 else None)
-            optimizer.step()
-            scheduler.step()
+            grad_norm = engine.step(tc.accum_steps, cfg.optim.grad_clip)
             step += 1
-            window_samples += images.shape[0]
+            window_samples += rows
 
             if step % tc.log_every == 0 or step == tc.steps:
+                # each rank holds its share of the global loss; their mean is the global-batch loss
+                shares = {k: global_sum(losses[k].item(), world, device) / world.world_size
+                          for k in ("loss", "contrastive_loss", "caption_loss")}
+                samples = global_sum(window_samples, world, device)
                 now = time.time()
-                record = {"step": step, "loss": losses["loss"].item(),
-                          "contrastive_loss": losses["contrastive_loss"].item(),
-                          "caption_loss": losses["caption_loss"].item(),
-                          "lr": scheduler.get_last_lr()[0], "logit_scale": out["logit_scale"].item(),
-                          "grad_norm": None if grad_norm is None else grad_norm.item(),
-                          "samples_per_s": window_samples / max(now - window_t, 1e-9),
+                record = {"step": step, **shares, "lr": engine.last_lr(), "logit_scale": out["logit_scale"].item(),
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "samples_per_s": samples / max(now - window_t, 1e-9),
                           "skipped": dict(skipped), "elapsed_s": now - t_start}
-                metrics.write(record)
-                tb.scalars(record, step)
                 window_t, window_samples = now, 0
                 last = record
+                if main:
+                    metrics.write(record)
+                    tb.scalars(record, step)
                 if progress is not None:
                     postfix = {"loss": f"{record['loss']:.3f}", "samples/s": f"{record['samples_per_s']:.0f}"}
                     if skipped:
@@ -233,15 +301,16 @@ def train(cfg: RunConfig, log=print) -> dict:
                     progress.set_postfix(postfix, refresh=False)
             if progress is not None:
                 progress.update(1)
-            if tc.val_every and val_set and (step % tc.val_every == 0 or step == tc.steps):
-                record = {"step": step, "split": "val", **validate(model, val_set, loss_fn, device, tc.precision)}
+            if val_set and (step % tc.val_every == 0 or step == tc.steps):
+                record = {"step": step, "split": "val",
+                          **validate(model, val_set, val_loss_fn, device, precision, input_dtype)}
                 metrics.write(record)
                 tb.scalars(record, step)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 checkpoint()
-        if stop["signal"] is not None:
+        if stop["signal"] is not None or (step < tc.steps):
             path = checkpoint()
-            log(f"stopped by signal {stop['signal']} at step {step}; checkpoint {path}")
+            say(f"stopped by signal at step {step}; checkpoint {path}")
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if progress is not None:
@@ -251,8 +320,22 @@ def train(cfg: RunConfig, log=print) -> dict:
     summary = {"run_dir": str(run_dir), "step": step, "finished": step >= tc.steps,
                "skipped": dict(skipped), "last": last}
     if step >= tc.steps:
-        model.eval()
-        summary["model_dir"] = str(model.save_pretrained(run_dir / "model", tokenizer=tokenizer))
+        model_dir = run_dir / "model"
+        if engine.kind == "deepspeed":
+            if main:
+                consolidated_model(latest_checkpoint(ckpt_root), cfg.model).save_pretrained(model_dir, tokenizer=tokenizer)
+        elif main:
+            model.eval()
+            model.save_pretrained(model_dir, tokenizer=tokenizer)
+        _barrier(world)
+        summary["model_dir"] = str(model_dir)
     if skipped:
-        log(f"skipped samples by reason: {dict(skipped)}")
+        say(f"skipped samples by reason: {dict(skipped)}")
+    if tc.engine != "single":
+        shutdown(world)
     return summary
+
+
+def _agreed_stop(local_stop: bool, world: World, device) -> bool:
+    """A SIGTERM seen by any rank stops every rank at the same step."""
+    return global_sum(1 if local_stop else 0, world, device) > 0

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# System packages the tests use, installed with apt-get when missing (and apt-get can run):
+#   java      (default-jre-headless)  COCO captioning scorers: PTB tokenizer, METEOR, SPICE
+#   g++, ninja (g++, ninja-build)     DeepSpeed compiles a small C++ communication op on first use
+# Without them the affected metrics report themselves unavailable / the DeepSpeed tests fail with
+# the compiler error, so say so here.
+set -u
+need=()
+command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
+command -v g++ >/dev/null 2>&1 || need+=(g++)
+command -v ninja >/dev/null 2>&1 || need+=(ninja-build)
+[ ${#need[@]} -eq 0 ] && exit 0
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
+fi
+if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+  echo "installing ${need[*]} with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO mkdir -p /usr/share/man/man1  # openjdk's post-install script needs it on slim images
+  if $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null 2>&1 \
+     || { $SUDO apt-get update -q >/dev/null 2>&1 \
+          && $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null 2>&1; }; then
+    exit 0
+  fi
+fi
+echo "warning: could not install ${need[*]} (no apt-get or no root); Java metrics will be unavailable" \
+     "and the DeepSpeed tests need a C++ compiler and ninja" >&2
+exit 0

@@ -1,0 +1,124 @@
+"""`coca plan`: per-GPU memory, FLOPs and time of a run before it is launched.
+
+Memory per GPU under DeepSpeed ZeRO-2 with BF16 (DeepSpeed's bf16 mode: bf16 weights, fp32 master
+weights and Adam moments in the optimiser, partitioned over the data-parallel ranks; fp32
+gradient accumulation, partitioned):
+
+    parameters            2 bytes x P                       (bf16, replicated)
+    gradients             2 bytes x P  +  4 bytes x P / N   (bf16 gradients of the backward pass;
+                                                             the fp32 accumulated partition)
+    optimiser states     12 bytes x P / N                   (fp32 master, Adam m and v)
+    activations           measured: the bytes autograd saves for backward in one forward pass at
+                          the micro-batch, run on the meta device (no memory, no compute), with
+                          and without per-block activation checkpointing. On the meta device
+                          attention takes PyTorch's math path, which keeps the attention
+                          probabilities (~14% of coca-large-v2's activations) that flash
+                          attention on a GPU does not: an upper bound by that much
+
+FLOPs come from ``torch.utils.flop_counter`` on the same meta forward pass: a training step is
+3x the forward FLOPs (4x with checkpointing, which recomputes the forward; MFU counts 3x).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import RunConfig
+
+GIB = 1024 ** 3
+
+
+def saved_activation_bytes(model_cfg, micro_batch: int, text_len: int, checkpointing: bool) -> int:
+    """Bytes autograd keeps for backward after one bf16 forward + loss at ``micro_batch``."""
+    from .losses import CoCaLoss
+    from .models.coca import CoCa
+    with torch.device("meta"):
+        model = CoCa(model_cfg).to(torch.bfloat16).train()
+    model.set_grad_checkpointing(checkpointing)
+    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    s = model_cfg.vision.image_size
+    images = torch.empty(micro_batch, 3, s, s, device="meta", dtype=torch.bfloat16)
+    tokens = torch.ones(micro_batch, text_len, device="meta", dtype=torch.long)
+    saved: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in param_storages:
+            saved[storage._cdata] = (storage.nbytes(), t)  # keeps t alive, so ids are not reused
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        CoCaLoss(1.0, 1.0, model_cfg.text.pad_id)(model(images, tokens), tokens)["loss"]
+    return sum(n for n, _ in saved.values())
+
+
+def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, mfu: float,
+         samples: float | None = None) -> dict:
+    from .models.coca import create_model
+    from .summary import forward_flops, parameter_counts
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    if peak_tflops <= 0 or gpu_memory_gib <= 0:
+        raise ValueError("--peak-tflops and --gpu-memory must be > 0")
+    micro, accum = cfg.data.batch_size, cfg.train.accum_steps
+    global_batch = micro * accum * gpus
+    model = create_model(cfg.model, device="meta")
+    P = parameter_counts(model)["total"]
+    text_len = cfg.model.text.context_length
+    flops = forward_flops(model, batch=1)
+    fwd_flops_sample = flops["total"]
+    # GradCache's first pass (accum_steps > 1): image and text encoders once more, without a graph
+    grad_cache_sample = (flops["total"] - flops["text decoder (T5)"]) if accum > 1 else 0.0
+    mem = {
+        "parameters (bf16)": 2 * P,
+        "gradients (bf16 + fp32 partition)": 2 * P + 4 * P / gpus,
+        "optimiser states (fp32 master, Adam m, v; partition)": 12 * P / gpus,
+    }
+    act = {ckpt: saved_activation_bytes(cfg.model, micro, text_len, ckpt) for ckpt in (False, True)}
+    static = sum(mem.values())
+    steps = cfg.train.steps if samples is None else max(1, round(samples / global_batch))
+    samples = steps * global_batch
+    step_flops = 3 * fwd_flops_sample * global_batch
+    extra_flops = grad_cache_sample * global_batch
+    step_time = (step_flops + extra_flops) / (gpus * peak_tflops * 1e12 * mfu)
+    return {
+        "params": P, "gpus": gpus, "micro_batch": micro, "accum_steps": accum, "global_batch": global_batch,
+        "memory_bytes": mem, "activations_bytes": act[False], "activations_checkpointed_bytes": act[True],
+        "total_bytes": static + act[False], "total_checkpointed_bytes": static + act[True],
+        "gpu_memory_bytes": gpu_memory_gib * GIB,
+        "forward_flops_per_sample": fwd_flops_sample, "train_flops_per_step": step_flops,
+        "grad_cache_flops_per_step": extra_flops,
+        "mfu": mfu, "peak_tflops": peak_tflops, "step_time_s": step_time, "steps": steps, "samples": samples,
+        "gpu_hours": step_time * steps * gpus / 3600, "wall_days": step_time * steps / 86400,
+    }
+
+
+def format_plan(p: dict) -> str:
+    g = lambda b: f"{b / GIB:8.1f} GiB"  # noqa: E731
+    lines = [
+        f"model: {p['params'] / 1e9:.3f}B parameters; {p['gpus']} GPUs x micro-batch {p['micro_batch']} x "
+        f"{p['accum_steps']} accumulation step(s) = global batch {p['global_batch']:,}",
+        "",
+        "memory per GPU (DeepSpeed ZeRO-2, BF16):",
+    ]
+    for name, b in p["memory_bytes"].items():
+        lines.append(f"  {name:<55}{g(b)}")
+    lines.append(f"  {'activations, micro-batch ' + str(p['micro_batch']):<55}{g(p['activations_bytes'])}")
+    lines.append(f"  {'activations with per-block checkpointing':<55}{g(p['activations_checkpointed_bytes'])}")
+    cap = p["gpu_memory_bytes"]
+    for label, key in (("total", "total_bytes"), ("total with checkpointing", "total_checkpointed_bytes")):
+        fits = "fits" if p[key] <= 0.9 * cap else "does NOT fit"
+        lines.append(f"  {label:<55}{g(p[key])}   {fits} in {cap / GIB:.0f} GiB (with 10% headroom)")
+    lines += [
+        "",
+        f"compute: {p['forward_flops_per_sample'] / 1e9:.1f} GFLOPs forward per sample; "
+        f"{p['train_flops_per_step'] / 1e15:.2f} PFLOPs per training step (3x forward)"
+        + (f" + {p['grad_cache_flops_per_step'] / 1e15:.2f} PFLOPs for GradCache's encoder pass"
+           if p["grad_cache_flops_per_step"] else ""),
+        f"at {p['mfu']:.0%} MFU of {p['peak_tflops']:.0f} TFLOPS per GPU: {p['step_time_s']:.2f} s per step; "
+        f"{p['steps']:,} steps = {p['samples'] / 1e9:.2f}B samples seen -> {p['gpu_hours']:,.0f} GPU-hours, "
+        f"{p['wall_days']:.1f} days on {p['gpus']} GPUs",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""Distributed training on CPU over gloo, 2 processes: the loss and the parameter update of one
+step equal the single-process ones on the same global batch (DDP and DeepSpeed ZeRO-2, with and
+without GradCache accumulation, with equal and unequal rows per rank)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from dist_common import single_process_step  # noqa: E402
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(engine: str, accum: int, split: str, out: Path, world_size: int = 2) -> dict:
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), engine, str(accum), split, str(out)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for p in procs:
+        output = p.communicate(timeout=300)[0].decode(errors="replace")
+        assert p.returncode == 0, output[-4000:]
+    return torch.load(out, weights_only=True)
+
+
+def check_matches_single_process(result: dict) -> None:
+    ref_losses, ref_params = single_process_step()
+    for k, v in ref_losses.items():
+        assert result[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    moved = 0
+    for name, ref in ref_params.items():
+        torch.testing.assert_close(result["params"][name], ref, rtol=1e-4, atol=2e-6, msg=name)
+        moved += int(not torch.equal(ref, single_process_initial()[name]))
+    assert moved > 10  # the step really changed the weights
+
+
+_initial = {}
+
+
+def single_process_initial():
+    if not _initial:
+        from dist_common import build
+        _initial.update(build()[0].state_dict())
+    return _initial
+
+
+@pytest.mark.parametrize("accum, split", [(1, "4,4"), (1, "5,3"), (2, "4,4")])
+def test_ddp_step_equals_single_process(tmp_path, accum, split):
+    check_matches_single_process(launch("ddp", accum, split, tmp_path / "out.pt"))
+
+
+@pytest.mark.parametrize("accum, split", [(1, "4,4"), (2, "4,4")])
+def test_deepspeed_zero2_step_equals_single_process(tmp_path, accum, split):
+    pytest.importorskip("deepspeed")
+    check_matches_single_process(launch("deepspeed", accum, split, tmp_path / "out.pt"))
+
+
+def test_grad_cache_in_one_process_equals_the_whole_batch(tmp_path):
+    """Four micro-batches of two in one process give the step of the batch of eight."""
+    from contextlib import nullcontext
+
+    from dist_common import build, global_batch, run_config
+
+    from coca.train.distributed import Engine, GlobalCoCaLoss, World, grad_cache_step
+    model, optimizer, scheduler = build()
+    images, tokens = global_batch()
+    engine = Engine("single", model, optimizer, scheduler, World(), run_config(2, 4), torch.device("cpu"))
+    engine.zero_grad()
+    losses = grad_cache_step(engine, list(zip(images.chunk(4), tokens.chunk(4))), GlobalCoCaLoss(1.0, 1.0, 0, World()),
+                             nullcontext)
+    engine.step(4, 0.0)
+    check_matches_single_process({**{k: losses[k].item() for k in ("loss", "contrastive_loss", "caption_loss")},
+                                  "params": model.state_dict()})
+
+
+# ------------------------------------------------------------------- `coca train` under torchrun
+
+TRAIN = ["model.text.vocab_size=64", "data.tokenizer_vocab_size=64", "data.tokenizer_model_type=bpe",
+         "data.tokenizer_train_captions=2000", "data.batch_size=8", "data.workers=0", "train.progress=false",
+         "train.log_every=1", "train.tensorboard=false", "train.threads=1", "train.precision=fp32",
+         "train.val_every=0", "train.steps=8", "train.checkpoint_every=3", "optim.lr=1e-3"]
+
+
+def torchrun(run_dir: Path, *extra: str) -> subprocess.Popen:
+    overrides = TRAIN + [f"train.run_dir={run_dir}", *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "coca.cli", "train"] + sum((["--set", o] for o in overrides), [])
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    import json
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in rows if r.get("split") != "val"}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_train_command_resumes_after_sigkill_on_two_ranks(tmp_path, engine):
+    """`coca train` on 2 ranks, killed (SIGKILL, whole process group) after its step-3 checkpoint and
+    started again, logs the same losses as an uninterrupted run and writes one consolidated model."""
+    import signal
+    import time
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+    extra = [f"train.engine={engine}", "train.accum_steps=2"]
+    full = torchrun(tmp_path / "full", *extra)
+    out = full.communicate(timeout=300)[0].decode(errors="replace")
+    assert full.returncode == 0, out[-3000:]
+    reference = losses_by_step(tmp_path / "full")
+    assert sorted(reference) == list(range(1, 9))
+
+    run_dir = tmp_path / "killed"
+    proc = torchrun(run_dir, *extra)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(losses_by_step(run_dir), default=0) >= 4:
+            break
+        assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "model").exists()  # killed mid-run, not after it finished
+    resumed = torchrun(run_dir, *extra)
+    out = resumed.communicate(timeout=300)[0].decode(errors="replace")
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    assert (run_dir / "deepspeed_config.json").is_file() == (engine == "deepspeed")
+    got = losses_by_step(run_dir)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    import coca
+    model = coca.load(run_dir / "model")
+    assert model.tokenizer is not None
+    reference_model = coca.load(tmp_path / "full" / "model")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference_model.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_deepspeed_config_from_the_run_config(tmp_path):
+    import json
+
+    from coca.config import ConfigError, load_run_config
+    from coca.train.distributed import World, deepspeed_config
+    cfg = load_run_config("configs/coca-large-v2.yaml", ["optim.grad_clip=0.5", "train.accum_steps=8"])
+    ds = deepspeed_config(cfg, World(0, 8, 0))
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"] == {"enabled": True}
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["gradient_clipping"] == 0.5
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
+        (256, 8, 16384)
+    assert "optimizer" not in ds  # our torch AdamW is passed in: no DeepSpeed-built optimiser
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 999}))
+    with pytest.raises(ConfigError, match="train_batch_size=999 disagrees"):
+        deepspeed_config(cfg, World(0, 8, 0), str(own))
+    own.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert deepspeed_config(cfg, World(0, 8, 0), str(own))["train_batch_size"] == 16384
+    with pytest.raises(ConfigError, match="train.engine"):
+        load_run_config(None, ["train.engine=horovod"])
+
+
+def test_plan_for_the_described_run(capsys):
+    from coca.cli import main
+    from coca.config import load_run_config
+    from coca.plan import plan
+    assert main(["plan", "--config", "configs/coca-large-v2.yaml", "--gpus", "64", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "global batch 16,384" in out and "GPU-hours" in out and "fits in 80 GiB" in out
+    p = plan(load_run_config("configs/coca-large-v2.yaml"), 64, 80, 312, 0.5)
+    P = p["params"]
+    assert P == 1_096_310_785
+    assert p["memory_bytes"]["optimiser states (fp32 master, Adam m, v; partition)"] == pytest.approx(12 * P / 64)
+    assert p["activations_checkpointed_bytes"] < p["activations_bytes"] / 5
+    assert p["train_flops_per_step"] == pytest.approx(3 * p["forward_flops_per_sample"] * 16384)
+    assert p["gpu_hours"] == pytest.approx(p["step_time_s"] * p["steps"] * 64 / 3600)
+    assert p["samples"] == 250_000 * 16384
+    assert main(["plan", "--config", "configs/coca-large-v2.yaml", "--mfu", "0"]) == 2
