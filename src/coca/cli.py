@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -100,6 +101,8 @@ def cmd_train(args) -> int:
     from .train import train
     cfg = load_run_config(args.config, args.set)
     summary = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # one summary line per launch, not per rank
+        return 0
     state = "finished" if summary["finished"] else "stopped"
     print(f"{state} at step {summary['step']}; run directory {summary['run_dir']}"
           + (f"; model {summary['model_dir']}" if "model_dir" in summary else ""))
