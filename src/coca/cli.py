@@ -228,6 +228,16 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from .prepare.config import load_prepare_config
+    from .prepare.pipeline import run_prepare
+    cfg = load_prepare_config(args.config, args.set)
+    stats = run_prepare(args.input, args.output, cfg)
+    print(f"wrote {stats['shards']} shards ({stats['output_samples']} samples) to {args.output}; "
+          f"stats.json and rejects.parquet ({sum(stats['rejected_by_reason'].values())} rejected) beside them")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     p = argparse.ArgumentParser(prog="coca", description="CoCa-Large-v2: contrastive captioning (ViT + T5).")
@@ -308,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--max-new-tokens", type=int, default=30)
             e.add_argument("--no-spice", action="store_true", help="skip SPICE (slow; needs Java + CoreNLP)")
         e.set_defaults(fn=fn)
+
+    s = sub.add_parser("data", help="data preparation")
+    dsub = s.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("prepare", help="filter, deduplicate and shard raw image-text pairs into webdataset shards")
+    d.add_argument("--input", nargs="+", required=True,
+                   help="tar shards (brace patterns allowed), directories of them, or CSV/TSV/Parquet files")
+    d.add_argument("--output", required=True, help="output directory (rerun the same command to resume)")
+    d.add_argument("--config", help="prepare config YAML (configs/prepare.yaml documents every key)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set filters.min_side=128 --set engine=ray")
+    d.set_defaults(fn=cmd_data_prepare)
 
     s = sub.add_parser("synthetic", help="write held-out synthetic scenes as an image folder and a COCO captions file")
     s.add_argument("--out", required=True)

@@ -417,8 +417,8 @@ def run_config_from_dict(data: dict) -> RunConfig:
     return cfg
 
 
-def load_run_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or start from defaults) and apply ``--set key=value`` overrides."""
+def read_config_data(path: str | None, overrides: list[str] | None) -> dict:
+    """The mapping in a YAML file (or {} without one) with ``--set key=value`` overrides merged in."""
     import yaml
     data: dict = {}
     if path:
@@ -434,6 +434,12 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
             raise ConfigError(f"{path}: expected a mapping at the top level")
     if overrides:
         data = _deep_merge(data, parse_overrides(overrides))
+    return data
+
+
+def load_run_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or start from defaults) and apply ``--set key=value`` overrides."""
+    data = read_config_data(path, overrides)
     try:
         return run_config_from_dict(data)
     except ConfigError as e:

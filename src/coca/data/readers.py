@@ -418,45 +418,49 @@ class WebDatasetSource:
         return image if isinstance(image, Skipped) else (group.key, image, caption)
 
     def _read_shard(self, shard: str) -> Iterator[_Group | Skipped]:
-        """Stream one tar and yield its samples as raw ``_Group``s.
+        return read_tar_groups(shard)
 
-        On a corrupt or truncated tar, exactly one ``Skipped("corrupt_tar_member")`` is yielded,
-        for the member being read, and the rest of the shard is given up: the stream cannot be
-        resynchronised. Samples completed before that point still come through. Note that
-        ``tarfile`` itself treats a garbled header after the first one as the end of the archive,
-        so such a shard just ends early without a skip.
-        """
-        pending: _Group | None = None
-        member_key = None
-        try:
-            with tarfile.open(shard, mode="r|*") as tf:
-                while True:
-                    member_key = None  # an error from here on is in a header: member unknown
-                    member = tf.next()
-                    if member is None:
-                        break
-                    tf.members = []  # streaming mode keeps every header read: do not let that grow
-                    if not member.isfile():
-                        continue
-                    member_key, ext = _split_member_name(member.name)
-                    f = tf.extractfile(member)
-                    data = f.read() if f is not None else b""
-                    if pending is not None and pending.key != member_key:
-                        yield pending
-                        pending = None
-                    if pending is None:
-                        pending = _Group(member_key)
-                    pending.add(ext, data)
-        except _TAR_ERRORS:
-            # Blame the member being read; for a bad header, the open sample if it is still
-            # incomplete (its next member is the likely victim), else the shard itself.
-            if member_key is not None:
-                key = member_key
-            else:
-                key = pending.key if pending is not None and not pending.complete else shard
-            if pending is not None and (pending.key != key or pending.complete):
-                yield pending  # finished before the corruption: keep it
-            yield Skipped("corrupt_tar_member", key)
-            return
-        if pending is not None:
-            yield pending
+
+def read_tar_groups(shard: str) -> Iterator[_Group | Skipped]:
+    """Stream one tar and yield its samples as raw groups (``key``, ``image``, ``caption`` bytes).
+
+    On a corrupt or truncated tar, exactly one ``Skipped("corrupt_tar_member")`` is yielded,
+    for the member being read, and the rest of the shard is given up: the stream cannot be
+    resynchronised. Samples completed before that point still come through. Note that
+    ``tarfile`` itself treats a garbled header after the first one as the end of the archive,
+    so such a shard just ends early without a skip.
+    """
+    pending: _Group | None = None
+    member_key = None
+    try:
+        with tarfile.open(shard, mode="r|*") as tf:
+            while True:
+                member_key = None  # an error from here on is in a header: member unknown
+                member = tf.next()
+                if member is None:
+                    break
+                tf.members = []  # streaming mode keeps every header read: do not let that grow
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_member_name(member.name)
+                f = tf.extractfile(member)
+                data = f.read() if f is not None else b""
+                if pending is not None and pending.key != member_key:
+                    yield pending
+                    pending = None
+                if pending is None:
+                    pending = _Group(member_key)
+                pending.add(ext, data)
+    except _TAR_ERRORS:
+        # Blame the member being read; for a bad header, the open sample if it is still
+        # incomplete (its next member is the likely victim), else the shard itself.
+        if member_key is not None:
+            key = member_key
+        else:
+            key = pending.key if pending is not None and not pending.complete else shard
+        if pending is not None and (pending.key != key or pending.complete):
+            yield pending  # finished before the corruption: keep it
+        yield Skipped("corrupt_tar_member", key)
+        return
+    if pending is not None:
+        yield pending

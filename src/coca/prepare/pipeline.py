@@ -1,0 +1,449 @@
+"""`coca data prepare`: raw image-text pairs -> filtered, deduplicated, shuffled webdataset shards.
+
+Three stages, each made of tasks whose completion is a rename, so a rerun after a crash redoes
+only unfinished tasks and the output never holds a half-written shard:
+
+1. filter (one task per input tar shard, or per ``rows_per_task`` rows of a CSV/Parquet file), in
+   parallel: decode, filter, hash; accepted samples go to ``OUT/_work/filter/task_N/samples.tar``
+   with their hashes in ``meta.parquet``; rejected ones to ``rejects.parquet`` with the reason.
+2. dedup (one process, over the hashes only): exact and near-duplicate images (and optionally
+   captions) grouped; the first sample of each group in input order is kept, the others are
+   recorded with the id they duplicate (``OUT/_work/dedup.parquet``).
+3. shard (one task per output shard), in parallel: the kept samples in a seeded global shuffle,
+   ``samples_per_shard`` per ``OUT/NNNNNN.tar`` (``{key}.jpg``, ``{key}.txt``, ``{key}.json``).
+
+Then ``OUT/rejects.parquet`` (every rejected sample with its reason: nothing is dropped without a
+record) and ``OUT/stats.json`` (counts in and out by reason).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..config import ConfigError
+from ..data.readers import expand_braces, read_tar_groups
+from ..data.samples import Skipped
+from ..io import _fsync_dir, atomic_write_bytes, atomic_write_text
+from .config import PrepareConfig
+from .filters import process_sample
+from .hashing import (
+    UnionFind,
+    candidate_pairs,
+    jaccard_estimate,
+    minhash_bands,
+    near_pairs,
+)
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+REJECT_COLUMNS = ("uid", "key", "source", "reason", "duplicate_of")
+
+
+@dataclass(frozen=True)
+class Task:
+    index: int
+    path: str
+    start: int = 0   # table rows [start, stop); tar tasks read the whole shard
+    stop: int = -1
+
+    @property
+    def is_tar(self) -> bool:
+        return ".tar" in Path(self.path).name
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+def list_tasks(inputs: list[str], cfg: PrepareConfig) -> list[Task]:
+    paths: list[str] = []
+    for pattern in inputs:
+        for p in expand_braces(pattern):
+            path = Path(p)
+            if path.is_dir():
+                found = sorted(str(x) for x in path.iterdir() if x.name.endswith((".tar", ".tar.gz")))
+                if not found:
+                    raise FileNotFoundError(f"input directory {p!r} has no .tar shards")
+                paths += found
+            elif path.is_file():
+                paths.append(str(path))
+            else:
+                raise FileNotFoundError(f"input {p!r} not found")
+    tasks: list[Task] = []
+    for p in paths:
+        name = Path(p).name.lower()
+        if ".tar" in name:
+            tasks.append(Task(len(tasks), p))
+        elif name.endswith(TABLE_SUFFIXES):
+            n = len(_read_table(p, cfg.image_column, cfg.caption_column))
+            for start in range(0, n, cfg.rows_per_task):
+                tasks.append(Task(len(tasks), p, start, min(n, start + cfg.rows_per_task)))
+        else:
+            raise ValueError(f"input {p!r}: expected .tar shards, a directory of them, or .csv/.tsv/.parquet")
+    if not tasks:
+        raise ValueError("no input samples")
+    return tasks
+
+
+@functools.lru_cache(maxsize=4)
+def _read_table(path: str, image_column: str, caption_column: str) -> list[tuple[str | None, object]]:
+    """(image path, raw caption) rows of a CSV/TSV/Parquet file, with the configured columns."""
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        cols = table.column_names
+        rows = table.to_pylist()
+    else:
+        text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.lower().endswith(".tsv") else ",")
+        cols = reader.fieldnames or []
+        rows = list(reader)
+    for col in (image_column, caption_column):
+        if col not in cols:
+            raise ValueError(f"{path}: no column {col!r} (columns: {list(cols)}); set image_column / caption_column")
+
+    def caption(v):  # undecodable CSV bytes were kept as surrogates: give them back as bytes
+        return v.encode("utf-8", errors="surrogateescape") if isinstance(v, str) and _has_surrogates(v) else v
+    return [(r[image_column] or None, caption(r[caption_column])) for r in rows]
+
+
+def _has_surrogates(s: str) -> bool:
+    return any(0xDC80 <= ord(c) <= 0xDCFF for c in s)
+
+
+def read_task(task: Task, cfg: PrepareConfig):
+    """Yield (key, source, image bytes or None, raw caption or None), or Skipped for corrupt members."""
+    if task.is_tar:
+        for group in read_tar_groups(task.path):
+            if isinstance(group, Skipped):
+                yield group
+            else:
+                yield group.key, f"{task.path}:{group.key}", group.image, group.caption
+        return
+    rows = _read_table(task.path, cfg.image_column, cfg.caption_column)
+    root = Path(cfg.image_root) if cfg.image_root else Path(task.path).parent
+    for i in range(task.start, task.stop):
+        image_path, caption = rows[i]
+        data = None
+        if image_path:
+            try:
+                data = (root / image_path).read_bytes()
+            except OSError:
+                data = None
+        yield str(i), f"{task.path}:{i}:{image_path}", data, caption
+
+
+# ----------------------------------------------------------------------------- stage 1: filter
+
+def filter_task(task: Task, cfg: PrepareConfig, work: str) -> dict:
+    """Filter and hash one input task into ``work/filter/task_N`` (skipped if already done)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    final = Path(work) / "filter" / f"task_{task.index:06d}"
+    if final.is_dir():
+        return json.loads((final / "counts.json").read_text())
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta, rejects, counts = [], [], Counter()
+    keep_images = bool(cfg.filters.similarity_model)
+    with tarfile.open(tmp / "samples.tar", "w") as tf:
+        for n, item in enumerate(read_task(task, cfg)):
+            counts["input"] += 1
+            uid = f"{task.index:06d}{n:07d}"
+            if isinstance(item, Skipped):
+                rejects.append({"uid": uid, "key": item.key, "source": task.path, "reason": item.reason,
+                                "duplicate_of": None})
+                continue
+            key, source, image_bytes, caption_raw = item
+            reason, rec = process_sample(image_bytes, caption_raw, cfg.filters, key, cfg.jpeg_quality)
+            if reason:
+                rejects.append({"uid": uid, "key": key, "source": source, "reason": reason, "duplicate_of": None})
+                continue
+            row = {"uid": uid, "key": key, "source": source, "width": rec["width"], "height": rec["height"],
+                   "caption": rec["caption"], "pixel_sha1": rec["pixel_sha1"],
+                   "phash": [_signed(h) for h in rec["phash"]],  # stored as int64
+                   "caption_sha1": rec["caption_sha1"], "minhash": rec["minhash"]}
+            if keep_images:  # the similarity filter runs batched at the end of the task
+                row.update(_image=rec["_image"], _jpeg=rec["jpeg"])
+            else:
+                _add_member(tf, f"{uid}.jpg", rec["jpeg"])
+            meta.append(row)
+        if keep_images:
+            meta = _similarity_filter(meta, rejects, cfg)
+            for row in meta:
+                _add_member(tf, f"{row['uid']}.jpg", row.pop("_jpeg"))
+                del row["_image"]
+    counts["accepted"] = len(meta)
+    counts.update(f"rejected:{r['reason']}" for r in rejects)
+    pq.write_table(pa.Table.from_pylist(meta, schema=_META_SCHEMA()), tmp / "meta.parquet")
+    pq.write_table(pa.Table.from_pylist(rejects, schema=_REJECT_SCHEMA()), tmp / "rejects.parquet")
+    (tmp / "counts.json").write_text(json.dumps(dict(counts)))
+    _fsync_tree(tmp)
+    os.replace(tmp, final)  # the task is done exactly when this directory exists
+    _fsync_dir(final.parent)
+    return dict(counts)
+
+
+def _META_SCHEMA():
+    import pyarrow as pa
+    return pa.schema([("uid", pa.string()), ("key", pa.string()), ("source", pa.string()), ("width", pa.int32()),
+                      ("height", pa.int32()), ("caption", pa.string()), ("pixel_sha1", pa.string()),
+                      ("phash", pa.list_(pa.int64())), ("caption_sha1", pa.string()), ("minhash", pa.list_(pa.uint32()))])
+
+
+def _REJECT_SCHEMA():
+    import pyarrow as pa
+    return pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
+
+
+_similarity_models: dict = {}
+
+
+def _similarity_filter(meta: list[dict], rejects: list[dict], cfg: PrepareConfig) -> list[dict]:
+    """Reject pairs whose image-text cosine under a coca model is below the threshold."""
+    import torch
+
+    from ..data.transforms import eval_transform
+    from ..evaluate.common import load_model
+    path = cfg.filters.similarity_model
+    if path not in _similarity_models:  # once per worker process
+        _similarity_models[path] = load_model(path)
+    model = _similarity_models[path]
+    transform = eval_transform(model.cfg.vision.image_size)
+    kept = []
+    with torch.no_grad():
+        for start in range(0, len(meta), 64):
+            chunk = meta[start:start + 64]
+            images = torch.stack([transform(r["_image"]) for r in chunk])
+            sims = (model.encode_image(images) * model.encode_text(model.tokenizer.encode([r["caption"] for r in chunk]))
+                    ).sum(-1).tolist()
+            for row, sim in zip(chunk, sims):
+                if sim < cfg.filters.similarity_threshold:
+                    rejects.append({"uid": row["uid"], "key": row["key"], "source": row["source"],
+                                    "reason": "low_similarity", "duplicate_of": None})
+                else:
+                    kept.append(row)
+    return kept
+
+
+def _signed(h: int) -> int:
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
+def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # identical input gives identical bytes
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------ stage 2: dedup
+
+def find_duplicates(meta, cfg: PrepareConfig) -> tuple[list[int | None], list[str | None]]:
+    """For rows in input order: (index of the kept row each duplicate belongs to, or None; reason)."""
+    d = cfg.dedup
+    n = len(meta["uid"])
+    uf = UnionFind(n)
+    if d.exact_images:
+        first: dict[str, int] = {}
+        for i, h in enumerate(meta["pixel_sha1"]):
+            if h in first:
+                uf.union(first[h], i, "duplicate_exact")
+            else:
+                first[h] = i
+    if d.near_images and n:
+        hashes = np.asarray(meta["phash"], dtype=np.int64).view(np.uint64)  # stored as signed int64
+        for i, j in zip(*near_pairs(hashes, d.phash_max_distance)[:2]):
+            uf.union(int(i), int(j), "duplicate_near_image")
+    if d.captions:
+        first = {}
+        for i, h in enumerate(meta["caption_sha1"]):
+            if h in first:
+                uf.union(first[h], i, "duplicate_caption")
+            else:
+                first[h] = i
+        sigs = [np.asarray(m, dtype=np.uint32) for m in meta["minhash"]]
+        keys = ((i, band) for i, s in enumerate(sigs) for band in minhash_bands(s))
+        for i, j in candidate_pairs(keys):
+            if uf.find(i) != uf.find(j) and jaccard_estimate(sigs[i], sigs[j]) >= d.caption_jaccard:
+                uf.union(i, j, "duplicate_caption")
+    rep = [uf.find(i) for i in range(n)]
+    return ([r if r != i else None for i, r in enumerate(rep)],
+            [uf.reason.get(i) if rep[i] != i else None for i in range(n)])
+
+
+def dedup_stage(work: Path, tasks: list[Task], cfg: PrepareConfig, log) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    out = work / "dedup.parquet"
+    if out.is_file():
+        return out
+    t0 = time.time()
+    columns = ["uid", "key", "source", "pixel_sha1", "phash"] + (["caption_sha1", "minhash"] if cfg.dedup.captions else [])
+    tables = [pq.read_table(work / "filter" / f"task_{t.index:06d}" / "meta.parquet", columns=columns) for t in tasks]
+    meta = pa.concat_tables(tables).to_pydict() if tables else {c: [] for c in columns}
+    dup_of, reasons = find_duplicates(meta, cfg)
+    rows = {"uid": meta["uid"], "key": meta["key"], "source": meta["source"],
+            "duplicate_of": [None if d is None else meta["uid"][d] for d in dup_of], "reason": reasons}
+    buf = io.BytesIO()
+    pq.write_table(pa.table(rows, schema=pa.schema([(c, pa.string()) for c in rows])), buf)
+    atomic_write_bytes(out, buf.getvalue())
+    log(f"dedup: {sum(d is not None for d in dup_of)} duplicates among {len(dup_of)} samples "
+        f"({time.time() - t0:.1f}s)")
+    return out
+
+
+# ------------------------------------------------------------------------------ stage 3: shard
+
+def shard_task(job: tuple[int, list[str]], work: str, out: str) -> int:
+    """Write output shard ``job[0]`` with the samples ``job[1]`` (uids), in that order."""
+    import pyarrow.parquet as pq
+    index, uids = job
+    final = Path(out) / f"{index:06d}.tar"
+    if final.is_file():
+        return len(uids)
+    by_task: dict[str, list[str]] = {}
+    for uid in uids:
+        by_task.setdefault(uid[:6], []).append(uid)
+    samples: dict[str, tuple[bytes, dict]] = {}
+    for task_id, members in by_task.items():
+        task_dir = Path(work) / "filter" / f"task_{task_id}"
+        meta = pq.read_table(task_dir / "meta.parquet").to_pylist()
+        rows = {r["uid"]: r for r in meta}
+        wanted = set(members)
+        with tarfile.open(task_dir / "samples.tar") as tf:
+            for member in tf:
+                uid = member.name.split(".")[0]
+                if uid in wanted:
+                    samples[uid] = (tf.extractfile(member).read(), rows[uid])
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    with tarfile.open(tmp, "w") as tf:
+        for uid in uids:
+            jpeg, row = samples[uid]
+            _add_member(tf, f"{uid}.jpg", jpeg)
+            _add_member(tf, f"{uid}.txt", row["caption"].encode())
+            info = {"key": uid, "source": row["source"], "source_key": row["key"], "width": row["width"],
+                    "height": row["height"], "pixel_sha1": row["pixel_sha1"],
+                    "phash": f"{row['phash'][0] & ((1 << 64) - 1):016x}", "caption_sha1": row["caption_sha1"]}
+            _add_member(tf, f"{uid}.json", json.dumps(info).encode())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return len(uids)
+
+
+# ---------------------------------------------------------------------------------- execution
+
+def _call(fn, item):  # a plain function for ray.remote, which does not take partials
+    return fn(item)
+
+
+def parallel_map(fn, items: list, cfg: PrepareConfig, desc: str, log) -> list:
+    """Run ``fn`` over ``items`` on this machine's processes (engine local) or a Ray cluster."""
+    from tqdm import tqdm
+    if not items:
+        return []
+    if cfg.engine == "ray":
+        import ray
+        if not ray.is_initialized():
+            if cfg.ray_address:
+                ray.init(address=cfg.ray_address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=cfg.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        remote = ray.remote(_call)
+        pending = [remote.remote(fn, x) for x in items]
+        order = {ref: i for i, ref in enumerate(pending)}
+        results = [None] * len(items)
+        with tqdm(total=len(items), desc=desc, leave=False) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                results[order[done[0]]] = ray.get(done[0])
+                bar.update(1)
+        return results
+    workers = min(cfg.workers or os.cpu_count() or 1, len(items))
+    if workers == 1:
+        return [fn(x) for x in tqdm(items, desc=desc, leave=False)]
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return list(tqdm(pool.imap(fn, items), total=len(items), desc=desc, leave=False))
+
+
+def _remove_temporaries(out: Path, work: Path) -> None:
+    """Half-written task directories and shards of a crashed run (one driver per output directory)."""
+    for p in [*(work / "filter").glob(".task_*"), *out.glob(".*.tar.tmp*")]:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def run_prepare(inputs: list[str], output: str, cfg: PrepareConfig, log=print) -> dict:
+    """The whole job (resumable: rerun the same command after a crash)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    t0 = time.time()
+    out = Path(output)
+    work = out / "_work"
+    work.mkdir(parents=True, exist_ok=True)
+    config_file = out / "prepare_config.yaml"
+    settings = {"inputs": list(inputs), **cfg.to_dict()}
+    runtime = ("engine", "workers", "ray_address")  # may change between runs of the same job
+    if config_file.is_file():
+        before = yaml.safe_load(config_file.read_text())
+        if {k: v for k, v in before.items() if k not in runtime} != {k: v for k, v in settings.items() if k not in runtime}:
+            raise ConfigError(f"{out} was prepared with other inputs or settings ({config_file}); "
+                              "use a new output directory")
+    else:
+        atomic_write_text(config_file, yaml.safe_dump(settings, sort_keys=False))
+    _remove_temporaries(out, work)
+    tasks = list_tasks(inputs, cfg)
+    done = sum((work / "filter" / f"task_{t.index:06d}").is_dir() for t in tasks)
+    log(f"{len(tasks)} input tasks ({done} already done), engine {cfg.engine}")
+    counts = Counter()
+    for c in parallel_map(functools.partial(filter_task, cfg=cfg, work=str(work)), tasks, cfg, "filter", log):
+        counts.update(c)
+    dedup_file = dedup_stage(work, tasks, cfg, log)
+
+    dedup = pq.read_table(dedup_file).to_pydict()
+    kept = [u for u, d in zip(dedup["uid"], dedup["duplicate_of"]) if d is None]
+    order = np.random.default_rng(cfg.seed).permutation(len(kept))
+    kept = [kept[i] for i in order]
+    jobs = [(i, kept[s:s + cfg.samples_per_shard]) for i, s in enumerate(range(0, len(kept), cfg.samples_per_shard))]
+    written = parallel_map(functools.partial(shard_task, work=str(work), out=str(out)), jobs, cfg, "shard", log)
+
+    # every rejection, with its reason: filter rejects of all tasks, then duplicates
+    tables = [pq.read_table(work / "filter" / f"task_{t.index:06d}" / "rejects.parquet") for t in tasks]
+    dup_rows = [{"uid": u, "key": k, "source": src, "reason": r, "duplicate_of": d}
+                for u, k, src, d, r in zip(dedup["uid"], dedup["key"], dedup["source"], dedup["duplicate_of"],
+                                           dedup["reason"]) if d is not None]
+    rejects = pa.concat_tables(tables + [pa.Table.from_pylist(dup_rows, schema=_REJECT_SCHEMA())])
+    buf = io.BytesIO()
+    pq.write_table(rejects, buf)
+    atomic_write_bytes(out / "rejects.parquet", buf.getvalue())
+    by_reason = Counter(rejects.column("reason").to_pylist())
+    stats = {
+        "input_samples": counts["input"], "passed_filters": counts["accepted"],
+        "duplicates": len(dup_rows), "output_samples": sum(written), "shards": len(jobs),
+        "samples_per_shard": cfg.samples_per_shard, "rejected_by_reason": dict(sorted(by_reason.items())),
+        "tasks": len(tasks), "engine": cfg.engine, "seconds": round(time.time() - t0, 1),
+    }
+    assert stats["input_samples"] == stats["output_samples"] + sum(by_reason.values()), "a sample went unaccounted"
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=1) + "\n")
+    log(f"{stats['input_samples']} samples in, {stats['output_samples']} out in {len(jobs)} shards; "
+        f"rejected: {dict(by_reason)}")
+    return stats

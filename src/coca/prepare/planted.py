@@ -1,0 +1,115 @@
+"""A planted-duplicates dataset for measuring deduplication (tests and benchmarks/prepare.py).
+
+Distinct "photos" (random gradients, shapes and noise; no two alike) with distinct captions, plus
+copies of some of them: byte-exact copies, resized, recompressed at low JPEG quality, and cropped
+by a few pixels, each with its caption's case or punctuation changed. The truth is which sample
+copies which.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+WORDS = ("red blue green yellow small large old new wooden metal bright dark happy quiet busy empty "
+         "dog cat house tree car boat street river mountain city beach garden kitchen window table "
+         "woman man child bird horse flower bridge train road field sky cloud lamp chair book").split()
+COPY_KINDS = ("exact", "resized", "recompressed", "cropped")
+
+
+def random_photo(seed: int, size: int = 224) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([rng.uniform(0, 255) * (1 - x) * rng.uniform(0.3, 1) + rng.uniform(0, 255) * y
+                     for _ in range(3)], -1)
+    img = Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(10, 20))):  # many shapes of varied brightness: distinct layouts in grey
+        x0, y0 = rng.uniform(-0.1, 1.0, 2) * size
+        w, h = rng.uniform(0.05, 0.4, 2) * size
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        shape = rng.integers(3)
+        box = (x0, y0, x0 + w, y0 + h)
+        if shape == 0:
+            draw.ellipse(box, fill=colour)
+        elif shape == 1:
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.line(box, fill=colour, width=int(rng.integers(3, 15)))
+    return img
+
+
+def random_caption(rng: np.random.Generator) -> str:
+    return " ".join(rng.choice(WORDS, int(rng.integers(5, 11))))
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def copy_of(data: bytes, caption: str, kind: str, rng: np.random.Generator) -> tuple[bytes, str]:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if kind == "exact":
+        out = data
+    elif kind == "resized":
+        f = rng.uniform(0.5, 0.9)
+        out = jpeg(image.resize((round(image.width * f), round(image.height * f)), Image.Resampling.BICUBIC))
+    elif kind == "recompressed":
+        out = jpeg(image, quality=int(rng.integers(30, 60)))
+    else:
+        c = int(rng.integers(2, 6))
+        out = jpeg(image.crop((c, c, image.width - c, image.height - c)))
+    variant = int(rng.integers(3))
+    text = caption.upper() if variant == 0 else caption.capitalize() + "." if variant == 1 else caption + "!!"
+    return out, text
+
+
+def planted_samples(n_distinct: int, n_copies: int, seed: int = 0, size: int = 224):
+    """[(key, jpeg bytes, caption)] in a shuffled order, and {copy key: original key}."""
+    rng = np.random.default_rng(seed)
+    originals = [(f"o{i:07d}", jpeg(random_photo(seed * 10_000_019 + i, size)), random_caption(rng))
+                 for i in range(n_distinct)]
+    samples, truth = list(originals), {}
+    for j in range(n_copies):
+        key, data, caption = originals[int(rng.integers(n_distinct))]
+        out, text = copy_of(data, caption, COPY_KINDS[j % len(COPY_KINDS)], rng)
+        samples.append((f"c{j:07d}", out, text))
+        truth[f"c{j:07d}"] = key
+    order = rng.permutation(len(samples))
+    return [samples[i] for i in order], truth
+
+
+def write_shards(samples, directory, per_shard: int) -> list[str]:
+    """img2dataset-layout tars: {key}.jpg + {key}.txt."""
+    from pathlib import Path
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(0, len(samples), per_shard):
+        path = directory / f"{s // per_shard:05d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for key, data, caption in samples[s:s + per_shard]:
+                for name, payload in ((f"{key}.jpg", data), (f"{key}.txt", caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+        paths.append(str(path))
+    return paths
+
+
+def score(rejects: list[dict], uid_to_key: dict[str, str], truth: dict[str, str]) -> dict:
+    """Duplicate recall and precision from the rejects (rows with reason duplicate_*).
+
+    Each original with its copies forms one group, of which all but one must be removed (which one
+    is kept does not matter). A removal is correct when the sample and the one it duplicates
+    belong to the same group; recall = correct removals / planted copies."""
+    removed = [(uid_to_key[r["uid"]], uid_to_key[r["duplicate_of"]]) for r in rejects
+               if str(r["reason"]).startswith("duplicate_")]
+    tp = sum(1 for key, of in removed if truth.get(key, key) == truth.get(of, of))
+    return {"planted": len(truth), "removed": len(removed), "true_positives": tp,
+            "recall": tp / max(1, len(truth)), "precision": tp / max(1, len(removed))}
