@@ -191,3 +191,28 @@ def test_plan_for_the_described_run(capsys):
     assert p["gpu_hours"] == pytest.approx(p["step_time_s"] * p["steps"] * 64 / 3600)
     assert p["samples"] == 250_000 * 16384
     assert main(["plan", "--config", "configs/coca-large-v2.yaml", "--mfu", "0"]) == 2
+
+
+def test_deepspeed_bf16_with_accumulation_checkpointing_and_validation(tmp_path):
+    """The recipe's switches together (BF16 weights with fp32 master copies, GradCache, activation
+    checkpointing, validation on rank 0) run, and the merged model holds the fp32 master weights."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    import coca
+    run_dir = tmp_path / "bf16"
+    proc = torchrun(run_dir, "train.engine=deepspeed", "train.precision=bf16", "train.accum_steps=2",
+                    "train.activation_checkpointing=true", "train.steps=3", "train.val_every=3",
+                    "train.val_batches=1", "data.synthetic_val_size=16")
+    out = proc.communicate(timeout=300)[0].decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    ds = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert ds["bf16"]["enabled"] and ds["gradient_accumulation_steps"] == 2
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("split") != "val"] == [1, 2, 3]
+    assert any(r.get("split") == "val" and r["val_loss"] > 0 for r in rows)
+    model = coca.load(run_dir / "model")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # fp32 master weights, not bf16-rounded copies: some value is not representable in bf16
+    w = model.visual.conv1.weight
+    assert not torch.equal(w, w.to(torch.bfloat16).float())
