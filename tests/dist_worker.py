@@ -39,7 +39,7 @@ def main() -> None:
     images, tokens = images[mine], tokens[mine]
     cfg = run_config(micro=max(1, split[world.rank] // accum), accum=accum)
     ds = deepspeed_config(cfg, world) if engine_kind == "deepspeed" else None
-    engine = Engine(engine_kind, model, optimizer, scheduler, world, cfg, torch.device("cpu"), ds)
+    engine = Engine(engine_kind, model, optimizer, scheduler, torch.device("cpu"), ds)
     loss_fn = GlobalCoCaLoss(1.0, 1.0, 0, world)
     engine.zero_grad()
     if accum == 1:
@@ -48,7 +48,7 @@ def main() -> None:
     else:
         micro = list(zip(images.chunk(accum), tokens.chunk(accum)))
         losses = grad_cache_step(engine, micro, loss_fn, nullcontext)
-    engine.step(accum, 0.0)
+    engine.step(0.0)
     result = {k: global_sum(losses[k].item(), world, "cpu") / world.world_size
               for k in ("loss", "contrastive_loss", "caption_loss")}
     if world.is_main:

@@ -72,17 +72,23 @@ def init_world(engine: str, device_type: str) -> World:
     return World(rank, world_size, local_rank)
 
 
-def gather_rows(x: torch.Tensor, world: World) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """All-gather [B_r, ...] from every rank with gradients (B_r may differ between ranks).
+def row_counts(n: int, world: World, device) -> list[int]:
+    """Rows each rank holds this step (they differ when bad samples were skipped)."""
+    if not world.parallel:
+        return [n]
+    size = torch.tensor([n], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world.world_size)]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
+
+
+def gather_rows(x: torch.Tensor, sizes: list[int], world: World) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All-gather [B_r, ...] from every rank with gradients; ``sizes`` from ``row_counts``.
 
     Returns (rows of all ranks [W * max_B, ...] padded, valid-row mask [W * max_B], offset of this
     rank's rows)."""
     if not world.parallel:
         return x, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), 0
-    size = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(size) for _ in range(world.world_size)]
-    dist.all_gather(sizes, size)
-    sizes = [int(s) for s in sizes]
     pad = max(sizes)
     padded = F.pad(x, (0, 0, 0, pad - x.shape[0])) if x.shape[0] < pad else x
     gathered = _GatherWithGrad.apply(padded, world.rank, world.world_size)
@@ -115,22 +121,23 @@ def shutdown(world: World) -> None:
 
 
 def global_sum(value: float | torch.Tensor, world: World, device) -> float:
+    if not world.parallel:  # no tensor round trip (and no device sync) for one process
+        return float(value)
     t = torch.as_tensor(value, dtype=torch.float64, device=device).clone()
-    if world.parallel:
-        dist.all_reduce(t)
+    dist.all_reduce(t)
     return float(t)
 
 
 def contrastive_share(image_embeds, text_embeds, logit_scale, world: World) -> torch.Tensor:
     """This rank's share of the global symmetric InfoNCE: sum over its rows x world / global rows."""
-    all_text, valid, offset = gather_rows(text_embeds.float(), world)
-    all_image, _, _ = gather_rows(image_embeds.float(), world)
+    sizes = row_counts(image_embeds.shape[0], world, image_embeds.device)
+    all_text, valid, offset = gather_rows(text_embeds.float(), sizes, world)
+    all_image, _, _ = gather_rows(image_embeds.float(), sizes, world)
     labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
     i2t = (logit_scale * image_embeds.float() @ all_text.T).masked_fill(~valid, float("-inf"))
     t2i = (logit_scale * text_embeds.float() @ all_image.T).masked_fill(~valid, float("-inf"))
-    rows = global_sum(image_embeds.shape[0], world, image_embeds.device)
     loss_sum = (F.cross_entropy(i2t, labels, reduction="sum") + F.cross_entropy(t2i, labels, reduction="sum")) / 2
-    return loss_sum * world.world_size / rows
+    return loss_sum * world.world_size / sum(sizes)
 
 
 def caption_share(logits, tokens, pad_id: int, world: World, global_tokens: float | None = None) -> torch.Tensor:
@@ -211,10 +218,8 @@ class Engine:
     ``model`` is always the plain CoCa module (for saving, evaluation and GradCache's first pass).
     """
 
-    def __init__(self, kind: str, model, optimizer, scheduler, world: World, cfg, device: torch.device,
-                 ds_config: dict | None = None):
-        self.kind, self.model, self.world, self.cfg, self.device = kind, model, world, cfg, device
-        self.optimizer, self.scheduler = optimizer, scheduler
+    def __init__(self, kind: str, model, optimizer, scheduler, device: torch.device, ds_config: dict | None = None):
+        self.kind, self.model, self.optimizer, self.scheduler = kind, model, optimizer, scheduler
         self.wrapped = model
         if kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -260,7 +265,7 @@ class Engine:
         else:
             loss.backward()
 
-    def step(self, micro_batches: int = 1, grad_clip: float = 0.0):
+    def step(self, grad_clip: float = 0.0):
         """Clip, optimiser step, schedule step. Returns the gradient norm before clipping (or None).
         (DeepSpeed has already stepped in the last ``backward``; its clipping is in its config.)"""
         if self.kind == "deepspeed":

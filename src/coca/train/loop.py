@@ -183,7 +183,7 @@ def train(cfg: RunConfig, log=print) -> dict:
         ds_config = deepspeed_config(cfg, world, tc.deepspeed_config)
         if main:
             atomic_write_text(run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=1) + "\n")
-    engine = Engine(tc.engine, model, optimizer, scheduler, world, cfg, device, ds_config)
+    engine = Engine(tc.engine, model, optimizer, scheduler, device, ds_config)
     input_dtype = torch.bfloat16 if ds_config and ds_config.get("bf16", {}).get("enabled") else None
     # DeepSpeed BF16 holds bf16 weights (fp32 master copies in the optimiser): no autocast there
     precision = "fp32" if input_dtype is not None else tc.precision
@@ -260,13 +260,12 @@ def train(cfg: RunConfig, log=print) -> dict:
                 with autocast(device, precision):
                     out = engine.forward(*micro[0])
                     losses = loss_fn(out, micro[0][1])
-                finite = global_sum(0 if torch.isfinite(losses["loss"]) else 1, world, device) == 0
-                if finite:
-                    engine.backward(losses["loss"])
-            else:
+            else:  # GradCache runs its own backward passes
                 losses = grad_cache_step(engine, micro, loss_fn, lambda: autocast(device, precision))
                 out = losses.pop("_out")
-                finite = global_sum(0 if torch.isfinite(losses["loss"]) else 1, world, device) == 0
+            finite = global_sum(0 if torch.isfinite(losses["loss"]) else 1, world, device) == 0
+            if finite and tc.accum_steps == 1:
+                engine.backward(losses["loss"])
             if not finite:
                 nonfinite += 1
                 if nonfinite >= MAX_NONFINITE_IN_A_ROW:
@@ -275,7 +274,7 @@ def train(cfg: RunConfig, log=print) -> dict:
                 engine.zero_grad()
                 continue
             nonfinite = 0
-            grad_norm = engine.step(tc.accum_steps, cfg.optim.grad_clip)
+            grad_norm = engine.step(cfg.optim.grad_clip)
             step += 1
             window_samples += rows
 
