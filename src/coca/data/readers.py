@@ -143,6 +143,19 @@ class CsvSource:
                 if limit is not None and n >= limit:
                     return
 
+    def image_path(self, index: int) -> Path | None:
+        """Where row ``index``'s image is (relative paths resolved against ``image_root``)."""
+        image = self._images[index]
+        if not image or not image.strip():
+            return None
+        path = Path(image.strip())
+        return path if path.is_absolute() else self.image_root / path
+
+    def raw_caption(self, index: int) -> str | bytes | None:
+        """The caption as written; one with undecodable bytes comes back as those bytes."""
+        caption = self._captions[index]
+        return caption.encode("utf-8", "surrogateescape") if caption and _has_surrogates(caption) else caption
+
     def load(self, index: int) -> tuple[Image.Image, str] | Skipped:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range [0, {len(self)})")
@@ -154,10 +167,10 @@ class CsvSource:
         caption = decode_caption(caption, key)
         if isinstance(caption, Skipped):
             return caption
-        if not image or not image.strip():
+        path = self.image_path(index)
+        if path is None:
             return Skipped("missing_image", key)
-        path = Path(image.strip())
-        data = _read_bytes(path if path.is_absolute() else self.image_root / path)
+        data = _read_bytes(path)
         image = decode_image(data, self.max_pixels, key)  # None (unreadable) -> missing_image
         return image if isinstance(image, Skipped) else (image, caption)
 

@@ -5,7 +5,8 @@ only unfinished tasks and the output never holds a half-written shard:
 
 1. filter (one task per input tar shard, or per ``rows_per_task`` rows of a CSV/Parquet file), in
    parallel: decode, filter, hash; accepted samples go to ``OUT/_work/filter/task_N/samples.tar``
-   with their hashes in ``meta.parquet``; rejected ones to ``rejects.parquet`` with the reason.
+   (already in their output form) with their hashes in ``meta.parquet``; rejected ones to
+   ``rejects.parquet`` with the reason.
 2. dedup (one process, over the hashes only): exact and near-duplicate images (and optionally
    captions) grouped; the first sample of each group in input order is kept, the others are
    recorded with the id they duplicate (``OUT/_work/dedup.parquet``).
@@ -18,7 +19,6 @@ record) and ``OUT/stats.json`` (counts in and out by reason).
 
 from __future__ import annotations
 
-import csv
 import functools
 import io
 import json
@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 from ..config import ConfigError
-from ..data.readers import expand_braces, read_tar_groups
+from ..data.readers import CsvSource, expand_braces, read_tar_groups
 from ..data.samples import Skipped
 from ..io import _fsync_dir, atomic_write_bytes, atomic_write_text
 from .config import PrepareConfig
@@ -85,7 +85,7 @@ def list_tasks(inputs: list[str], cfg: PrepareConfig) -> list[Task]:
         if ".tar" in name:
             tasks.append(Task(len(tasks), p))
         elif name.endswith(TABLE_SUFFIXES):
-            n = len(_read_table(p, cfg.image_column, cfg.caption_column))
+            n = len(_read_table(p, cfg.image_column, cfg.caption_column, cfg.image_root))
             for start in range(0, n, cfg.rows_per_task):
                 tasks.append(Task(len(tasks), p, start, min(n, start + cfg.rows_per_task)))
         else:
@@ -96,29 +96,20 @@ def list_tasks(inputs: list[str], cfg: PrepareConfig) -> list[Task]:
 
 
 @functools.lru_cache(maxsize=4)
-def _read_table(path: str, image_column: str, caption_column: str) -> list[tuple[str | None, object]]:
-    """(image path, raw caption) rows of a CSV/TSV/Parquet file, with the configured columns."""
-    if path.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
-        table = pq.read_table(path)
-        cols = table.column_names
-        rows = table.to_pylist()
-    else:
-        text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.lower().endswith(".tsv") else ",")
-        cols = reader.fieldnames or []
-        rows = list(reader)
+def _read_table(path: str, image_column: str, caption_column: str, image_root: str) -> list[tuple[Path | None, object]]:
+    """(image path, raw caption) rows of a CSV/TSV (``CsvSource``) or Parquet file."""
+    if not path.lower().endswith(".parquet"):
+        src = CsvSource(path, image_root or None, image_column, caption_column)
+        return [(src.image_path(i), src.raw_caption(i)) for i in range(len(src))]
+    import pyarrow.parquet as pq
+    table = pq.read_table(path)
     for col in (image_column, caption_column):
-        if col not in cols:
-            raise ValueError(f"{path}: no column {col!r} (columns: {list(cols)}); set image_column / caption_column")
-
-    def caption(v):  # undecodable CSV bytes were kept as surrogates: give them back as bytes
-        return v.encode("utf-8", errors="surrogateescape") if isinstance(v, str) and _has_surrogates(v) else v
-    return [(r[image_column] or None, caption(r[caption_column])) for r in rows]
-
-
-def _has_surrogates(s: str) -> bool:
-    return any(0xDC80 <= ord(c) <= 0xDCFF for c in s)
+        if col not in table.column_names:
+            raise ValueError(f"{path}: no column {col!r} (columns: {table.column_names}); "
+                             "set image_column / caption_column")
+    root = Path(image_root) if image_root else Path(path).parent
+    return [(root / image if image else None, caption)
+            for image, caption in zip(table.column(image_column).to_pylist(), table.column(caption_column).to_pylist())]
 
 
 def read_task(task: Task, cfg: PrepareConfig):
@@ -130,14 +121,13 @@ def read_task(task: Task, cfg: PrepareConfig):
             else:
                 yield group.key, f"{task.path}:{group.key}", group.image, group.caption
         return
-    rows = _read_table(task.path, cfg.image_column, cfg.caption_column)
-    root = Path(cfg.image_root) if cfg.image_root else Path(task.path).parent
+    rows = _read_table(task.path, cfg.image_column, cfg.caption_column, cfg.image_root)
     for i in range(task.start, task.stop):
         image_path, caption = rows[i]
         data = None
-        if image_path:
+        if image_path is not None:
             try:
-                data = (root / image_path).read_bytes()
+                data = image_path.read_bytes()
             except OSError:
                 data = None
         yield str(i), f"{task.path}:{i}:{image_path}", data, caption
@@ -177,17 +167,17 @@ def filter_task(task: Task, cfg: PrepareConfig, work: str) -> dict:
             if keep_images:  # the similarity filter runs batched at the end of the task
                 row.update(_image=rec["_image"], _jpeg=rec["jpeg"])
             else:
-                _add_member(tf, f"{uid}.jpg", rec["jpeg"])
+                _add_sample(tf, row, rec["jpeg"])
             meta.append(row)
         if keep_images:
             meta = _similarity_filter(meta, rejects, cfg)
             for row in meta:
-                _add_member(tf, f"{row['uid']}.jpg", row.pop("_jpeg"))
+                _add_sample(tf, row, row.pop("_jpeg"))
                 del row["_image"]
     counts["accepted"] = len(meta)
     counts.update(f"rejected:{r['reason']}" for r in rejects)
-    pq.write_table(pa.Table.from_pylist(meta, schema=_META_SCHEMA()), tmp / "meta.parquet")
-    pq.write_table(pa.Table.from_pylist(rejects, schema=_REJECT_SCHEMA()), tmp / "rejects.parquet")
+    pq.write_table(pa.Table.from_pylist(meta, schema=_meta_schema()), tmp / "meta.parquet")
+    pq.write_table(pa.Table.from_pylist(rejects, schema=_reject_schema()), tmp / "rejects.parquet")
     (tmp / "counts.json").write_text(json.dumps(dict(counts)))
     _fsync_tree(tmp)
     os.replace(tmp, final)  # the task is done exactly when this directory exists
@@ -195,14 +185,14 @@ def filter_task(task: Task, cfg: PrepareConfig, work: str) -> dict:
     return dict(counts)
 
 
-def _META_SCHEMA():
+def _meta_schema():
     import pyarrow as pa
     return pa.schema([("uid", pa.string()), ("key", pa.string()), ("source", pa.string()), ("width", pa.int32()),
                       ("height", pa.int32()), ("caption", pa.string()), ("pixel_sha1", pa.string()),
                       ("phash", pa.list_(pa.int64())), ("caption_sha1", pa.string()), ("minhash", pa.list_(pa.uint32()))])
 
 
-def _REJECT_SCHEMA():
+def _reject_schema():
     import pyarrow as pa
     return pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
 
@@ -239,6 +229,17 @@ def _similarity_filter(meta: list[dict], rejects: list[dict], cfg: PrepareConfig
 
 def _signed(h: int) -> int:
     return h - (1 << 64) if h >= 1 << 63 else h
+
+
+def _add_sample(tf: tarfile.TarFile, row: dict, jpeg: bytes) -> None:
+    """The sample exactly as it will appear in an output shard: {uid}.jpg, .txt and .json."""
+    uid = row["uid"]
+    info = {"key": uid, "source": row["source"], "source_key": row["key"], "width": row["width"],
+            "height": row["height"], "pixel_sha1": row["pixel_sha1"],
+            "phash": f"{row['phash'][0] & ((1 << 64) - 1):016x}", "caption_sha1": row["caption_sha1"]}
+    _add_member(tf, f"{uid}.jpg", jpeg)
+    _add_member(tf, f"{uid}.txt", row["caption"].encode())
+    _add_member(tf, f"{uid}.json", json.dumps(info).encode())
 
 
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -314,36 +315,26 @@ def dedup_stage(work: Path, tasks: list[Task], cfg: PrepareConfig, log) -> Path:
 # ------------------------------------------------------------------------------ stage 3: shard
 
 def shard_task(job: tuple[int, list[str]], work: str, out: str) -> int:
-    """Write output shard ``job[0]`` with the samples ``job[1]`` (uids), in that order."""
-    import pyarrow.parquet as pq
+    """Write output shard ``job[0]`` with the samples ``job[1]`` (uids), in that order, copying
+    their members from the filter tasks' tars."""
     index, uids = job
     final = Path(out) / f"{index:06d}.tar"
     if final.is_file():
         return len(uids)
-    by_task: dict[str, list[str]] = {}
+    by_task: dict[str, set[str]] = {}
     for uid in uids:
-        by_task.setdefault(uid[:6], []).append(uid)
-    samples: dict[str, tuple[bytes, dict]] = {}
-    for task_id, members in by_task.items():
-        task_dir = Path(work) / "filter" / f"task_{task_id}"
-        meta = pq.read_table(task_dir / "meta.parquet").to_pylist()
-        rows = {r["uid"]: r for r in meta}
-        wanted = set(members)
-        with tarfile.open(task_dir / "samples.tar") as tf:
+        by_task.setdefault(uid[:6], set()).add(uid)
+    members: dict[str, bytes] = {}
+    for task_id, wanted in by_task.items():
+        with tarfile.open(Path(work) / "filter" / f"task_{task_id}" / "samples.tar") as tf:
             for member in tf:
-                uid = member.name.split(".")[0]
-                if uid in wanted:
-                    samples[uid] = (tf.extractfile(member).read(), rows[uid])
+                if member.name.split(".")[0] in wanted:
+                    members[member.name] = tf.extractfile(member).read()
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     with tarfile.open(tmp, "w") as tf:
         for uid in uids:
-            jpeg, row = samples[uid]
-            _add_member(tf, f"{uid}.jpg", jpeg)
-            _add_member(tf, f"{uid}.txt", row["caption"].encode())
-            info = {"key": uid, "source": row["source"], "source_key": row["key"], "width": row["width"],
-                    "height": row["height"], "pixel_sha1": row["pixel_sha1"],
-                    "phash": f"{row['phash'][0] & ((1 << 64) - 1):016x}", "caption_sha1": row["caption_sha1"]}
-            _add_member(tf, f"{uid}.json", json.dumps(info).encode())
+            for ext in ("jpg", "txt", "json"):
+                _add_member(tf, f"{uid}.{ext}", members[f"{uid}.{ext}"])
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -431,7 +422,7 @@ def run_prepare(inputs: list[str], output: str, cfg: PrepareConfig, log=print) -
     dup_rows = [{"uid": u, "key": k, "source": src, "reason": r, "duplicate_of": d}
                 for u, k, src, d, r in zip(dedup["uid"], dedup["key"], dedup["source"], dedup["duplicate_of"],
                                            dedup["reason"]) if d is not None]
-    rejects = pa.concat_tables(tables + [pa.Table.from_pylist(dup_rows, schema=_REJECT_SCHEMA())])
+    rejects = pa.concat_tables(tables + [pa.Table.from_pylist(dup_rows, schema=_reject_schema())])
     buf = io.BytesIO()
     pq.write_table(rejects, buf)
     atomic_write_bytes(out / "rejects.parquet", buf.getvalue())
