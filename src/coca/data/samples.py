@@ -7,6 +7,7 @@ counts skips by reason, so a run reports exactly what it dropped and why.
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -52,6 +53,15 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS, key: str = ""
         return Skipped("too_many_pixels", key)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         return Skipped("decode_error", key)
+
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalise_caption(caption: str) -> str:
+    """Lower-case, punctuation to spaces, whitespace collapsed: the form captions are compared in
+    (what COCO's PTB tokenizer does to plain text; also the key of caption deduplication)."""
+    return " ".join(_PUNCT.sub(" ", caption.lower()).split())
 
 
 def decode_caption(data: bytes | str | None, key: str = "") -> str | Skipped:

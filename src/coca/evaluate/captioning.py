@@ -11,21 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from ..data.samples import normalise_caption as normalise
 from .common import image_batches, skip_counts
 
-_PUNCT = re.compile(r"[^\w\s]")
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
-
-
-def normalise(caption: str) -> str:
-    """Lower-case, drop punctuation, collapse whitespace (what COCO's PTB tokeniser does for plain text)."""
-    return " ".join(_PUNCT.sub(" ", caption.lower()).split())
 
 
 def exact_match(candidates: list[str], references: list[list[str]]) -> float:

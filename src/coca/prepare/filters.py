@@ -7,7 +7,7 @@ import re
 
 from PIL import Image
 
-from ..data.samples import Skipped, decode_caption, decode_image
+from ..data.samples import Skipped, decode_caption, decode_image, normalise_caption
 from .config import SCRIPTS, FilterConfig
 from .hashing import caption_hash, minhash, phash_variants, pixel_hash
 
@@ -30,7 +30,6 @@ _PLACEHOLDERS = {
     "no image", "image not found", "thumbnail", "thumb", "placeholder", "default", "null", "none", "n a", "na",
     "unknown", "caption", "alt", "alt text", "logo", "icon", "banner", "click here", "read more", "stock photo",
 }
-_PUNCT = re.compile(r"[^\w\s]")
 
 
 def boilerplate(caption: str) -> bool:
@@ -38,7 +37,7 @@ def boilerplate(caption: str) -> bool:
     text = caption.strip()
     if _IMAGE_FILE.match(text) or _CAMERA_NAME.match(text) or _URL.search(text):
         return True
-    norm = " ".join(_PUNCT.sub(" ", text.lower()).split())
+    norm = normalise_caption(text)
     return norm in _PLACEHOLDERS or re.sub(r"\s*\d+$", "", norm) in _PLACEHOLDERS
 
 

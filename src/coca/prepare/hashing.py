@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 from collections import defaultdict
 from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
+
+from ..data.samples import normalise_caption
 
 # ------------------------------------------------------------------------------------ images
 
@@ -129,17 +130,12 @@ def near_pairs(hashes: np.ndarray, k: int, recall: float = 0.99) -> tuple[np.nda
 
 # ---------------------------------------------------------------------------------- captions
 
-_PUNCT = re.compile(r"[^\w\s]")
 MINHASH_PERMUTATIONS = 64
 MINHASH_BANDS = 16  # x 4 rows: pairs with Jaccard 0.8 become candidates with probability 0.9998
 _PRIME = 4294967291  # largest prime below 2**32
 _rng = np.random.default_rng(20240229)
 _A = _rng.integers(1, _PRIME, MINHASH_PERMUTATIONS, dtype=np.uint64)
 _B = _rng.integers(0, _PRIME, MINHASH_PERMUTATIONS, dtype=np.uint64)
-
-
-def normalise_caption(text: str) -> str:
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
 def caption_hash(text: str) -> str:
