@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     oc, oc_cfg = matched.build_open_clip(size)
     ours.eval()
     oc.eval()
-    p_ours, p_oc = matched.n_params(ours), matched.n_params(oc)
-    b_ours, b_oc = matched.param_breakdown_ours(ours), matched.param_breakdown_open_clip(oc)
+    params = matched.param_summary(ours, oc)
+    p_ours, p_oc = params["ours"], params["open_clip"]
 
     images = torch.randn(args.batch, 3, size.image_size, size.image_size)
     beam_images = torch.randn(args.beam_batch, 3, size.image_size, size.image_size)
@@ -97,12 +97,7 @@ def main(argv=None) -> int:
                            with_uncached=not args.no_uncached, with_beam=not args.no_beam)
 
     print(f"# CoCa caption generation, {n} new tokens, fp32, {args.threads} threads")
-    print(f"size: {size}")
-    print(f"params: ours {p_ours / 1e6:.2f}M, open_clip {p_oc / 1e6:.2f}M (ours/open_clip {p_ours / p_oc:.3f})")
-    for k in b_ours:
-        print(f"  {k:22s} ours {b_ours[k] / 1e6:7.2f}M   open_clip {b_oc[k] / 1e6:7.2f}M")
-    load_start = os.getloadavg()
-    print(f"load average at start: {load_start[0]:.2f}")
+    load_start = matched.print_setup(size, params)
 
     times: dict[str, list[float]] = {k: [] for k in methods}
     names = list(methods)
@@ -152,11 +147,8 @@ def main(argv=None) -> int:
     print(f"total {time.perf_counter() - t_all:.0f}s; load average start {load_start[0]:.2f}, end {load_end[0]:.2f} "
           f"(other processes on the machine make absolute numbers noisy)")
 
-    matched.write_json(args.json, {
-        "benchmark": "generation", "args": vars(args), "size": vars(size), "open_clip_cfg": oc_cfg,
-        "params": {"ours": p_ours, "open_clip": p_oc, "ours_breakdown": b_ours, "open_clip_breakdown": b_oc},
-        "env": matched.env_info(args.threads), "load_avg": {"start": load_start, "end": load_end},
-        "results": results})
+    matched.write_results(args.json, "generation", args, size, oc_cfg, params, load_start, load_end,
+                          results=results)
     return 0
 
 

@@ -162,6 +162,31 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def param_summary(ours, oc) -> dict:
+    return {"ours": n_params(ours), "open_clip": n_params(oc),
+            "ours_breakdown": param_breakdown_ours(ours), "open_clip_breakdown": param_breakdown_open_clip(oc)}
+
+
+def print_setup(size: Size, params: dict) -> tuple:
+    """Print the matched size and parameter counts; returns the load average at the start."""
+    p_ours, p_oc = params["ours"], params["open_clip"]
+    print(f"size: {size}")
+    print(f"params: ours {p_ours / 1e6:.2f}M, open_clip {p_oc / 1e6:.2f}M (ours/open_clip {p_ours / p_oc:.3f})")
+    for k, n in params["ours_breakdown"].items():
+        print(f"  {k:22s} ours {n / 1e6:7.2f}M   open_clip {params['open_clip_breakdown'][k] / 1e6:7.2f}M")
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start[0]:.2f}")
+    return load_start
+
+
+def write_results(path: str | None, benchmark: str, args, size: Size, oc_cfg: dict, params: dict,
+                  load_start, load_end, **results) -> None:
+    """The JSON every side-by-side benchmark writes: setup, environment, then its own results."""
+    write_json(path, {"benchmark": benchmark, "args": vars(args), "size": vars(size), "open_clip_cfg": oc_cfg,
+                      "params": params, "env": env_info(args.threads),
+                      "load_avg": {"start": load_start, "end": load_end}, **results})
+
+
 def write_json(path: str | None, data: dict) -> None:
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -175,17 +175,12 @@ def main(argv=None) -> int:
     ours, ours_loss_fn = build("ours", size)
     oc, oc_loss_fn = build("open_clip", size)
     oc_cfg = matched.open_clip_cfg(size)
-    p_ours, p_oc = matched.n_params(ours), matched.n_params(oc)
-    b_ours, b_oc = matched.param_breakdown_ours(ours), matched.param_breakdown_open_clip(oc)
+    params = matched.param_summary(ours, oc)
+    p_ours, p_oc = params["ours"], params["open_clip"]
 
     print(f"# CoCa training step (fwd + bwd + AdamW), batch {args.batch}, text length {args.text_len} "
           f"(captions of 8-32 tokens; ours sees {ours_tokens.shape[1]} columns after trimming), {args.threads} threads")
-    print(f"size: {size}")
-    print(f"params: ours {p_ours / 1e6:.2f}M, open_clip {p_oc / 1e6:.2f}M (ours/open_clip {p_ours / p_oc:.3f})")
-    for k in b_ours:
-        print(f"  {k:22s} ours {b_ours[k] / 1e6:7.2f}M   open_clip {b_oc[k] / 1e6:7.2f}M")
-    load_start = os.getloadavg()
-    print(f"load average at start: {load_start[0]:.2f}")
+    load_start = matched.print_setup(size, params)
 
     precisions = ["fp32"] + ([] if args.no_bf16 else ["bf16-autocast"])
     rows_spec = {}
@@ -248,11 +243,8 @@ def main(argv=None) -> int:
     print(f"timing {t_timing:.0f}s; load average start {load_start[0]:.2f}, end {load_end[0]:.2f} "
           f"(other processes on the machine make absolute numbers noisy)")
 
-    matched.write_json(args.json, {
-        "benchmark": "train_step", "args": vars(args), "size": vars(size), "open_clip_cfg": oc_cfg,
-        "params": {"ours": p_ours, "open_clip": p_oc, "ours_breakdown": b_ours, "open_clip_breakdown": b_oc},
-        "env": matched.env_info(args.threads), "load_avg": {"start": load_start, "end": load_end},
-        "first_step_losses": losses, "memory": memory, "results": results})
+    matched.write_results(args.json, "train_step", args, size, oc_cfg, params, load_start, load_end,
+                          first_step_losses=losses, memory=memory, results=results)
     return 0
 
 
