@@ -195,22 +195,32 @@ def test_plan_for_the_described_run(capsys):
 
 def test_deepspeed_bf16_with_accumulation_checkpointing_and_validation(tmp_path):
     """The recipe's switches together (BF16 weights with fp32 master copies, GradCache, activation
-    checkpointing, validation on rank 0) run, and the merged model holds the fp32 master weights."""
+    checkpointing, validation and evaluation on rank 0 while the other rank waits, a frozen tower,
+    the best model kept) run, and the merged model holds the fp32 master weights."""
     pytest.importorskip("deepspeed")
     import json
 
     import coca
+    from coca.evaluate.synthetic import write_eval_sets
+    sets = write_eval_sets(tmp_path / "eval", n_classify=18, n_caption=4)
+    zeroshot = {"task": "zeroshot", "images": sets["classify"], "classnames": sets["classnames"],
+                "templates": sets["templates"], "workers": 0}
     run_dir = tmp_path / "bf16"
     proc = torchrun(run_dir, "train.engine=deepspeed", "train.precision=bf16", "train.accum_steps=2",
                     "train.activation_checkpointing=true", "train.steps=3", "train.val_every=3",
-                    "train.val_batches=1", "data.synthetic_val_size=16")
+                    "train.val_batches=1", "data.synthetic_val_size=16", "optim.freeze=[temperature]",
+                    "train.eval=" + json.dumps([zeroshot]), "train.eval_every=2", "train.best_metric=zeroshot.top1")
     out = proc.communicate(timeout=300)[0].decode(errors="replace")
     assert proc.returncode == 0, out[-3000:]
     ds = json.loads((run_dir / "deepspeed_config.json").read_text())
     assert ds["bf16"]["enabled"] and ds["gradient_accumulation_steps"] == 2
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r.get("split") != "val"] == [1, 2, 3]
+    assert [r["step"] for r in rows if r.get("split") not in ("val", "eval")] == [1, 2, 3]
     assert any(r.get("split") == "val" and r["val_loss"] > 0 for r in rows)
+    evals = [r for r in rows if r.get("split") == "eval"]
+    assert [r["step"] for r in evals] == [2, 3] and all(r["zeroshot.n_images"] == 18 for r in evals)
+    assert out.count("eval zeroshot:") == 2  # once per evaluation step, by rank 0 only
+    assert json.loads((run_dir / "best" / "eval.json").read_text())["value"] == max(r["zeroshot.top1"] for r in evals)
     model = coca.load(run_dir / "model")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     # fp32 master weights, not bf16-rounded copies: some value is not representable in bf16

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 import coca
-from coca.config import ConfigError, load_run_config
+from coca.config import ConfigError, OptimConfig, load_run_config
 from coca.data.synthetic import Obj, SyntheticScenes, caption_for
 from coca.data.transforms import TrainTransform, swap_left_right
 from coca.losses import caption_loss, contrastive_loss
@@ -124,14 +124,16 @@ def test_schedule_and_weight_decay_groups():
     assert lr_factor(100, 100, 0.1) == pytest.approx(0.0, abs=1e-9)
     assert lr_factor(100, 100, 0.1, min_lr_ratio=0.1) == pytest.approx(0.1)
     model = coca.create_model("coca-tiny")
-    decay, no_decay = param_groups(model, 0.1)
+    groups = param_groups(model, OptimConfig(weight_decay=0.1))
+    decay = [p for g in groups if g["weight_decay"] == 0.1 for p in g["params"]]
+    no_decay = [p for g in groups if g["weight_decay"] == 0.0 for p in g["params"]]
     names = {id(p): n for n, p in model.named_parameters()}
-    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay}
     assert "logit_scale" in no_decay_names and "text_encoder.embed_tokens.weight" in no_decay_names
     assert "visual.positional_embedding" in no_decay_names and "gen_pooler.query" in no_decay_names
-    assert all(not n.endswith(".bias") for n in (names[id(p)] for p in decay["params"]))
-    assert all(p.dim() == 2 or p.dim() == 4 for p in decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert all(not n.endswith(".bias") for n in (names[id(p)] for p in decay))
+    assert all(p.dim() == 2 or p.dim() == 4 for p in decay)
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
 
 
 def test_losses():

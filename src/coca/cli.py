@@ -28,7 +28,7 @@ def cmd_list(args) -> int:
 
 def cmd_info(args) -> int:
     from .models.coca import create_model
-    from .summary import branch_totals, forward_flops, parameter_counts
+    from .summary import COMPONENTS, branch_totals, forward_flops, parameter_counts
     model = create_model(args.preset, device="meta")
     counts = parameter_counts(model)
     flops = forward_flops(model, batch=1)
@@ -37,13 +37,15 @@ def cmd_info(args) -> int:
           f"{cfg.vision.image_size}px; T5 d_model {cfg.text.d_model}, {cfg.text.encoder_layers}+"
           f"{cfg.text.decoder_layers} layers, {cfg.text.num_heads} heads, d_ff {cfg.text.d_ff}, "
           f"vocab {cfg.text.vocab_size}, {cfg.text.context_length} tokens")
-    print(f"\n{'component':<28} {'parameters':>14} {'share':>7} {'fwd GFLOPs/sample':>18}")
+    print(f"\n{'component':<16} {'':<26} {'parameters':>14} {'share':>7} {'fwd GFLOPs/sample':>18}")
     for comp, n in counts.items():
         if comp == "total":
-            print("-" * 70)
+            print("-" * 84)
         gf = flops.get(comp)
         gf_s = f"{gf / 1e9:.2f}" if gf is not None else ""
-        print(f"{comp:<28} {n:>14,} {n / counts['total']:>7.1%} {gf_s:>18}")
+        label = COMPONENTS[comp][0] if comp in COMPONENTS else ""
+        print(f"{comp:<16} {label:<26} {n:>14,} {n / counts['total']:>7.1%} {gf_s:>18}")
+    print("(the component names are what optim.freeze and optim.lr_mult take)")
     visual, language = branch_totals(counts)
     print(f"\nvisual branch {_fmt_params(visual)}, language branch {_fmt_params(language)}, "
           f"total {_fmt_params(counts['total'])}")
@@ -115,11 +117,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _finish_eval(task: str, args, results: dict, rows: list) -> int:
-    from .evaluate.common import print_table, write_results
-    results = {"task": task, "model": str(args.model), **results}
+def cmd_eval(args) -> int:
+    """`coca eval zeroshot|caption|retrieval`: the same ``Evaluation`` that training runs."""
+    from .config import EvalConfig
+    from .evaluate.common import load_model, print_table, write_results
+    from .evaluate.tasks import Evaluation
+    task = args.eval_command
+    options = {"images": args.images, "batch_size": args.batch_size, "workers": args.workers}
+    if task == "zeroshot":
+        options.update(dataset=args.dataset, classnames=args.classnames or "", templates=args.templates or "",
+                       labels_file=args.labels_file or "")
+    else:
+        options.update(annotations=args.annotations, split=args.split or "test", limit=args.limit or 0)
+    if task == "caption":
+        options.update(strategy=args.strategy, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                       spice=not args.no_spice)
+    evaluation = Evaluation(EvalConfig(task=task, **options))  # reads the inputs: errors before the model loads
+    model = load_model(args.model, args.device)
+    result = evaluation.run(model, model.tokenizer)
+    results = {"task": task, "model": str(args.model), **result.details}
     path = write_results(args.out or f"eval_{task}.json", results)
-    print_table(f"{task} ({args.model})", rows)
+    print_table(f"{task} ({args.model})", result.rows)
+    if results.get("image_root"):
+        print(f"  {results['image_root']}")
     skipped = results.get("skipped")
     if skipped:
         print(f"  skipped images: {skipped} (listed in the JSON under skipped_files)")
@@ -127,63 +147,6 @@ def _finish_eval(task: str, args, results: dict, rows: list) -> int:
         print(f"  {name}: unavailable: {reason}")
     print(f"results and per-item predictions: {path}")
     return 0
-
-
-def cmd_eval_zeroshot(args) -> int:
-    from .evaluate.common import load_model
-    from .evaluate.zeroshot import (
-        IMAGENET_CLASSNAMES,
-        IMAGENET_TEMPLATES,
-        evaluate_zeroshot,
-        labelled_images,
-        load_classnames,
-        load_templates,
-    )
-    classnames_file = args.classnames or (IMAGENET_CLASSNAMES if args.dataset == "imagenet" else None)
-    classnames = load_classnames(classnames_file) if classnames_file else None
-    templates = load_templates(args.templates or IMAGENET_TEMPLATES)
-    paths, labels, classnames = labelled_images(args.images, args.labels_file, classnames)
-    model = load_model(args.model, args.device)
-    results = evaluate_zeroshot(model, model.tokenizer, paths, labels, classnames, templates,
-                                batch_size=args.batch_size, workers=args.workers)
-    m = results["metrics"]
-    return _finish_eval("zeroshot", args, results, [
-        ("top-1", m["top1"]), ("top-5", m["top5"]), ("mean per-class top-1", m["mean_per_class_top1"]),
-        ("images", m["n_images"]), ("classes", m["n_classes"]), ("templates", m["n_templates"]),
-        ("chance top-1", m["chance_top1"])])
-
-
-def _generate_kwargs(args) -> dict:
-    return {"strategy": args.strategy, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
-
-
-def cmd_eval_caption(args) -> int:
-    from .evaluate.captioning import (
-        METRICS,
-        evaluate_captions,
-        load_caption_annotations,
-    )
-    from .evaluate.common import load_model
-    items = load_caption_annotations(args.annotations, args.split)[:args.limit]
-    model = load_model(args.model, args.device)
-    results = evaluate_captions(model, model.tokenizer, items, args.images, batch_size=args.batch_size,
-                                workers=args.workers, spice=not args.no_spice, **_generate_kwargs(args))
-    m = results["metrics"]
-    rows = [(name, m[name]) for name in METRICS if name in m]
-    rows += [("exact match", m["exact_match"]), ("images", m["n_images"]), ("tokenizer", results["tokenizer"])]
-    return _finish_eval("caption", args, results, rows)
-
-
-def cmd_eval_retrieval(args) -> int:
-    from .evaluate.captioning import load_caption_annotations
-    from .evaluate.common import load_model
-    from .evaluate.retrieval import evaluate_retrieval
-    items = load_caption_annotations(args.annotations, args.split)[:args.limit]
-    model = load_model(args.model, args.device)
-    results = evaluate_retrieval(model, model.tokenizer, items, args.images, batch_size=args.batch_size,
-                                 workers=args.workers)
-    m = results["metrics"]
-    return _finish_eval("retrieval", args, results, [(k, v) for k, v in m.items()])
 
 
 def cmd_classify(args) -> int:
@@ -289,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(e, batch_size):
         e.add_argument("--model", required=True, help="model directory (with tokenizer.model)")
-        e.add_argument("--images", required=True, help="image directory")
+        e.add_argument("--images", required=True, help="image directory (annotation paths are resolved against it "
+                       "or, when they already start with its name, against its parent)")
         e.add_argument("--out", help="JSON results file (default eval_<task>.json)")
         e.add_argument("--batch-size", type=int, default=batch_size)
         e.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
@@ -299,13 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(e, 64)
     e.add_argument("--dataset", choices=["imagenet", "folder"], default="folder",
                    help="imagenet: the shipped 1,000 class names (sorted synset folders = class order)")
-    e.add_argument("--classnames", help="class names file, one per line (sorted folder i = line i)")
+    e.add_argument("--classnames", help="class names file, one per line; folders are matched to the names by name "
+                   "when they agree (case and '_' ignored), else sorted folder i = line i")
     e.add_argument("--templates", help="prompt templates file, one per line with {} (default: CLIP's 80)")
     e.add_argument("--labels-file", help="CSV/TSV of image,label (index or name) instead of class folders")
-    e.set_defaults(fn=cmd_eval_zeroshot)
+    e.set_defaults(fn=cmd_eval)
 
-    for name, fn, help_text in (("caption", cmd_eval_caption, "captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE"),
-                                ("retrieval", cmd_eval_retrieval, "image-text retrieval recall@1/5/10")):
+    for name, help_text in (("caption", "captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE"),
+                            ("retrieval", "image-text retrieval recall@1/5/10")):
         e = esub.add_parser(name, help=help_text)
         common(e, 32 if name == "caption" else 64)
         e.add_argument("--annotations", required=True,
@@ -317,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--num-beams", type=int, default=3)
             e.add_argument("--max-new-tokens", type=int, default=30)
             e.add_argument("--no-spice", action="store_true", help="skip SPICE (slow; needs Java + CoreNLP)")
-        e.set_defaults(fn=fn)
+        e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("data", help="data preparation")
     dsub = s.add_subparsers(dest="data_command", required=True)

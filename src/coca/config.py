@@ -21,8 +21,9 @@ class ConfigError(ValueError):
 
 
 def _nearest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    lowered = {o.lower(): o for o in options}
+    match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
+    return f" (did you mean '{lowered[match[0]]}'?)" if match else ""
 
 
 def from_dict(cls, data: dict[str, Any], where: str = ""):
@@ -56,6 +57,20 @@ def _coerce(value, hint, path):
         if value is None:
             return None
         hint = args[0]
+        origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str) and item is str:  # `--set optim.freeze=visual`: a list of one
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{path}' must be a list, got {value!r}")
+        return [from_dict(item, v, f"{path}[{i}]") if dataclasses.is_dataclass(item) else _coerce(v, item, f"{path}[{i}]")
+                for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, item, f"{path}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
@@ -246,16 +261,19 @@ class AugmentConfig:
                 raise ConfigError(f"augment.{k} must be >= 0, got {getattr(self, k)}")
 
 
-DATA_KINDS = ("synthetic", "webdataset", "csv", "folder")
+DATA_KINDS = ("synthetic", "webdataset", "csv", "folder", "coco")
 DEFAULT_PRESET = "coca-tiny"  # a run config without a model section trains the tiny preset
 
 
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"        # synthetic | webdataset | csv | folder
-    train: str = ""                # shard pattern ("data/{00000..00099}.tar"), CSV/TSV path, or folder root
+    kind: str = "synthetic"        # synthetic | webdataset | csv | folder | coco
+    train: str = ""                # shard pattern ("data/{00000..00099}.tar"), CSV/TSV path, folder root, or
+                                   # coco: a COCO captions file or Karpathy's dataset_coco.json
     val: str = ""                  # same kind as train; empty: no validation set (synthetic: built in)
-    image_root: str = ""           # CSV: base directory of relative image paths (default: the CSV's directory)
+    split: str = "train"           # coco with Karpathy's file: the training split(s), e.g. "train+restval"
+    val_split: str = "val"         # coco with Karpathy's file: the split of data.val
+    image_root: str = ""           # CSV / coco: base directory of relative image paths (default: the file's directory)
     image_column: str = "filepath"
     caption_column: str = "caption"
     templates: str = "a photo of a {}."  # folder: caption templates separated by "|"
@@ -298,8 +316,30 @@ class OptimConfig:
     warmup_frac: float = 0.1       # linear warm-up over this fraction of train.steps, then cosine
     min_lr_ratio: float = 0.0      # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0         # max global gradient norm; 0 disables
+    # Components as `coca info` names them: visual, poolers, text_encoder, text_decoder,
+    # token_embedding, lm_head, projections, temperature.
+    freeze: list[str] = field(default_factory=list)        # no gradient, not in the optimiser
+    lr_mult: dict[str, float] = field(default_factory=dict)  # e.g. {visual: 0.1}: that component at 0.1 x lr
+    layer_decay: float = 1.0       # < 1: block i of an N-block tower gets layer_decay ** (N - i) (BEiT-style)
 
     def __post_init__(self):
+        from .models.coca import (
+            COMPONENTS,  # here, not at import time: models import this module
+        )
+        names = list(COMPONENTS)
+        for key, where in [(c, "optim.freeze") for c in self.freeze] + [(c, "optim.lr_mult") for c in self.lr_mult]:
+            if key not in names:
+                raise ConfigError(f"{where}: unknown component {key!r}{_nearest(key, names)}; components: {', '.join(names)}")
+        if len(set(self.freeze)) == len(names):
+            raise ConfigError("optim.freeze lists every component: nothing would be trained")
+        for key, mult in self.lr_mult.items():
+            if not mult > 0:
+                raise ConfigError(f"optim.lr_mult.{key} must be > 0, got {mult} (to stop training a component, "
+                                  f"put it in optim.freeze)")
+            if key in self.freeze:
+                raise ConfigError(f"optim.lr_mult.{key}: {key} is also in optim.freeze")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         for k in ("beta1", "beta2"):
@@ -323,10 +363,61 @@ class LossConfig:
             raise ConfigError("loss weights must be >= 0 and not both 0")
 
 
+EVAL_TASKS = ("zeroshot", "caption", "retrieval")
+# what each evaluation reports, i.e. what train.best_metric may name after "<eval name>."
+EVAL_METRICS = {
+    "zeroshot": ("top1", "top5", "mean_per_class_top1"),
+    "caption": ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "exact_match"),
+    "retrieval": ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall"),
+}
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation: the task and inputs of a `coca eval` command (same defaults)."""
+
+    task: str = ""                 # zeroshot | caption | retrieval
+    name: str = ""                 # metric prefix in metrics.jsonl (default: the task)
+    images: str = ""               # image folder (zeroshot: one sub-folder per class, or with labels_file)
+    annotations: str = ""          # caption / retrieval: COCO captions, Karpathy's dataset_coco.json, or a list
+    split: str = "test"            # Karpathy split(s), e.g. "val" or "train+restval"
+    limit: int = 0                 # only the first N images (0: all)
+    classnames: str = ""           # zeroshot: class names file
+    templates: str = ""            # zeroshot: prompt templates file (default: CLIP's 80)
+    dataset: str = "folder"        # zeroshot: folder | imagenet (the shipped 1,000 class names)
+    labels_file: str = ""          # zeroshot: CSV/TSV of image,label instead of class folders
+    strategy: str = "beam"         # caption: beam | greedy
+    num_beams: int = 3
+    max_new_tokens: int = 30
+    spice: bool = False            # caption: SPICE is slow and needs Stanford CoreNLP
+    batch_size: int = 0            # 0: 32 for caption, 64 otherwise (as `coca eval`)
+    workers: int = 2               # image decoding processes
+
+    def __post_init__(self):
+        if self.task not in EVAL_TASKS:
+            raise ConfigError(f"eval task must be one of {EVAL_TASKS}, got {self.task!r}{_nearest(self.task, list(EVAL_TASKS))}")
+        self.name = self.name or self.task
+        if not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"eval name {self.name!r} must be letters, digits, '_' or '-' (it prefixes metric names)")
+        if not self.images:
+            raise ConfigError(f"eval {self.name}: 'images' (an image folder) is required")
+        if self.task in ("caption", "retrieval") and not self.annotations:
+            raise ConfigError(f"eval {self.name}: 'annotations' (a captions file) is required for {self.task}")
+        if self.dataset not in ("folder", "imagenet"):
+            raise ConfigError(f"eval {self.name}: dataset must be 'folder' or 'imagenet', got {self.dataset!r}")
+        if self.strategy not in ("beam", "greedy"):
+            raise ConfigError(f"eval {self.name}: strategy must be 'beam' or 'greedy', got {self.strategy!r}")
+        _positive(self, "num_beams", "max_new_tokens")
+        if self.limit < 0 or self.batch_size < 0 or self.workers < 0:
+            raise ConfigError(f"eval {self.name}: limit, batch_size and workers must be >= 0")
+        if not self.batch_size:
+            self.batch_size = 32 if self.task == "caption" else 64
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
-    steps: int = 1000
+    steps: int = 1000               # 0 with init_from: export the loaded model as RUN_DIR/model
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -343,9 +434,27 @@ class TrainConfig:
     zero_stage: int = 2             # DeepSpeed ZeRO stage for the generated config
     deepspeed_config: str = ""      # a DeepSpeed JSON of your own instead of the generated one
     activation_checkpointing: bool = False  # recompute each transformer block in backward: less memory
+    init_from: str = ""             # a model directory to start from (ignored once the run has a checkpoint)
+    init_strict: bool = True        # false: load what matches, list missing / unexpected tensors
+    eval: list[EvalConfig] = field(default_factory=list)  # evaluations run every eval_every steps and at the end
+    eval_every: int = 0             # 0: evaluate only at the end
+    best_metric: str = ""           # "<eval name>.<metric>", e.g. caption.CIDEr: keep the best model in RUN_DIR/best
+    best_mode: str = "max"          # max | min
 
     def __post_init__(self):
-        _positive(self, "steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_batches", "accum_steps")
+        _positive(self, "checkpoint_every", "keep_checkpoints", "log_every", "val_batches", "accum_steps")
+        if self.steps < 0 or isinstance(self.steps, bool):
+            raise ConfigError(f"train.steps must be >= 0, got {self.steps!r}")
+        self.eval = [from_dict(EvalConfig, e, "train.eval") if isinstance(e, dict) else e for e in self.eval]
+        names = [e.name for e in self.eval]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"train.eval names must be unique, got {names}; give repeated tasks a 'name'")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        if self.best_mode not in ("max", "min"):
+            raise ConfigError(f"train.best_mode must be 'max' or 'min', got {self.best_mode!r}")
+        if self.best_metric:
+            self.best_metric_task()  # validates
         if self.engine not in ("single", "ddp", "deepspeed"):
             raise ConfigError(f"train.engine must be 'single', 'ddp' or 'deepspeed', got {self.engine!r}")
         if self.zero_stage not in (0, 1, 2):
@@ -357,6 +466,19 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
         if not self.run_dir:
             raise ConfigError("train.run_dir must be set")
+
+    def best_metric_task(self) -> EvalConfig:
+        """The evaluation that ``best_metric`` refers to (a ConfigError when it names none)."""
+        name, _, metric = self.best_metric.partition(".")
+        by_name = {e.name: e for e in self.eval}
+        if name not in by_name:
+            raise ConfigError(f"train.best_metric {self.best_metric!r}: no evaluation named {name!r} in train.eval "
+                              f"(names: {', '.join(by_name) or 'none'}); the form is '<eval name>.<metric>'")
+        valid = EVAL_METRICS[by_name[name].task]
+        if metric not in valid:
+            raise ConfigError(f"train.best_metric {self.best_metric!r}: {by_name[name].task} reports no {metric!r}"
+                              f"{_nearest(metric, list(valid))}; metrics: {', '.join(valid)}")
+        return by_name[name]
 
 
 @dataclass
@@ -411,10 +533,80 @@ def parse_overrides(items: list[str]) -> dict:
 
 def run_config_from_dict(data: dict) -> RunConfig:
     data = dict(data or {})
-    model = resolve_model(data.pop("model", DEFAULT_PRESET))
+    spec = data.pop("model", None)
     cfg = from_dict(RunConfig, data)
-    cfg.model = model
+    if cfg.train.init_from:
+        cfg.model = init_model_config(cfg.train, spec)
+    else:
+        cfg.model = resolve_model(DEFAULT_PRESET if spec is None else spec)
     return cfg
+
+
+# Keys that change a tensor's shape or how the weights are read (heads split the same matrices
+# differently): a run starting from a model directory may not override them.
+ARCHITECTURE_KEYS = (
+    "vision.image_size", "vision.patch_size", "vision.width", "vision.layers", "vision.heads", "vision.mlp_dim",
+    "text.vocab_size", "text.d_model", "text.d_kv", "text.num_heads", "text.d_ff", "text.encoder_layers",
+    "text.decoder_layers", "text.relative_buckets", "embed_dim", "n_gen_queries", "pooler_heads",
+)
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def init_model_config(train: TrainConfig, spec: Any) -> CoCaConfig:
+    """The model of a run that starts from ``train.init_from``: that directory's config.json, with
+    the run config's ``model`` overrides that keep the architecture (dropout, logit scale limit,
+    ...). A resumed run reads the architecture it started with from RUN_DIR/config.yaml, so it
+    no longer needs the directory."""
+    import json
+    from pathlib import Path
+
+    import yaml
+    run_dir, init_dir = Path(train.run_dir), Path(train.init_from)
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and any((run_dir / "checkpoints").glob("step_*")):
+        base, source = yaml.safe_load(saved.read_text())["model"], str(saved)
+    else:
+        path = init_dir / "config.json"
+        if not init_dir.is_dir():
+            raise FileNotFoundError(f"train.init_from: model directory {str(init_dir)!r} not found")
+        if not path.is_file():
+            raise FileNotFoundError(f"train.init_from: {path} is missing; a model directory holds config.json and "
+                                    "model.safetensors (the output of `coca init`, a run's model/ or best/)")
+        try:
+            base, source = json.loads(path.read_text()), str(path)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    try:
+        base_cfg = CoCaConfig.from_dict(base)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if spec is None:
+        return base_cfg
+    if not isinstance(spec, (str, dict)):
+        raise ConfigError(f"model must be a preset name or a mapping, got {type(spec).__name__}")
+    spec = {"preset": spec} if isinstance(spec, str) else dict(spec)
+    preset = spec.pop("preset", None)
+    if preset is not None:
+        differ = [k for k in ARCHITECTURE_KEYS if _get(get_preset(preset), k) != _get(base_cfg, k)]
+        if differ:
+            raise ConfigError(f"model.preset={preset!r} differs from the model in train.init_from ({source}) in "
+                              f"{', '.join(differ[:4])}: the architecture comes from that directory; remove model.preset")
+    try:
+        merged = CoCaConfig.from_dict(_deep_merge(base_cfg.to_dict(), spec))
+    except ConfigError as e:
+        raise ConfigError(f"model: {e}") from None
+    for key in ARCHITECTURE_KEYS:
+        if _get(merged, key) != _get(base_cfg, key):
+            raise ConfigError(f"model.{key}={_get(merged, key)!r} would change the architecture of the model in "
+                              f"train.init_from ({source} has {_get(base_cfg, key)!r}); the architecture comes from "
+                              f"that directory: remove model.{key} (overrides such as model.text.dropout or "
+                              "model.max_logit_scale apply)")
+    return merged
 
 
 def read_config_data(path: str | None, overrides: list[str] | None) -> dict:

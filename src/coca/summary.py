@@ -8,44 +8,20 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.coca import CoCa
-
-# component -> parameter-name prefixes (the shared token embedding counts once, under "embeddings")
-COMPONENTS = {
-    "vision tower (ViT)": ("visual.",),
-    "attentional poolers": ("gen_pooler.", "contrastive_pooler.", "ln_visual."),
-    "text encoder (T5)": ("text_encoder.",),
-    "text decoder (T5)": ("text_decoder.",),
-    "token embedding (shared)": ("text_encoder.embed_tokens.",),
-    "LM head (untied)": ("text_decoder.lm_head.",),
-    "projections + temperature": ("image_proj.", "text_proj.", "logit_scale"),
-}
-VISUAL_COMPONENTS = ("vision tower (ViT)", "attentional poolers")
-
-
-def _component(name: str) -> str:
-    # most specific prefix wins (the embedding and LM head sit inside the text modules)
-    best, best_len = None, -1
-    for comp, prefixes in COMPONENTS.items():
-        for p in prefixes:
-            if name.startswith(p) and len(p) > best_len:
-                best, best_len = comp, len(p)
-    if best is None:
-        raise KeyError(f"parameter {name!r} belongs to no component")
-    return best
+from .models.coca import COMPONENTS, VISUAL_COMPONENTS, CoCa, component_of  # noqa: F401 (re-exported)
 
 
 def parameter_counts(model: CoCa) -> dict[str, int]:
     counts = {c: 0 for c in COMPONENTS}
     for name, p in model.named_parameters():  # shared parameters are listed once
-        counts[_component(name)] += p.numel()
+        counts[component_of(name)] += p.numel()
     counts["total"] = sum(counts.values())
     return counts
 
 
 def branch_totals(counts: dict[str, int]) -> tuple[int, int]:
     """(visual branch, language branch); projections and temperature are split evenly."""
-    visual = sum(counts[c] for c in VISUAL_COMPONENTS) + counts["projections + temperature"] // 2
+    visual = sum(counts[c] for c in VISUAL_COMPONENTS) + (counts["projections"] + counts["temperature"]) // 2
     return visual, counts["total"] - visual
 
 
@@ -60,9 +36,8 @@ def forward_flops(model: CoCa, batch: int = 1) -> dict[str, float]:
     per_module = counter.get_flop_counts()
     name = type(model).__name__
     out = {}
-    for label, module in (("vision tower (ViT)", "visual"), ("attentional poolers", "gen_pooler"),
-                          ("attentional poolers", "contrastive_pooler"), ("text encoder (T5)", "text_encoder"),
-                          ("text decoder (T5)", "text_decoder")):
+    for label, module in (("visual", "visual"), ("poolers", "gen_pooler"), ("poolers", "contrastive_pooler"),
+                          ("text_encoder", "text_encoder"), ("text_decoder", "text_decoder")):
         out[label] = out.get(label, 0) + sum(per_module.get(f"{name}.{module}", {}).values())
     out["total"] = sum(per_module.get("Global", {}).values())
     return out

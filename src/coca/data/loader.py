@@ -18,7 +18,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from ..config import DataConfig
 from ..tokenizer import trim_padding
-from .readers import CsvSource, FolderSource, WebDatasetSource, split_shards
+from .readers import (
+    CocoCaptionsSource,
+    CsvSource,
+    FolderSource,
+    WebDatasetSource,
+    split_shards,
+)
 from .samples import Collator, Skipped
 from .synthetic import SyntheticScenes, caption_for
 from .transforms import EvalTransform, TrainTransform
@@ -40,6 +46,9 @@ def build_source(cfg: DataConfig, split: str, image_size: int):
     if cfg.kind == "csv":
         return CsvSource(spec, image_root=cfg.image_root or None, image_column=cfg.image_column,
                          caption_column=cfg.caption_column, max_pixels=cfg.max_pixels)
+    if cfg.kind == "coco":
+        return CocoCaptionsSource(spec, cfg.split if split == "train" else cfg.val_split,
+                                  image_root=cfg.image_root or None, max_pixels=cfg.max_pixels)
     if cfg.kind == "folder":
         return FolderSource(spec, templates=tuple(t.strip() for t in cfg.templates.split("|")), max_pixels=cfg.max_pixels)
     return WebDatasetSource(spec, shuffle_buffer=cfg.shuffle_buffer if split == "train" else 0,
@@ -185,7 +194,7 @@ def training_captions(cfg: DataConfig, limit: int) -> Iterator[str]:
         yield from (caption_for(source.scene(i)) for i in range(min(limit, len(source))))
     elif isinstance(source, FolderSource):
         yield from (t.format(name) for name in source.class_names for t in source.templates)
-    elif isinstance(source, CsvSource):
+    elif isinstance(source, (CsvSource, CocoCaptionsSource)):
         yield from source.captions(limit)
     else:
         samples = (s for s in source.iter_samples(0) if not isinstance(s, Skipped))

@@ -1,8 +1,9 @@
 """Dataset sources that yield raw (PIL RGB image, caption) pairs, or ``Skipped(reason, key)``.
 
-Three layouts:
+Four layouts:
 
 * ``CsvSource``        a CSV / TSV file naming an image path and a caption per row (map-style)
+* ``CocoCaptionsSource`` a COCO / Karpathy captions file, every caption of an image a pair (map-style)
 * ``FolderSource``     an ImageFolder tree, captions made from class names and templates (map-style)
 * ``WebDatasetSource`` webdataset tar shards in the img2dataset layout (iterable, streamed)
 
@@ -28,7 +29,7 @@ from PIL import Image
 from .samples import MAX_PIXELS, Skipped, decode_caption, decode_image
 
 __all__ = [
-    "CsvSource", "FolderSource", "WebDatasetSource", "expand_braces", "split_shards",
+    "CocoCaptionsSource", "CsvSource", "FolderSource", "WebDatasetSource", "expand_braces", "split_shards",
     "IMAGE_EXTENSIONS", "WDS_IMAGE_EXTENSIONS",
 ]
 
@@ -172,6 +173,46 @@ class CsvSource:
             return Skipped("missing_image", key)
         data = _read_bytes(path)
         image = decode_image(data, self.max_pixels, key)  # None (unreadable) -> missing_image
+        return image if isinstance(image, Skipped) else (image, caption)
+
+
+# ------------------------------------------------------------------------------- COCO captions
+
+
+class CocoCaptionsSource:
+    """Map-style source over a captions annotation file: every caption of an image is one pair.
+
+    Reads the formats ``coca eval caption`` reads (COCO captions, Karpathy's dataset_coco.json
+    with ``split`` such as ``"train+restval"``, a list of ``{image, caption}``); image paths are
+    resolved the same way (against ``image_root``, default the file's folder, or its parent).
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str = "train", image_root: str | os.PathLike | None = None,
+                 max_pixels: int = MAX_PIXELS):
+        from .annotations import load_caption_annotations, resolve_image_root
+        self.path = Path(path)
+        items = load_caption_annotations(self.path, split)
+        self.root = resolve_image_root([it["file_name"] for it in items],
+                                       image_root if image_root else self.path.parent)
+        self.max_pixels = max_pixels
+        self.pairs = [(it["file_name"], caption) for it in items for caption in it["captions"]]
+        self.n_images = len(items)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def captions(self, limit: int | None = None) -> Iterator[str]:
+        for _, caption in self.pairs[:limit]:
+            yield caption
+
+    def load(self, index: int) -> tuple[Image.Image, str] | Skipped:
+        if not 0 <= index < len(self):
+            raise IndexError(f"pair {index} out of range [0, {len(self)})")
+        name, caption = self.pairs[index]
+        caption = decode_caption(caption, name)
+        if isinstance(caption, Skipped):
+            return caption
+        image = decode_image(_read_bytes(self.root.path / name), self.max_pixels, name)
         return image if isinstance(image, Skipped) else (image, caption)
 
 

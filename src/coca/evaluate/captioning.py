@@ -9,15 +9,15 @@ the reason, never dropped silently.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from ..data.annotations import load_caption_annotations, resolve_image_root  # noqa: F401 (re-exported)
 from ..data.samples import normalise_caption as normalise
-from .common import image_batches, skip_counts
+from .common import image_batches, skip_counts, to_model
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
@@ -134,98 +134,6 @@ def _close_meteor(scorer) -> None:
         proc.wait()
 
 
-# -------------------------------------------------------------------------------- annotations
-
-def load_caption_annotations(path: str | os.PathLike, split: str | None = None) -> list[dict]:
-    """Images with their reference captions: [{"id", "file_name", "captions": [str, ...]}].
-
-    Accepts
-    - COCO format: {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]};
-    - Karpathy's dataset_coco.json: {"images": [{"filepath", "filename", "split", "sentences": [{"raw"}]}]},
-      filtered to ``split`` (default "test");
-    - a list of {"image": path, "caption": str or [str]} (the common Karpathy-split JSON layout).
-    Images without any caption are left out; a file that matches none of these is an error
-    naming what is wrong.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file {str(path)!r} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    try:
-        if isinstance(data, list):
-            items = _from_list(data)
-        elif isinstance(data, dict) and "annotations" in data:
-            items = _from_coco(data)
-        elif isinstance(data, dict) and data.get("images") and "sentences" in data["images"][0]:
-            items = _from_karpathy(data, split or "test")
-        else:
-            raise ValueError("expected a COCO captions file ({'images': [...], 'annotations': [...]}), "
-                             "Karpathy's dataset_coco.json, or a list of {'image', 'caption'} entries")
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: malformed annotation entry ({type(e).__name__}: {e})") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    items = [it for it in items if it["captions"]]
-    if not items:
-        raise ValueError(f"{path}: no images with captions" + (f" in split {split!r}" if split else ""))
-    return items
-
-
-def _caption_text(c, where: str) -> str:
-    if not isinstance(c, str):
-        raise ValueError(f"{where}: caption must be a string, got {type(c).__name__}")
-    return " ".join(c.split())
-
-
-def _from_coco(data: dict) -> list[dict]:
-    if not isinstance(data.get("images"), list) or not isinstance(data["annotations"], list):
-        raise ValueError("'images' and 'annotations' must both be lists")
-    items, by_id = [], {}
-    for im in data["images"]:
-        item = {"id": im["id"], "file_name": im["file_name"], "captions": []}
-        if item["id"] in by_id:
-            raise ValueError(f"image id {item['id']!r} appears twice in 'images'")
-        by_id[item["id"]] = item
-        items.append(item)
-    for n, ann in enumerate(data["annotations"]):
-        image_id = ann["image_id"]
-        if image_id not in by_id:
-            raise ValueError(f"annotation {n} refers to image_id {image_id!r}, which is not in 'images'")
-        text = _caption_text(ann["caption"], f"annotation {n}")
-        if text:
-            by_id[image_id]["captions"].append(text)
-    return items
-
-
-def _from_karpathy(data: dict, split: str) -> list[dict]:
-    items = []
-    for n, im in enumerate(data["images"]):
-        if im.get("split") != split and not (split == "train" and im.get("split") == "restval"):
-            continue
-        name = os.path.join(im.get("filepath", ""), im["filename"])
-        caps = [_caption_text(s["raw"], f"image {n}") for s in im["sentences"]]
-        items.append({"id": im.get("cocoid", im.get("imgid", n)), "file_name": name, "captions": [c for c in caps if c]})
-    return items
-
-
-def _from_list(data: list) -> list[dict]:
-    items, by_name = [], {}
-    for n, entry in enumerate(data):
-        caps = entry["caption"]
-        caps = [caps] if isinstance(caps, str) else caps
-        if not isinstance(caps, list):
-            raise ValueError(f"entry {n}: 'caption' must be a string or a list of strings")
-        name = entry["image"]
-        if name not in by_name:
-            by_name[name] = {"id": entry.get("image_id", len(items)), "file_name": name, "captions": []}
-            items.append(by_name[name])
-        by_name[name]["captions"].extend(t for t in (_caption_text(c, f"entry {n}") for c in caps) if t)
-    return items
-
-
 # --------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -233,20 +141,17 @@ def generate_captions(model, tokenizer, paths: list[Path], batch_size: int = 32,
                       skipped: list | None = None, **generate_kwargs) -> dict[int, str]:
     """{position in paths: generated caption} for every readable image."""
     model.eval()
-    device = next(model.parameters()).device
     out = {}
     for idx, images in image_batches(paths, model.cfg.vision.image_size, batch_size, workers, skipped, "captioning"):
-        texts = tokenizer.decode(model.generate(images.to(device), **generate_kwargs))
+        texts = tokenizer.decode(model.generate(to_model(model, images), **generate_kwargs))
         out.update(zip(idx, texts))
     return out
 
 
 def evaluate_captions(model, tokenizer, items: list[dict], images_root: str | os.PathLike, batch_size: int = 32,
                       workers: int = 0, spice: bool = True, **generate_kwargs) -> dict:
-    root = Path(images_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image directory {str(root)!r} not found")
-    paths = [root / it["file_name"] for it in items]
+    root = resolve_image_root([it["file_name"] for it in items], images_root)
+    paths = [root.path / it["file_name"] for it in items]
     skipped: list[dict] = []
     generated = generate_captions(model, tokenizer, paths, batch_size, workers, skipped, **generate_kwargs)
     if not generated:
@@ -261,4 +166,5 @@ def evaluate_captions(model, tokenizer, items: list[dict], images_root: str | os
                     "references": items[i]["captions"], "scores": scores["per_item"][keys[i]]}
                    for i in sorted(generated)]
     return {"metrics": scores["metrics"], "unavailable": scores["unavailable"], "tokenizer": scores["tokenizer"],
-            "skipped": skip_counts(skipped), "skipped_files": skipped, "predictions": predictions}
+            "image_root": root.note, "skipped": skip_counts(skipped), "skipped_files": skipped,
+            "predictions": predictions}

@@ -26,6 +26,12 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu"):
     return model
 
 
+def to_model(model, images: torch.Tensor) -> torch.Tensor:
+    """Images on the model's device and in its dtype (a bf16 model takes bf16 pixels)."""
+    p = next(model.parameters())
+    return images.to(p.device, p.dtype)
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Paths -> (position, eval-transformed image) or (position, Skipped) for a bad file."""
 

@@ -8,11 +8,11 @@ the top K images (the standard protocol of CLIP, ALIGN and CoCa).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
-from .common import image_batches, skip_counts
+from ..data.annotations import resolve_image_root
+from .common import image_batches, skip_counts, to_model
 
 KS = (1, 5, 10)
 
@@ -47,15 +47,13 @@ def evaluate_retrieval(model, tokenizer, items: list[dict], images_root: str | o
     """``items`` as from ``load_caption_annotations``. Unreadable images are skipped (with their captions)."""
     model.eval()
     device = next(model.parameters()).device
-    root = Path(images_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image directory {str(root)!r} not found")
-    paths = [root / it["file_name"] for it in items]
+    root = resolve_image_root([it["file_name"] for it in items], images_root)
+    paths = [root.path / it["file_name"] for it in items]
     skipped: list[dict] = []
     kept, image_embeds = [], []
     for idx, images in image_batches(paths, model.cfg.vision.image_size, batch_size, workers, skipped, "images"):
         kept.extend(idx)
-        image_embeds.append(model.encode_image(images.to(device)).float().cpu())
+        image_embeds.append(model.encode_image(to_model(model, images)).float().cpu())
     if not kept:
         raise ValueError(f"none of the {len(paths)} images could be read ({skip_counts(skipped)})")
     texts, owner = [], []
@@ -78,5 +76,5 @@ def evaluate_retrieval(model, tokenizer, items: list[dict], images_root: str | o
                            "rank_of_image": result["t2i_rank"][j], "top_image_id": items[kept[top_image[j]]]["id"]}
                           for j in range(len(texts))],
     }
-    return {"metrics": result["metrics"], "skipped": skip_counts(skipped), "skipped_files": skipped,
-            "predictions": predictions}
+    return {"metrics": result["metrics"], "image_root": root.note, "skipped": skip_counts(skipped),
+            "skipped_files": skipped, "predictions": predictions}

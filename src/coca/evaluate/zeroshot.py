@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .common import image_batches, read_text_list, skip_counts
+from .common import image_batches, read_text_list, skip_counts, to_model
 
 DATA_DIR = Path(__file__).parent / "data"
 IMAGENET_CLASSNAMES = DATA_DIR / "imagenet_classnames.txt"
@@ -62,13 +63,27 @@ def zero_shot_logits(model, images: torch.Tensor, classifier: torch.Tensor) -> t
     return model.encode_image(images) @ classifier.T
 
 
+@dataclass(frozen=True)
+class LabelledImages:
+    paths: list[Path]
+    labels: list[int]
+    classnames: list[str]
+    mapping: str      # how labels were assigned: "by name", "sorted folder order", "folder names", "labels file"
+
+
+def _name_key(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
 def labelled_images(images: str | os.PathLike, labels_file: str | os.PathLike | None = None,
-                    classnames: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
-    """(image paths, class indices, class names) for a zero-shot evaluation.
+                    classnames: list[str] | None = None) -> LabelledImages:
+    """Image paths, class indices and class names for a zero-shot evaluation.
 
     - ``labels_file`` None: ``images`` is an ImageNet-style folder, one sub-folder per class.
-      Sorted folder i is class i (how the ImageNet validation folders map to the standard
-      class order); without ``classnames`` the folder names are the class names.
+      Without ``classnames`` the folder names are the class names. With them, folders are matched
+      to names by name when every folder name equals a class name (ignoring case and '_' vs
+      space), whatever the order of the names file; otherwise sorted folder i is class i (how the
+      ImageNet validation synset folders map to the standard class order). ``mapping`` says which.
     - ``labels_file``: a CSV/TSV of ``image,label`` rows (a header row is allowed), image paths
       relative to ``images``, label a class index or a class name.
     """
@@ -79,14 +94,19 @@ def labelled_images(images: str | os.PathLike, labels_file: str | os.PathLike | 
     if labels_file is None:
         folder = FolderSource(root)
         if classnames is None:
-            classnames = folder.class_names
-        elif len(classnames) != len(folder.classes):
+            return LabelledImages(list(folder.samples), list(folder.labels), folder.class_names, "folder names")
+        if len(classnames) != len(folder.classes):
             raise ValueError(f"{root} has {len(folder.classes)} class folders but {len(classnames)} class names "
-                             "were given; sorted folder i must be class i")
-        return list(folder.samples), list(folder.labels), list(classnames)
+                             "were given")
+        index_of = {_name_key(n): i for i, n in enumerate(classnames)}
+        if len(index_of) == len(classnames) and all(_name_key(c) in index_of for c in folder.classes):
+            by_folder = [index_of[_name_key(c)] for c in folder.classes]
+            return LabelledImages(list(folder.samples), [by_folder[label] for label in folder.labels],
+                                  list(classnames), "by name")
+        return LabelledImages(list(folder.samples), list(folder.labels), list(classnames), "sorted folder order")
     if classnames is None:
         raise ValueError("a labels file needs class names (--classnames FILE or --dataset imagenet)")
-    return (*_read_labels_file(Path(labels_file), root, classnames), list(classnames))
+    return LabelledImages(*_read_labels_file(Path(labels_file), root, classnames), list(classnames), "labels file")
 
 
 def _read_labels_file(path: Path, root: Path, classnames: list[str]) -> tuple[list[Path], list[int]]:
@@ -124,7 +144,6 @@ def evaluate_zeroshot(model, tokenizer, paths: list[Path], labels: list[int], cl
                       templates: list[str], batch_size: int = 64, workers: int = 0) -> dict:
     """Top-1, top-5 and per-class accuracy, with each image's top-5 predictions."""
     model.eval()
-    device = next(model.parameters()).device
     classifier = class_embeddings(model, tokenizer, classnames, templates)
     scale = model.logit_scale.exp().clamp(max=model.cfg.max_logit_scale)
     k = min(5, len(classnames))
@@ -133,7 +152,7 @@ def evaluate_zeroshot(model, tokenizer, paths: list[Path], labels: list[int], cl
     per_class_total = [0] * len(classnames)
     per_class_correct = [0] * len(classnames)
     for idx, images in image_batches(paths, model.cfg.vision.image_size, batch_size, workers, skipped, "zero-shot"):
-        probs = (scale * zero_shot_logits(model, images.to(device), classifier)).softmax(-1)
+        probs = (scale * zero_shot_logits(model, to_model(model, images), classifier)).softmax(-1)
         top_p, top_i = probs.topk(k, dim=-1)
         for i, ps, cs in zip(idx, top_p.tolist(), top_i.tolist()):
             truth = labels[i]
@@ -164,7 +183,6 @@ def evaluate_zeroshot(model, tokenizer, paths: list[Path], labels: list[int], cl
 @torch.no_grad()
 def rank_labels(model, tokenizer, images: torch.Tensor, labels: list[str], templates: list[str] | None = None):
     """[B, L] probabilities of each label (softmax over the model's temperature-scaled cosines)."""
-    device = next(model.parameters()).device
     classifier = class_embeddings(model, tokenizer, labels, templates or ["{}"])
     scale = model.logit_scale.exp().clamp(max=model.cfg.max_logit_scale)
-    return (scale * zero_shot_logits(model, images.to(device), classifier)).softmax(-1)
+    return (scale * zero_shot_logits(model, to_model(model, images), classifier)).softmax(-1)

@@ -28,6 +28,35 @@ from .vit import AttentionalPooler, VisionTransformer
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.model"
 
 
+# Components: the names `optim.freeze` and `optim.lr_mult` take, their label in `coca info`, and
+# their parameter-name prefixes. They are disjoint: the shared token embedding and the LM head are
+# components of their own, not part of the text encoder / decoder.
+COMPONENTS = {
+    "visual": ("vision tower (ViT)", ("visual.",)),
+    "poolers": ("attentional poolers", ("gen_pooler.", "contrastive_pooler.", "ln_visual.")),
+    "text_encoder": ("text encoder (T5)", ("text_encoder.",)),
+    "text_decoder": ("text decoder (T5)", ("text_decoder.",)),
+    "token_embedding": ("token embedding (shared)", ("text_encoder.embed_tokens.",)),
+    "lm_head": ("LM head (untied)", ("text_decoder.lm_head.",)),
+    "projections": ("contrastive projections", ("image_proj.", "text_proj.")),
+    "temperature": ("temperature", ("logit_scale",)),
+}
+VISUAL_COMPONENTS = ("visual", "poolers")
+
+
+def component_of(name: str) -> str:
+    """The component a parameter belongs to (the most specific prefix wins: the embedding and
+    the LM head sit inside the text modules)."""
+    best, best_len = None, -1
+    for comp, (_, prefixes) in COMPONENTS.items():
+        for p in prefixes:
+            if name.startswith(p) and len(p) > best_len:
+                best, best_len = comp, len(p)
+    if best is None:
+        raise KeyError(f"parameter {name!r} belongs to no component")
+    return best
+
+
 class CoCa(nn.Module):
     def __init__(self, cfg: CoCaConfig):
         super().__init__()
@@ -208,6 +237,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if (path / TOKENIZER_FILE).is_file():
         from ..tokenizer import Tokenizer
         model.tokenizer = Tokenizer(path / TOKENIZER_FILE, context_length=cfg.text.context_length)
+        if model.tokenizer.vocab_size > cfg.text.vocab_size:  # its top ids would index past the embedding
+            raise ValueError(f"{path / TOKENIZER_FILE} has {model.tokenizer.vocab_size} ids but the model's "
+                             f"vocabulary ({path / CONFIG_FILE} text.vocab_size) is {cfg.text.vocab_size}")
     return model.eval()
 
 

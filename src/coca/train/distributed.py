@@ -277,7 +277,9 @@ class Engine:
         return norm
 
     def last_lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The scheduled base rate (optim.lr x schedule), whatever a group's own multiplier."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
 
 
 def deepspeed_config(cfg, world: World, user_file: str = "") -> dict:

@@ -6,10 +6,13 @@
     RUN_DIR/tb/                  TensorBoard events
     RUN_DIR/checkpoints/step_N/  the last train.keep_checkpoints checkpoints
     RUN_DIR/model/               the final model (save_pretrained layout, with the tokenizer)
+    RUN_DIR/init.json            with train.init_from: what was loaded, missing and unexpected
+    RUN_DIR/best/                with train.best_metric: the best model so far, its eval.json beside it
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -22,10 +25,12 @@ import yaml
 
 from ..config import ConfigError, RunConfig
 from ..data.loader import train_batches, training_captions, val_batches
-from ..io import atomic_write_text
+from ..evaluate.tasks import Evaluation
+from ..io import atomic_write_bytes, atomic_write_text
 from ..losses import CoCaLoss, contrastive_accuracy
 from ..models.coca import create_model
 from ..tokenizer import Tokenizer
+from .best import BestModel
 from .checkpoint import (
     DS_TAG,
     clean_temporaries,
@@ -45,7 +50,8 @@ from .distributed import (
     init_world,
     shutdown,
 )
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, describe_groups, freeze
+from .warmstart import init_tokenizer, load_init_weights
 
 MAX_NONFINITE_IN_A_ROW = 20
 
@@ -72,6 +78,11 @@ def prepare_tokenizer(cfg: RunConfig, run_dir: Path, log) -> Tokenizer:
         tok = Tokenizer(cfg.data.tokenizer, context_length=ctx)
     elif (run_dir / "tokenizer.model").is_file():  # resumed run: keep the ids the weights were trained with
         tok = Tokenizer(run_dir / "tokenizer.model", context_length=ctx)
+    elif cfg.train.init_from:  # the ids the loaded text weights were trained with; a copy keeps resume exact
+        source = init_tokenizer(cfg.train.init_from)
+        atomic_write_bytes(run_dir / "tokenizer.model", source.read_bytes())
+        tok = Tokenizer(run_dir / "tokenizer.model", context_length=ctx)
+        log(f"tokenizer from {source} ({tok.vocab_size} pieces)")
     else:
         t0 = time.time()
         tok = Tokenizer.train(training_captions(cfg.data, cfg.data.tokenizer_train_captions),
@@ -80,8 +91,10 @@ def prepare_tokenizer(cfg: RunConfig, run_dir: Path, log) -> Tokenizer:
         log(f"trained a {tok.vocab_size}-piece SentencePiece tokenizer in {time.time() - t0:.1f}s -> {tok.path}")
     t = cfg.model.text
     if tok.vocab_size > t.vocab_size:
-        raise ConfigError(f"tokenizer has {tok.vocab_size} ids but model.text.vocab_size is {t.vocab_size}; "
-                          f"set model.text.vocab_size >= {tok.vocab_size}")
+        fix = ("use the model directory's own tokenizer (leave data.tokenizer empty)" if cfg.train.init_from
+               else f"set model.text.vocab_size >= {tok.vocab_size}")
+        raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model's vocabulary "
+                          f"(model.text.vocab_size) is {t.vocab_size}; {fix}")
     if (tok.pad_id, tok.eos_id) != (t.pad_id, t.eos_id):
         raise ConfigError(f"tokenizer pad/eos ids ({tok.pad_id}, {tok.eos_id}) differ from the model's "
                           f"({t.pad_id}, {t.eos_id}); set model.text.pad_id / eos_id to match")
@@ -141,6 +154,26 @@ def validate(model, batches: list[dict], loss_fn, device, precision, input_dtype
     return {k: v / n for k, v in totals.items()} if n else {}
 
 
+def run_evaluations(evaluations: list[Evaluation], model, tokenizer, log) -> dict:
+    """``{"<name>.<metric>": value}`` of every evaluation, run in fp32 without autocast exactly as
+    `coca eval` runs it; an evaluation that fails (e.g. no image readable any more) is logged and
+    recorded as ``"<name>.error"`` instead of stopping the run."""
+    out = {}
+    for evaluation in evaluations:
+        t0 = time.time()
+        try:
+            result = evaluation.run(model, tokenizer)
+        except (ValueError, OSError) as e:
+            log(f"evaluation {evaluation.cfg.name} failed: {e}")
+            out[f"{evaluation.cfg.name}.error"] = str(e)
+            continue
+        out.update(result.prefixed())
+        out[f"{evaluation.cfg.name}.time_s"] = round(time.time() - t0, 2)
+        log(f"eval {evaluation.cfg.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                                                       if not k.startswith("n_")))
+    return out
+
+
 def _barrier(world: World) -> None:
     if world.parallel:
         torch.distributed.barrier()
@@ -164,6 +197,7 @@ def train(cfg: RunConfig, log=print) -> dict:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    evaluations = [Evaluation(e) for e in tc.eval]  # reads every eval input now: a bad file fails before step 1
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
@@ -174,9 +208,21 @@ def train(cfg: RunConfig, log=print) -> dict:
     if not main:  # rank 0 trained or found the tokenizer; the others read the same file
         tokenizer = prepare_tokenizer(cfg, run_dir, say)
     model = create_model(cfg.model).to(device).train()
+    ckpt_root = run_dir / "checkpoints"
+    latest = latest_checkpoint(ckpt_root)
+    if tc.init_from and latest is None:  # a resumed run continues from its checkpoint instead
+        report = load_init_weights(model, tc.init_from, tc.init_strict)
+        for line in report.lines():
+            say(line)
+        if main:
+            atomic_write_text(run_dir / "init.json", json.dumps(dataclasses.asdict(report), indent=1) + "\n")
     if tc.activation_checkpointing:
         model.set_grad_checkpointing(True)
+    freeze(model, cfg.optim.freeze)
     optimizer = build_optimizer(model, cfg.optim)
+    for line in describe_groups(optimizer.param_groups, model, cfg.optim):
+        say(line)
+    best = BestModel(run_dir / "best", tc.best_metric, tc.best_mode) if tc.best_metric and main else None
     scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
     ds_config = None
     if tc.engine == "deepspeed":
@@ -190,12 +236,10 @@ def train(cfg: RunConfig, log=print) -> dict:
     loss_fn = GlobalCoCaLoss(cfg.loss.contrastive_weight, cfg.loss.caption_weight, cfg.model.text.pad_id, world)
     val_loss_fn = CoCaLoss(cfg.loss.contrastive_weight, cfg.loss.caption_weight, cfg.model.text.pad_id)
 
-    ckpt_root = run_dir / "checkpoints"
     if main:
         clean_temporaries(ckpt_root)
     _barrier(world)
     step, batches_done, skipped, nonfinite = 0, 0, Counter(), 0
-    latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         if engine.kind == "deepspeed":
             _, state = engine.wrapped.load_checkpoint(str(latest), tag=DS_TAG)
@@ -225,6 +269,19 @@ def train(cfg: RunConfig, log=print) -> dict:
             path = save_checkpoint(ckpt_root, step, model, state, tc.keep_checkpoints)
         _barrier(world)
         return path
+
+    def evaluate(at_step: int) -> None:
+        """Every train.eval task on rank 0 (the other ranks wait); the best model kept."""
+        if main:
+            record = {"step": at_step, "split": "eval",
+                      **run_evaluations(evaluations, model, tokenizer, say)}
+            metrics.write(record)
+            tb.scalars(record, at_step)
+            if best is not None and best.update(record, at_step):
+                best.save(model, tokenizer, record, at_step)
+                say(f"best {tc.best_metric} so far: {record[tc.best_metric]:.4f} at step {at_step} -> {best.path}")
+            model.train()
+        _barrier(world)
 
     stop = {"signal": None}
 
@@ -305,8 +362,12 @@ def train(cfg: RunConfig, log=print) -> dict:
                           **validate(model, val_set, val_loss_fn, device, precision, input_dtype)}
                 metrics.write(record)
                 tb.scalars(record, step)
+            if evaluations and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                evaluate(step)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 checkpoint()
+        if evaluations and step >= tc.steps:
+            evaluate(step)  # at the end (also of a run of 0 steps: the loaded model's numbers)
         if stop["signal"] is not None or (step < tc.steps):
             path = checkpoint()
             say(f"stopped by signal at step {step}; checkpoint {path}")
