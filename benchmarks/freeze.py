@@ -92,7 +92,6 @@ def main(argv=None) -> int:
     p.add_argument("--text-len", type=int, default=76)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--json", help="write the results here")
     p.add_argument("--memory-child", choices=list(ROWS), help=argparse.SUPPRESS)
     matched.add_size_args(p)
     args = p.parse_args(argv)
