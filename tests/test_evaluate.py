@@ -189,6 +189,14 @@ def test_eval_zeroshot_command(capsys, trained):
     assert 0 <= m["top1"] <= m["top5"] <= 1 and len(res["per_class"]) == 18
     assert len(res["predictions"]) == 72 and len(res["predictions"][0]["top5"]) == 5
     assert res["skipped_files"][0]["path"].endswith("zz_corrupt.png")
+    assert res["class_mapping"] == "by name" and "class mapping" in out
+    # the class names file in another order labels the same folders by name: the same accuracy
+    names = trained["root"] / "reversed_names.txt"
+    names.write_text("\n".join(reversed(open(trained["classnames"]).read().split("\n")[:18])) + "\n")
+    code, _, err = run(capsys, "eval", "zeroshot", "--model", trained["model"], "--images", trained["classify"],
+                       "--classnames", names, "--templates", trained["templates"], "--workers", 0, "--out", out_file)
+    assert code == 0, err
+    assert json.loads(out_file.read_text())["metrics"]["top1"] == pytest.approx(m["top1"])
     # the same through a labels file; class names may be given by name or index
     rows = ["image,label"] + [f"{p['image'].split('classify/')[1]},{p['label'] if i % 2 else p['label_name']}"
                               for i, p in enumerate(res["predictions"])]

@@ -199,6 +199,14 @@ def test_coco_training_data_uses_every_caption_and_karpathy_splits(tmp_path):
     assert [c for c in CocoCaptionsSource(ann, "train", image_root=tmp_path / "coco").captions()] == ["one", "two"]
     with pytest.raises(ValueError, match="no images in split 'test'"):
         CocoCaptionsSource(ann, "test", image_root=tmp_path / "coco")
+    # the validation losses read data.val with data.val_split
+    from coca.config import DataConfig
+    from coca.data.loader import val_batches
+    tok = coca.Tokenizer.train(["one two three four"] * 50, vocab_size=20, out_dir=tmp_path / "tok", model_type="bpe")
+    cfg = DataConfig(kind="coco", train=str(ann), val=str(ann), val_split="train+val", image_root=str(tmp_path / "coco"),
+                     batch_size=3)
+    (batch,) = val_batches(cfg, 64, tok, 4)
+    assert batch["captions"] == ["one", "two", "four"]
 
 
 # ---------------------------------------------------------------- evaluation during training
