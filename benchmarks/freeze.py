@@ -52,7 +52,7 @@ def build_step(size, frozen: list[str], images, tokens, lr: float):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images, tokens), tokens)["loss"]
+        loss = loss_fn(model(images, tokens), tokens).loss
         loss.backward()
         opt.step()
         return loss.item()
@@ -70,7 +70,7 @@ def saved_bytes(model, loss_fn, images, tokens) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn(model(images, tokens), tokens)["loss"]
+        loss_fn(model(images, tokens), tokens).loss
     return sum(n for n, _ in saved.values())
 
 

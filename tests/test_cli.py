@@ -146,3 +146,17 @@ def test_demo_command(capsys, tmp_path):
     for name in ("curves.png", "gallery.png", "predictions.json", "metrics.jsonl", "config.yaml"):
         assert (tmp_path / "demo" / name).is_file()
     assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
+
+
+def test_user_errors_exit_2_and_bugs_show_their_traceback(capsys, monkeypatch):
+    import coca.cli as cli
+    from coca.errors import InputNotFound, UserError
+    code, _, err = run(capsys, "eval", "zeroshot", "--model", "nowhere", "--images", "no-such-folder")
+    assert code == 2 and err.strip().count("\n") == 0 and "no-such-folder" in err
+
+    def bug(args):
+        raise ValueError("an internal bug")  # not a UserError: must not be reported as bad input
+    monkeypatch.setattr(cli, "cmd_list", bug)
+    with pytest.raises(ValueError, match="internal bug"):
+        cli.main(["list"])
+    assert issubclass(InputNotFound, FileNotFoundError) and issubclass(UserError, ValueError)

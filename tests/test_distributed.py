@@ -72,20 +72,18 @@ def test_deepspeed_zero2_step_equals_single_process(tmp_path, accum, split):
 
 def test_grad_cache_in_one_process_equals_the_whole_batch(tmp_path):
     """Four micro-batches of two in one process give the step of the batch of eight."""
-    from contextlib import nullcontext
-
     from dist_common import build, global_batch
 
-    from coca.train.distributed import Engine, GlobalCoCaLoss, World, grad_cache_step
+    from coca.losses import CoCaLoss
+    from coca.train.distributed import World
+    from coca.train.engines import build_engine
+    from coca.train.step import train_step
     model, optimizer, scheduler = build()
     images, tokens = global_batch()
-    engine = Engine("single", model, optimizer, scheduler, torch.device("cpu"))
-    engine.zero_grad()
-    losses = grad_cache_step(engine, list(zip(images.chunk(4), tokens.chunk(4))), GlobalCoCaLoss(1.0, 1.0, 0, World()),
-                             nullcontext)
+    engine = build_engine("single", model, optimizer, scheduler, torch.device("cpu"), World())
+    step = train_step(engine, list(zip(images.chunk(4), tokens.chunk(4))), CoCaLoss(1.0, 1.0, 0))
     engine.step(0.0)
-    check_matches_single_process({**{k: losses[k].item() for k in ("loss", "contrastive_loss", "caption_loss")},
-                                  "params": model.state_dict()})
+    check_matches_single_process({**step.losses.as_floats(), "params": model.state_dict()})
 
 
 # ------------------------------------------------------------------- `coca train` under torchrun

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from .errors import UserError
+
 
 def _fmt_params(n: int) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
@@ -155,7 +157,7 @@ def cmd_classify(args) -> int:
     from .evaluate.zeroshot import check_template, load_templates, rank_labels
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     if len(labels) < 2:
-        raise ValueError(f"--labels needs at least two comma-separated labels, got {args.labels!r}")
+        raise UserError(f"--labels needs at least two comma-separated labels, got {args.labels!r}")
     templates = None
     if args.templates:
         templates = load_templates(args.templates)
@@ -340,13 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
+    from .errors import UserError
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    except UserError as e:  # bad input: one line naming what is wrong; anything else is a bug (traceback)
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -15,8 +15,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InputNotFound, UserError
 
-class ConfigError(ValueError):
+# Images with more pixels are skipped (training, preparation) or refused (single images) as likely
+# decompression bombs: PIL's own warning threshold (89.5M pixels, e.g. 9,459 x 9,459).
+MAX_PIXELS = 89_478_485
+
+
+class ConfigError(UserError):
     """A config value or key is invalid; the message names the key and what is expected."""
 
 
@@ -281,7 +287,7 @@ class DataConfig:
     workers: int = 1               # DataLoader worker processes
     shuffle_buffer: int = 1000     # webdataset sample shuffle buffer
     resampled: bool = False        # webdataset: draw shards with replacement per rank and worker (huge datasets)
-    max_pixels: int = 89_478_485   # larger images are skipped (decompression bombs)
+    max_pixels: int = MAX_PIXELS   # larger images are skipped (decompression bombs)
     synthetic_train_size: int = 100_000
     synthetic_val_size: int = 512
     synthetic_seed: int = 0
@@ -573,9 +579,9 @@ def init_model_config(train: TrainConfig, spec: Any) -> CoCaConfig:
     else:
         path = init_dir / "config.json"
         if not init_dir.is_dir():
-            raise FileNotFoundError(f"train.init_from: model directory {str(init_dir)!r} not found")
+            raise InputNotFound(f"train.init_from: model directory {str(init_dir)!r} not found")
         if not path.is_file():
-            raise FileNotFoundError(f"train.init_from: {path} is missing; a model directory holds config.json and "
+            raise InputNotFound(f"train.init_from: {path} is missing; a model directory holds config.json and "
                                     "model.safetensors (the output of `coca init`, a run's model/ or best/)")
         try:
             base, source = json.loads(path.read_text()), str(path)
@@ -617,7 +623,7 @@ def read_config_data(path: str | None, overrides: list[str] | None) -> dict:
         from pathlib import Path
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file {path!r} not found")
+            raise InputNotFound(f"config file {path!r} not found")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import CoCaConfig, ConfigError, TextConfig, VisionConfig, get_preset
+from .errors import InputNotFound, UserError
 from .models.coca import CoCa, create_model, load_checked
 from .models.t5 import T5Decoder, T5Encoder
 from .models.vit import VisionTransformer
@@ -102,7 +103,7 @@ def read_hf_t5_dir(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: --t5 expects a Hugging Face T5 directory "
+        raise InputNotFound(f"{cfg_file} not found: --t5 expects a Hugging Face T5 directory "
                                 "(config.json + model.safetensors or pytorch_model.bin)")
     hf_cfg = json.loads(cfg_file.read_text())
     if (path / "model.safetensors").is_file():
@@ -115,7 +116,7 @@ def read_hf_t5_dir(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     elif (path / "pytorch_model.bin").is_file():
         state = read_state_file(path / "pytorch_model.bin")
     else:
-        raise FileNotFoundError(f"no weights in {path}: expected model.safetensors, model.safetensors.index.json "
+        raise InputNotFound(f"no weights in {path}: expected model.safetensors, model.safetensors.index.json "
                                 "or pytorch_model.bin")
     return hf_cfg, state
 
@@ -124,20 +125,20 @@ def read_state_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """A state dict from safetensors, or from a torch file loaded with weights_only=True."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {str(path)!r} not found")
+        raise InputNotFound(f"checkpoint file {str(path)!r} not found")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} could not be read as a state dict with weights_only=True ({e}). "
+        raise UserError(f"{path} could not be read as a state dict with weights_only=True ({e}). "
                          "Convert it to safetensors, e.g. via open_clip: "
                          "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        raise UserError(f"{path} does not hold a state dict (got {type(state).__name__})")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

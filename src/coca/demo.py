@@ -32,23 +32,23 @@ def run_demo(out_dir: str | Path, overrides: list[str] | None = None, log=print)
     model = load(summary["model_dir"])
     t1 = time.time()
     results = evaluate_synthetic(model, model.tokenizer, seed=cfg.data.synthetic_seed)
-    gallery = results.pop("_gallery")
+    gallery = [{**c, "image": im} for c, im in zip(results.captions, results.images)]
     metrics = {
-        "zeroshot_accuracy": results["zeroshot_accuracy"],
-        "caption_exact_match": results["caption_exact_match"],
-        "cider": results["cider"],
-        "n_zeroshot_images": results["n_classify"], "n_caption_images": results["n_caption"],
+        "zeroshot_accuracy": results.zeroshot_accuracy,
+        "caption_exact_match": results.caption_exact_match,
+        "cider": results.cider,
+        "n_zeroshot_images": results.n_classify, "n_caption_images": results.n_caption,
         "steps": summary["step"], "batch_size": cfg.data.batch_size,
         "final_train_loss": summary["last"].get("loss"), "skipped_samples": summary["skipped"],
         "train_time_s": round(train_s, 1), "eval_time_s": round(time.time() - t1, 1),
     }
     plot_curves(out / "metrics.jsonl", out / "curves.png")
-    draw_gallery(gallery[:16], results["zeroshot_predictions"], out / "gallery.png")
+    draw_gallery(gallery[:16], results.zeroshot_predictions, out / "gallery.png")
     metrics["wall_time_s"] = round(time.time() - t0, 1)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write_text(out / "predictions.json", json.dumps(
-        {"zeroshot": results["zeroshot_predictions"], "captions": results["captions"]}, indent=1) + "\n")
-    log(f"\nheld-out zero-shot accuracy ({results['zeroshot_classes']} classes): {metrics['zeroshot_accuracy']:.3f}")
+        {"zeroshot": results.zeroshot_predictions, "captions": results.captions}, indent=1) + "\n")
+    log(f"\nheld-out zero-shot accuracy ({results.zeroshot_classes} classes): {metrics['zeroshot_accuracy']:.3f}")
     log(f"held-out caption exact match: {metrics['caption_exact_match']:.3f}   CIDEr: {metrics['cider']:.3f}")
     for g in gallery[:3]:
         log(f"  generated {g['generated']!r}   reference {g['reference']!r}")

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import UserError
+
 STRATEGIES = ("greedy", "beam", "sample")
 
 
@@ -42,20 +44,20 @@ class _Stepper:
 
 def _check_args(model, images, max_new_tokens, min_new_tokens, strategy, num_beams, top_k, top_p, temperature):
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise UserError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     limit = model.cfg.text.context_length
     if not 1 <= max_new_tokens <= limit:
-        raise ValueError(f"max_new_tokens must be in [1, {limit}] (the model's context length), got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be in [1, {limit}] (the model's context length), got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
+        raise UserError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
     if strategy == "beam" and num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        raise UserError(f"num_beams must be >= 1, got {num_beams}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        raise UserError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        raise UserError(f"top_p must be in (0, 1] or None, got {top_p}")
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (use strategy='greedy' for argmax decoding)")
+        raise UserError(f"temperature must be > 0, got {temperature} (use strategy='greedy' for argmax decoding)")
     model.check_images(images)
 
 

@@ -2,28 +2,66 @@
 
 CoCa (Yu et al. 2022, Eq. 4): L = lambda_con * L_con + lambda_cap * L_cap; the described system
 weights both equally (1.0, 1.0).
+
+One loss for one process and for many. Each rank all-gathers the image and text embeddings *with
+gradients* and computes the loss of its own rows against all gathered columns, so the negatives
+are the whole global batch. A rank's loss is a sum over its rows scaled by world_size /
+global_rows (the caption loss a sum over its tokens scaled by world_size / global_tokens), so the
+engines' gradient average over ranks is exactly the gradient of the loss on the global batch,
+also when ranks hold different numbers of samples (skipped bad samples). With a world of one
+these are the plain batch means.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor) -> Tensor:
-    """Symmetric InfoNCE over the batch: image i and text i are the positive pair.
-
-    Embeddings are L2-normalised [B, E]; logit_scale is the (clamped) inverse temperature.
-    """
-    logits = logit_scale * image_embeds.float() @ text_embeds.float().T  # [B, B]
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+from .train.distributed import World, gather_rows, global_sum, row_counts
 
 
-def caption_loss(logits: Tensor, tokens: Tensor, pad_id: int = 0) -> Tensor:
-    """Token-level cross-entropy of teacher-forced logits [B, L, V] against tokens [B, L]; pad ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), ignore_index=pad_id)
+@dataclass
+class Losses:
+    """This rank's shares of the weighted total and of each part (their mean over ranks is the
+    global-batch loss)."""
+
+    loss: Tensor
+    contrastive: Tensor
+    caption: Tensor
+
+    def as_floats(self) -> dict[str, float]:  # a host sync: for log steps only
+        return {"loss": float(self.loss), "contrastive_loss": float(self.contrastive),
+                "caption_loss": float(self.caption)}
+
+
+def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, world: World = World()) -> Tensor:
+    """Symmetric InfoNCE: image i and text i are the positive pair, every other text (image) of the
+    global batch a negative. Embeddings are L2-normalised [B, E]; logit_scale the clamped inverse
+    temperature. Returns this rank's share: sum over its rows x world / global rows."""
+    sizes = row_counts(image_embeds.shape[0], world, image_embeds.device)
+    all_text, valid, offset = gather_rows(text_embeds.float(), sizes, world)
+    all_image, _, _ = gather_rows(image_embeds.float(), sizes, world)
+    labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
+    i2t = (logit_scale * image_embeds.float() @ all_text.T).masked_fill(~valid, float("-inf"))  # [B, W*B]
+    t2i = (logit_scale * text_embeds.float() @ all_image.T).masked_fill(~valid, float("-inf"))
+    loss_sum = (F.cross_entropy(i2t, labels, reduction="sum") + F.cross_entropy(t2i, labels, reduction="sum")) / 2
+    return loss_sum * world.world_size / sum(sizes)
+
+
+def caption_loss(logits: Tensor, tokens: Tensor, pad_id: int = 0, world: World = World(),
+                 global_tokens: float | None = None) -> Tensor:
+    """Token cross-entropy of teacher-forced logits [B, L, V] against tokens [B, L], pad ignored:
+    this rank's share of the mean over the global batch's tokens."""
+    flat_logits, flat_tokens = logits.float().flatten(0, 1), tokens.flatten()
+    if global_tokens is None:
+        if not world.parallel:  # the plain mean: no token count on the host, so no device sync
+            return F.cross_entropy(flat_logits, flat_tokens, ignore_index=pad_id)
+        global_tokens = global_sum((tokens != pad_id).sum(), world, tokens.device)
+    loss_sum = F.cross_entropy(flat_logits, flat_tokens, ignore_index=pad_id, reduction="sum")
+    return loss_sum * world.world_size / max(global_tokens, 1.0)
 
 
 def contrastive_accuracy(image_embeds: Tensor, text_embeds: Tensor) -> tuple[float, float]:
@@ -34,11 +72,12 @@ def contrastive_accuracy(image_embeds: Tensor, text_embeds: Tensor) -> tuple[flo
 
 
 class CoCaLoss:
-    def __init__(self, contrastive_weight: float = 1.0, caption_weight: float = 1.0, pad_id: int = 0):
-        self.contrastive_weight, self.caption_weight, self.pad_id = contrastive_weight, caption_weight, pad_id
+    def __init__(self, contrastive_weight: float = 1.0, caption_weight: float = 1.0, pad_id: int = 0,
+                 world: World = World()):
+        self.contrastive_weight, self.caption_weight, self.pad_id, self.world = \
+            contrastive_weight, caption_weight, pad_id, world
 
-    def __call__(self, outputs: dict[str, Tensor], tokens: Tensor) -> dict[str, Tensor]:
-        con = contrastive_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"])
-        cap = caption_loss(outputs["logits"], tokens, self.pad_id)
-        total = self.contrastive_weight * con + self.caption_weight * cap
-        return {"loss": total, "contrastive_loss": con, "caption_loss": cap}
+    def __call__(self, outputs: dict[str, Tensor], tokens: Tensor) -> Losses:
+        con = contrastive_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], self.world)
+        cap = caption_loss(outputs["logits"], tokens, self.pad_id, self.world)
+        return Losses(self.contrastive_weight * con + self.caption_weight * cap, con, cap)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .config import RunConfig
+from .errors import UserError
 
 GIB = 1024 ** 3
 
@@ -48,7 +49,7 @@ def saved_activation_bytes(model_cfg, micro_batch: int, text_len: int, checkpoin
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        CoCaLoss(1.0, 1.0, model_cfg.text.pad_id)(model(images, tokens), tokens)["loss"]
+        CoCaLoss(1.0, 1.0, model_cfg.text.pad_id)(model(images, tokens), tokens).loss
     return sum(n for n, _ in saved.values())
 
 
@@ -57,11 +58,11 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, m
     from .models.coca import create_model
     from .summary import forward_flops, parameter_counts
     if gpus < 1:
-        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+        raise UserError(f"--gpus must be >= 1, got {gpus}")
     if not 0 < mfu <= 1:
-        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+        raise UserError(f"--mfu must be in (0, 1], got {mfu}")
     if peak_tflops <= 0 or gpu_memory_gib <= 0:
-        raise ValueError("--peak-tflops and --gpu-memory must be > 0")
+        raise UserError("--peak-tflops and --gpu-memory must be > 0")
     micro, accum = cfg.data.batch_size, cfg.train.accum_steps
     global_batch = micro * accum * gpus
     model = create_model(cfg.model, device="meta")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputNotFound, UserError
 from .io import atomic_write_bytes
 
 MODEL_FILE = "tokenizer.model"
@@ -28,16 +29,16 @@ class Tokenizer:
         if path.is_dir():
             path = path / MODEL_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model {str(path)!r} not found (train one with `coca tokenizer train`)")
+            raise InputNotFound(f"tokenizer model {str(path)!r} not found (train one with `coca tokenizer train`)")
         if context_length < 2:
-            raise ValueError(f"context_length must be >= 2 (one piece and EOS), got {context_length}")
+            raise UserError(f"context_length must be >= 2 (one piece and EOS), got {context_length}")
         self.path = path
         self.context_length = context_length
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(path.read_bytes())
         except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError on bad files
-            raise ValueError(f"{path} is not a SentencePiece model: {e}") from None
+            raise UserError(f"{path} is not a SentencePiece model: {e}") from None
         n = self._sp.get_piece_size()
         extra = n
         self.pad_id = self._sp.pad_id()
@@ -66,13 +67,13 @@ class Tokenizer:
             path = Path(texts_or_file)
             sentences = (line.rstrip("\n") for line in path.open(encoding="utf-8", errors="replace"))
         elif isinstance(texts_or_file, (str, os.PathLike)):
-            raise FileNotFoundError(f"training text file {str(texts_or_file)!r} not found "
+            raise InputNotFound(f"training text file {str(texts_or_file)!r} not found "
                                     "(pass a path to a file with one caption per line, or a list of strings)")
         else:
             sentences = iter(texts_or_file)
         sentences = (s for s in (str(x).strip() for x in sentences) if s)
         if vocab_size < 8:
-            raise ValueError(f"vocab_size must be at least 8, got {vocab_size}")
+            raise UserError(f"vocab_size must be at least 8, got {vocab_size}")
         buf = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
@@ -81,7 +82,7 @@ class Tokenizer:
                 pad_id=0, eos_id=1, unk_id=2, bos_id=-1, input_sentence_size=input_sentence_size,
                 shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2)
         except RuntimeError as e:
-            raise ValueError(f"SentencePiece training failed: {e}") from None
+            raise UserError(f"SentencePiece training failed: {e}") from None
         out = atomic_write_bytes(Path(out_dir) / MODEL_FILE, buf.getvalue())
         return cls(out, context_length=context_length)
 

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputNotFound, UserError
+
 
 def load_caption_annotations(path: str | os.PathLike, split: str | None = None) -> list[dict]:
     """Images with their reference captions: [{"id", "file_name", "captions": [str, ...]}].
@@ -22,11 +24,11 @@ def load_caption_annotations(path: str | os.PathLike, split: str | None = None) 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file {str(path)!r} not found")
+        raise InputNotFound(f"annotation file {str(path)!r} not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise UserError(f"{path} is not valid JSON: {e}") from None
     try:
         if isinstance(data, list):
             items = _from_list(data)
@@ -35,38 +37,38 @@ def load_caption_annotations(path: str | os.PathLike, split: str | None = None) 
         elif isinstance(data, dict) and data.get("images") and "sentences" in data["images"][0]:
             items = _from_karpathy(data, split or "test")
         else:
-            raise ValueError("expected a COCO captions file ({'images': [...], 'annotations': [...]}), "
+            raise UserError("expected a COCO captions file ({'images': [...], 'annotations': [...]}), "
                              "Karpathy's dataset_coco.json, or a list of {'image', 'caption'} entries")
     except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: malformed annotation entry ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: malformed annotation entry ({type(e).__name__}: {e})") from None
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
     items = [it for it in items if it["captions"]]
     if not items:
-        raise ValueError(f"{path}: no images with captions" + (f" in split {split!r}" if split else ""))
+        raise UserError(f"{path}: no images with captions" + (f" in split {split!r}" if split else ""))
     return items
 
 
 def _caption_text(c, where: str) -> str:
     if not isinstance(c, str):
-        raise ValueError(f"{where}: caption must be a string, got {type(c).__name__}")
+        raise UserError(f"{where}: caption must be a string, got {type(c).__name__}")
     return " ".join(c.split())
 
 
 def _from_coco(data: dict) -> list[dict]:
     if not isinstance(data.get("images"), list) or not isinstance(data["annotations"], list):
-        raise ValueError("'images' and 'annotations' must both be lists")
+        raise UserError("'images' and 'annotations' must both be lists")
     items, by_id = [], {}
     for im in data["images"]:
         item = {"id": im["id"], "file_name": im["file_name"], "captions": []}
         if item["id"] in by_id:
-            raise ValueError(f"image id {item['id']!r} appears twice in 'images'")
+            raise UserError(f"image id {item['id']!r} appears twice in 'images'")
         by_id[item["id"]] = item
         items.append(item)
     for n, ann in enumerate(data["annotations"]):
         image_id = ann["image_id"]
         if image_id not in by_id:
-            raise ValueError(f"annotation {n} refers to image_id {image_id!r}, which is not in 'images'")
+            raise UserError(f"annotation {n} refers to image_id {image_id!r}, which is not in 'images'")
         text = _caption_text(ann["caption"], f"annotation {n}")
         if text:
             by_id[image_id]["captions"].append(text)
@@ -77,7 +79,7 @@ def _from_karpathy(data: dict, split: str) -> list[dict]:
     wanted = {s.strip() for s in split.split("+") if s.strip()}
     present = {im.get("split") for im in data["images"]}
     if not wanted & present:
-        raise ValueError(f"no images in split {split!r}; the file has splits {sorted(map(str, present))}")
+        raise UserError(f"no images in split {split!r}; the file has splits {sorted(map(str, present))}")
     items = []
     for n, im in enumerate(data["images"]):
         if im.get("split") not in wanted:
@@ -94,7 +96,7 @@ def _from_list(data: list) -> list[dict]:
         caps = entry["caption"]
         caps = [caps] if isinstance(caps, str) else caps
         if not isinstance(caps, list):
-            raise ValueError(f"entry {n}: 'caption' must be a string or a list of strings")
+            raise UserError(f"entry {n}: 'caption' must be a string or a list of strings")
         name = entry["image"]
         if name not in by_name:
             by_name[name] = {"id": entry.get("image_id", len(items)), "file_name": name, "captions": []}
@@ -122,7 +124,7 @@ def resolve_image_root(file_names: list[str], images: str | os.PathLike) -> Imag
     """
     root = Path(images)
     if not root.is_dir():
-        raise FileNotFoundError(f"image directory {str(root)!r} not found")
+        raise InputNotFound(f"image directory {str(root)!r} not found")
     total = len(file_names)
     found = sum((root / f).is_file() for f in file_names)
     if found == total or root.parent == root:
@@ -137,6 +139,6 @@ def resolve_image_root(file_names: list[str], images: str | os.PathLike) -> Imag
         else:
             best = ImageRoot(root, found, total, f"image paths resolved against {root} ({found} of {total} found)")
     if best.found == 0 and total:
-        raise FileNotFoundError(f"none of the {total} images named in the annotations exist under {root} or its "
+        raise InputNotFound(f"none of the {total} images named in the annotations exist under {root} or its "
                                 f"parent (first: {file_names[0]!r})")
     return best

@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ..config import DataConfig
+from ..errors import UserError
 from ..tokenizer import trim_padding
 from .readers import (
     CocoCaptionsSource,
@@ -116,7 +117,7 @@ class WebDatasetStream(IterableDataset):
         consumers = workers * self.world_size
         shards = split_shards(self.source.num_shards, self.rank, self.world_size, worker, workers)
         if not shards and not self.resampled:
-            raise ValueError(f"{self.source.num_shards} shards cannot feed {consumers} data workers: use fewer "
+            raise UserError(f"{self.source.num_shards} shards cannot feed {consumers} data workers: use fewer "
                              "data.workers, more shards, or data.resampled=true")
         skip = max(0, -(-(self.start - worker) // workers))  # batches this worker made before `start`
         produced, batch = 0, []

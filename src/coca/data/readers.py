@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import InputNotFound, NotADirectory, UserError
 from .samples import MAX_PIXELS, Skipped, decode_caption, decode_image
 
 __all__ = [
@@ -73,7 +74,7 @@ class CsvSource:
                  sep: str | None = None, max_pixels: int = MAX_PIXELS):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"CSV file {str(self.path)!r} not found")
+            raise InputNotFound(f"CSV file {str(self.path)!r} not found")
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.image_column, self.caption_column = image_column, caption_column
         self.max_pixels = max_pixels
@@ -83,7 +84,7 @@ class CsvSource:
         # hold them are found per field in load() and become Skipped("bad_utf8").
         text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
         if not text.strip():
-            raise ValueError(f"CSV file {str(self.path)!r} is empty (no header row)")
+            raise UserError(f"CSV file {str(self.path)!r} is empty (no header row)")
         self.sep = sep if sep is not None else self._infer_sep(text)
 
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=self.sep)
@@ -91,7 +92,7 @@ class CsvSource:
             header = [h.strip() for h in next(reader)]
             missing = [c for c in (image_column, caption_column) if c not in header]
             if missing:
-                raise ValueError(
+                raise UserError(
                     f"CSV file {str(self.path)!r}: header has no column(s) {missing}; expected "
                     f"image_column={image_column!r} and caption_column={caption_column!r}, "
                     f"found columns {[_printable(h) for h in header]} (separator {self.sep!r})")
@@ -107,9 +108,9 @@ class CsvSource:
         except csv.Error as e:
             # The csv module cannot resynchronise after e.g. an oversized field: the file is
             # malformed, not one sample, so say where.
-            raise ValueError(f"CSV file {str(self.path)!r} is malformed near line {reader.line_num}: {e}") from None
+            raise UserError(f"CSV file {str(self.path)!r} is malformed near line {reader.line_num}: {e}") from None
         if not self._images:
-            raise ValueError(f"CSV file {str(self.path)!r} has a header but no data rows")
+            raise UserError(f"CSV file {str(self.path)!r} has a header but no data rows")
 
     def _infer_sep(self, text: str) -> str:
         suffix = self.path.suffix.lower()
@@ -235,25 +236,25 @@ class FolderSource:
             templates = (templates,)
         self.templates = tuple(templates)
         if not self.templates:
-            raise ValueError("templates is empty: give at least one template such as 'a photo of a {}.'")
+            raise UserError("templates is empty: give at least one template such as 'a photo of a {}.'")
         for t in self.templates:
             if not isinstance(t, str) or "{}" not in t:
-                raise ValueError(f"template {t!r} has no '{{}}' placeholder for the class name")
+                raise UserError(f"template {t!r} has no '{{}}' placeholder for the class name")
             try:
                 t.format("x")
             except (IndexError, KeyError, ValueError) as e:
-                raise ValueError(f"template {t!r} must take exactly one class name via '{{}}': {e}") from None
+                raise UserError(f"template {t!r} must take exactly one class name via '{{}}': {e}") from None
         self.root = Path(root)
         self.max_pixels = max_pixels
         if not self.root.exists():
-            raise FileNotFoundError(f"image folder root {str(self.root)!r} not found")
+            raise InputNotFound(f"image folder root {str(self.root)!r} not found")
         if not self.root.is_dir():
-            raise NotADirectoryError(f"image folder root {str(self.root)!r} is not a directory")
+            raise NotADirectory(f"image folder root {str(self.root)!r} is not a directory")
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
 
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not self.classes:
-            raise ValueError(f"image folder root {str(self.root)!r} has no class sub-folders")
+            raise UserError(f"image folder root {str(self.root)!r} has no class sub-folders")
         self.class_names = [c.replace("_", " ") for c in self.classes]
         self.samples: list[Path] = []
         self.labels: list[int] = []
@@ -265,7 +266,7 @@ class FolderSource:
                         self.samples.append(Path(dirpath) / name)
                         self.labels.append(label)
         if not self.samples:
-            raise ValueError(f"image folder root {str(self.root)!r} has class folders {self.classes[:5]}"
+            raise UserError(f"image folder root {str(self.root)!r} has class folders {self.classes[:5]}"
                              f"{'...' if len(self.classes) > 5 else ''} but no images with extensions {list(exts)}")
 
     def __len__(self) -> int:
@@ -301,7 +302,7 @@ def expand_braces(pattern: str) -> list[str]:
     start = pattern.find("{")
     if start < 0:
         if "}" in pattern:
-            raise ValueError(f"unbalanced '}}' in {pattern!r}")
+            raise UserError(f"unbalanced '}}' in {pattern!r}")
         return [pattern]
     depth, end, commas = 0, -1, []
     for i in range(start, len(pattern)):
@@ -316,10 +317,10 @@ def expand_braces(pattern: str) -> list[str]:
         elif ch == "," and depth == 1:
             commas.append(i)
     if end < 0:
-        raise ValueError(f"unbalanced '{{' in {pattern!r}")
+        raise UserError(f"unbalanced '{{' in {pattern!r}")
     prefix, body, rest = pattern[:start], pattern[start + 1:end], pattern[end + 1:]
     if "}" in prefix:
-        raise ValueError(f"unbalanced '}}' in {pattern!r}")
+        raise UserError(f"unbalanced '}}' in {pattern!r}")
     tails = expand_braces(rest)
 
     m = _RANGE.match(body)
@@ -405,11 +406,11 @@ class WebDatasetSource:
         else:
             shards = [os.fspath(u) for u in urls]
         if not shards:
-            raise ValueError(f"shard list {urls!r} expands to no shards")
+            raise UserError(f"shard list {urls!r} expands to no shards")
         missing = [s for s in shards if not os.path.isfile(s)]
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise FileNotFoundError(f"{len(missing)} of {len(shards)} shard(s) not found: {missing[:5]}{more}")
+            raise InputNotFound(f"{len(missing)} of {len(shards)} shard(s) not found: {missing[:5]}{more}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.shards = shards

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, UnidentifiedImageError
 
-# Default pixel limit: larger images are skipped as likely decompression bombs (PIL warns at 89M).
-MAX_PIXELS = 89_478_485
+from ..config import MAX_PIXELS  # noqa: F401 (the one pixel limit; imported from here by readers)
 
 SKIP_REASONS = (
     "missing_image",       # caption without an image (or a file that does not exist)

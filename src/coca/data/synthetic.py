@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import UserError
+
 COLOURS = {
     "red": (220, 38, 38), "green": (34, 160, 60), "blue": (37, 78, 225),
     "yellow": (240, 205, 30), "purple": (140, 55, 185), "orange": (245, 130, 20),
@@ -117,11 +119,11 @@ class SyntheticScenes:
 
     def __init__(self, n: int, split: str = "train", seed: int = 0, image_size: int = 64, max_objects: int = 2):
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+            raise UserError(f"split must be one of {list(SPLITS)}, got {split!r}")
         if max_objects not in (1, 2):
-            raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
+            raise UserError(f"max_objects must be 1 or 2, got {max_objects}")
         if n < 1:
-            raise ValueError(f"a synthetic dataset needs n >= 1 scenes, got {n}")
+            raise UserError(f"a synthetic dataset needs n >= 1 scenes, got {n}")
         self.n, self.split, self.seed, self.image_size, self.max_objects = n, split, seed, image_size, max_objects
 
     def __len__(self) -> int:

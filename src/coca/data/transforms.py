@@ -11,6 +11,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
+from ..config import MAX_PIXELS
+from ..errors import InputNotFound, UserError
+
 # CLIP's normalisation statistics, so CLIP ViT weights see the inputs they were trained on.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,18 +30,18 @@ def eval_transform(image_size: int) -> v2.Compose:
     ])
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = 178_956_970) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an RGB image; a clear error names the file if it cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} not found")
+        raise InputNotFound(f"image {str(path)!r} not found")
     try:
         with Image.open(path) as im:
             if im.width * im.height > max_pixels:
-                raise ValueError(f"image {path} has {im.width}x{im.height} pixels, above the limit of {max_pixels}")
+                raise UserError(f"image {path} has {im.width}x{im.height} pixels, above the limit of {max_pixels}")
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"image {path} could not be decoded: {e}") from None
+        raise UserError(f"image {path} could not be decoded: {e}") from None
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)

@@ -17,6 +17,7 @@ import torch
 
 from ..data.annotations import load_caption_annotations, resolve_image_root  # noqa: F401 (re-exported)
 from ..data.samples import normalise_caption as normalise
+from ..errors import UserError
 from .common import image_batches, skip_counts, to_model
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
@@ -155,7 +156,7 @@ def evaluate_captions(model, tokenizer, items: list[dict], images_root: str | os
     skipped: list[dict] = []
     generated = generate_captions(model, tokenizer, paths, batch_size, workers, skipped, **generate_kwargs)
     if not generated:
-        raise ValueError(f"none of the {len(paths)} images could be read ({skip_counts(skipped)})")
+        raise UserError(f"none of the {len(paths)} images could be read ({skip_counts(skipped)})")
     keys = {i: str(items[i]["id"]) for i in generated}
     scores = coco_metrics({keys[i]: generated[i] for i in generated},
                           {keys[i]: items[i]["captions"] for i in generated}, spice=spice)

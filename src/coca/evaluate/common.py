@@ -13,6 +13,7 @@ import torch
 
 from ..data.samples import MAX_PIXELS, Skipped, decode_image
 from ..data.transforms import eval_transform
+from ..errors import InputNotFound, UserError
 from ..io import atomic_write_text
 
 
@@ -21,7 +22,7 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu"):
     from ..models.coca import load
     model = load(model_dir, device=device)
     if model.tokenizer is None:
-        raise FileNotFoundError(f"{Path(model_dir) / 'tokenizer.model'} is missing: evaluation needs the model's "
+        raise InputNotFound(f"{Path(model_dir) / 'tokenizer.model'} is missing: evaluation needs the model's "
                                 "tokenizer (save with model.save_pretrained(dir, tokenizer=tok))")
     return model
 
@@ -82,14 +83,14 @@ def read_text_list(path: str | os.PathLike, what: str) -> list[str]:
     """Non-empty lines of a UTF-8 text file (surrounding whitespace stripped); clear errors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {str(path)!r} not found")
+        raise InputNotFound(f"{what} file {str(path)!r} not found")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{what} file {path} is not UTF-8 text: {e}") from None
+        raise UserError(f"{what} file {path} is not UTF-8 text: {e}") from None
     items = [line.strip() for line in text.splitlines() if line.strip()]
     if not items:
-        raise ValueError(f"{what} file {path} is empty: it needs one entry per line")
+        raise UserError(f"{what} file {path} is empty: it needs one entry per line")
     return items
 
 

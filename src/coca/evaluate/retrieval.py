@@ -12,6 +12,7 @@ import os
 import torch
 
 from ..data.annotations import resolve_image_root
+from ..errors import UserError
 from .common import image_batches, skip_counts, to_model
 
 KS = (1, 5, 10)
@@ -55,7 +56,7 @@ def evaluate_retrieval(model, tokenizer, items: list[dict], images_root: str | o
         kept.extend(idx)
         image_embeds.append(model.encode_image(to_model(model, images)).float().cpu())
     if not kept:
-        raise ValueError(f"none of the {len(paths)} images could be read ({skip_counts(skipped)})")
+        raise UserError(f"none of the {len(paths)} images could be read ({skip_counts(skipped)})")
     texts, owner = [], []
     for row, i in enumerate(kept):
         texts.extend(items[i]["captions"])

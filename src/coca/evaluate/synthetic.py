@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..data.synthetic import SyntheticScenes, caption_for, class_names
@@ -14,6 +16,19 @@ from .captioning import cider, exact_match
 from .zeroshot import class_embeddings, zero_shot_logits
 
 ZERO_SHOT_TEMPLATES = ["a small {}", "a large {}"]
+
+
+@dataclass
+class SyntheticResult:
+    zeroshot_accuracy: float
+    zeroshot_classes: int
+    caption_exact_match: float
+    cider: float
+    n_classify: int
+    n_caption: int
+    zeroshot_predictions: list[dict]    # {"index", "truth", "predicted"}
+    captions: list[dict]                # {"index", "reference", "generated"}
+    images: list = field(repr=False)    # the captioned scenes (PIL images), in the order of ``captions``
 
 
 @torch.no_grad()
@@ -50,17 +65,12 @@ def evaluate_synthetic(model, tokenizer, n_classify: int = 540, n_caption: int =
             generated.append(text)
             references.append([ref])
             gallery.append({"index": i, "image": im, "reference": ref, "generated": text})
-    return {
-        "zeroshot_accuracy": correct / n_classify,
-        "zeroshot_classes": len(names),
-        "caption_exact_match": exact_match(generated, references),
-        "cider": cider(generated, references),
-        "n_classify": n_classify,
-        "n_caption": n_caption,
-        "zeroshot_predictions": predictions,
-        "captions": [{k: v for k, v in g.items() if k != "image"} for g in gallery],
-        "_gallery": gallery,
-    }
+    return SyntheticResult(
+        zeroshot_accuracy=correct / n_classify, zeroshot_classes=len(names),
+        caption_exact_match=exact_match(generated, references), cider=cider(generated, references),
+        n_classify=n_classify, n_caption=n_caption, zeroshot_predictions=predictions,
+        captions=[{k: v for k, v in g.items() if k != "image"} for g in gallery],
+        images=[g["image"] for g in gallery])
 
 
 def write_eval_sets(out_dir, n_classify: int = 540, n_caption: int = 300, seed: int = 0, image_size: int = 64,

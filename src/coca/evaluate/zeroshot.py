@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputNotFound, UserError
 from .common import image_batches, read_text_list, skip_counts, to_model
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -32,11 +33,11 @@ def load_templates(path: str | os.PathLike) -> list[str]:
 
 def check_template(template: str, where: str = "template") -> None:
     if template.count("{}") != 1:
-        raise ValueError(f"{where}: template {template!r} needs exactly one '{{}}' for the class name")
+        raise UserError(f"{where}: template {template!r} needs exactly one '{{}}' for the class name")
     try:
         template.format("x")
     except (IndexError, KeyError, ValueError) as e:
-        raise ValueError(f"{where}: template {template!r} is not a valid format string ({e}); "
+        raise UserError(f"{where}: template {template!r} is not a valid format string ({e}); "
                          "write literal braces as '{{' and '}}'") from None
 
 
@@ -90,13 +91,13 @@ def labelled_images(images: str | os.PathLike, labels_file: str | os.PathLike | 
     from ..data.readers import FolderSource
     root = Path(images)
     if not root.is_dir():
-        raise FileNotFoundError(f"image directory {str(root)!r} not found")
+        raise InputNotFound(f"image directory {str(root)!r} not found")
     if labels_file is None:
         folder = FolderSource(root)
         if classnames is None:
             return LabelledImages(list(folder.samples), list(folder.labels), folder.class_names, "folder names")
         if len(classnames) != len(folder.classes):
-            raise ValueError(f"{root} has {len(folder.classes)} class folders but {len(classnames)} class names "
+            raise UserError(f"{root} has {len(folder.classes)} class folders but {len(classnames)} class names "
                              "were given")
         index_of = {_name_key(n): i for i, n in enumerate(classnames)}
         if len(index_of) == len(classnames) and all(_name_key(c) in index_of for c in folder.classes):
@@ -105,13 +106,13 @@ def labelled_images(images: str | os.PathLike, labels_file: str | os.PathLike | 
                                   list(classnames), "by name")
         return LabelledImages(list(folder.samples), list(folder.labels), list(classnames), "sorted folder order")
     if classnames is None:
-        raise ValueError("a labels file needs class names (--classnames FILE or --dataset imagenet)")
+        raise UserError("a labels file needs class names (--classnames FILE or --dataset imagenet)")
     return LabelledImages(*_read_labels_file(Path(labels_file), root, classnames), list(classnames), "labels file")
 
 
 def _read_labels_file(path: Path, root: Path, classnames: list[str]) -> tuple[list[Path], list[int]]:
     if not path.is_file():
-        raise FileNotFoundError(f"labels file {str(path)!r} not found")
+        raise InputNotFound(f"labels file {str(path)!r} not found")
     text = path.read_text(encoding="utf-8", errors="strict")
     delimiter = "\t" if "\t" in text.split("\n", 1)[0] else ","
     index_of = {name: i for i, name in reversed(list(enumerate(classnames)))}
@@ -120,22 +121,22 @@ def _read_labels_file(path: Path, root: Path, classnames: list[str]) -> tuple[li
         if not row or not "".join(row).strip():
             continue
         if len(row) < 2:
-            raise ValueError(f"{path}: line {n}: expected 'image{delimiter}label', got {row!r}")
+            raise UserError(f"{path}: line {n}: expected 'image{delimiter}label', got {row!r}")
         name, label = row[0].strip(), row[1].strip()
         if label.lstrip("-").isdigit():
             idx = int(label)
             if not 0 <= idx < len(classnames):
-                raise ValueError(f"{path}: line {n}: label {idx} is outside [0, {len(classnames)})")
+                raise UserError(f"{path}: line {n}: label {idx} is outside [0, {len(classnames)})")
         elif label in index_of:
             idx = index_of[label]
         elif n == 1:  # header row
             continue
         else:
-            raise ValueError(f"{path}: line {n}: label {label!r} is neither a class index nor a class name")
+            raise UserError(f"{path}: line {n}: label {label!r} is neither a class index nor a class name")
         paths.append(root / name)
         labels.append(idx)
     if not paths:
-        raise ValueError(f"labels file {path} has no image,label rows")
+        raise UserError(f"labels file {path} has no image,label rows")
     return paths, labels
 
 
@@ -145,7 +146,7 @@ def evaluate_zeroshot(model, tokenizer, paths: list[Path], labels: list[int], cl
     """Top-1, top-5 and per-class accuracy, with each image's top-5 predictions."""
     model.eval()
     classifier = class_embeddings(model, tokenizer, classnames, templates)
-    scale = model.logit_scale.exp().clamp(max=model.cfg.max_logit_scale)
+    scale = model.contrastive_scale()
     k = min(5, len(classnames))
     skipped, predictions = [], []
     correct1 = correct5 = 0
@@ -166,7 +167,7 @@ def evaluate_zeroshot(model, tokenizer, paths: list[Path], labels: list[int], cl
                                          for c, p in zip(cs, ps)]})
     n = len(predictions)
     if n == 0:
-        raise ValueError(f"none of the {len(paths)} images could be read ({skip_counts(skipped)})")
+        raise UserError(f"none of the {len(paths)} images could be read ({skip_counts(skipped)})")
     per_class = [{"class": c, "name": classnames[c], "n": per_class_total[c],
                   "top1": per_class_correct[c] / per_class_total[c]}
                  for c in range(len(classnames)) if per_class_total[c]]
@@ -184,5 +185,5 @@ def evaluate_zeroshot(model, tokenizer, paths: list[Path], labels: list[int], cl
 def rank_labels(model, tokenizer, images: torch.Tensor, labels: list[str], templates: list[str] | None = None):
     """[B, L] probabilities of each label (softmax over the model's temperature-scaled cosines)."""
     classifier = class_embeddings(model, tokenizer, labels, templates or ["{}"])
-    scale = model.logit_scale.exp().clamp(max=model.cfg.max_logit_scale)
+    scale = model.contrastive_scale()
     return (scale * zero_shot_logits(model, to_model(model, images), classifier)).softmax(-1)

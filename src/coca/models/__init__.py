@@ -1,4 +1,5 @@
-"""Model code: single-device, readable top to bottom. Parallelism lives in ``coca.train``."""
+"""Model code: single-device, readable top to bottom. Parallelism is applied from ``coca.train``
+(its engines wrap the model; its loss gathers embeddings across ranks)."""
 
 from .coca import CoCa, create_model, load
 from .t5 import T5Decoder, T5Encoder

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import CoCaConfig, ConfigError, get_preset
+from ..errors import InputNotFound, UserError
 from ..io import atomic_write_bytes, atomic_write_text
 from .t5 import T5Decoder, T5Encoder, init_t5_weights
 from .vit import AttentionalPooler, VisionTransformer
@@ -157,7 +158,11 @@ class CoCa(nn.Module):
         text_embeds = self._text_embed(text_tokens, encoder_embeds)
         logits = self.text_decoder(decoder_inputs, visual_tokens, inputs_embeds=decoder_embeds)
         return {"image_embeds": image_embeds, "text_embeds": text_embeds, "logits": logits,
-                "logit_scale": self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)}
+                "logit_scale": self.contrastive_scale()}
+
+    def contrastive_scale(self) -> Tensor:
+        """The inverse temperature exp(logit_scale), clamped at ``max_logit_scale`` (CLIP's 100)."""
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
 
     @torch.no_grad()
     def generate(self, images: Tensor, **kwargs) -> Tensor:
@@ -214,10 +219,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     from safetensors.torch import load_file
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+        raise InputNotFound(f"model directory {str(path)!r} does not exist")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} is missing: a model directory needs {CONFIG_FILE} and "
+            raise InputNotFound(f"{path / name} is missing: a model directory needs {CONFIG_FILE} and "
                                     f"{WEIGHTS_FILE} (write one with model.save_pretrained(dir) or `coca init`)")
     try:
         cfg = CoCaConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
@@ -230,7 +235,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     try:
         state = load_file(str(path / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
+        raise UserError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
     load_checked(model, state, source=str(path / WEIGHTS_FILE))
     if dtype is not None:
         model.to(dtype)
@@ -238,7 +243,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         from ..tokenizer import Tokenizer
         model.tokenizer = Tokenizer(path / TOKENIZER_FILE, context_length=cfg.text.context_length)
         if model.tokenizer.vocab_size > cfg.text.vocab_size:  # its top ids would index past the embedding
-            raise ValueError(f"{path / TOKENIZER_FILE} has {model.tokenizer.vocab_size} ids but the model's "
+            raise UserError(f"{path / TOKENIZER_FILE} has {model.tokenizer.vocab_size} ids but the model's "
                              f"vocabulary ({path / CONFIG_FILE} text.vocab_size) is {cfg.text.vocab_size}")
     return model.eval()
 
@@ -257,7 +262,7 @@ def load_checked(model: nn.Module, state: dict[str, Tensor], source: str, allow_
         if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
             problems.append(f"{name} has shape {tuple(tensor.shape)} but the config expects {tuple(expected[name].shape)}")
     if problems:
-        raise ValueError(f"{source} does not match the model config: " + "; ".join(problems[:8]))
+        raise UserError(f"{source} does not match the model config: " + "; ".join(problems[:8]))
     with torch.no_grad():
         for name, tensor in state.items():
             expected[name].copy_(tensor)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, from_dict, read_config_data, to_dict
+from ..config import MAX_PIXELS, ConfigError, from_dict, read_config_data, to_dict
 
 
 @dataclass
 class FilterConfig:
     min_side: int = 200             # pixels; smaller images are rejected ("too_small")
     max_aspect: float = 3.0         # longer side / shorter side ("bad_aspect")
-    max_pixels: int = 89_478_485    # decompression-bomb guard, from the header ("too_many_pixels")
+    max_pixels: int = MAX_PIXELS    # decompression-bomb guard, from the header ("too_many_pixels")
     min_words: int = 2              # caption length in words ("caption_too_short" / "caption_too_long")
     max_words: int = 100
     min_chars: int = 5              # caption length in characters

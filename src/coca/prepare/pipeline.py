@@ -36,6 +36,7 @@ import yaml
 from ..config import ConfigError
 from ..data.readers import CsvSource, expand_braces, read_tar_groups
 from ..data.samples import Skipped
+from ..errors import InputNotFound, UserError
 from ..io import _fsync_dir, atomic_write_bytes, atomic_write_text
 from .config import PrepareConfig
 from .filters import process_sample
@@ -73,12 +74,12 @@ def list_tasks(inputs: list[str], cfg: PrepareConfig) -> list[Task]:
             if path.is_dir():
                 found = sorted(str(x) for x in path.iterdir() if x.name.endswith((".tar", ".tar.gz")))
                 if not found:
-                    raise FileNotFoundError(f"input directory {p!r} has no .tar shards")
+                    raise InputNotFound(f"input directory {p!r} has no .tar shards")
                 paths += found
             elif path.is_file():
                 paths.append(str(path))
             else:
-                raise FileNotFoundError(f"input {p!r} not found")
+                raise InputNotFound(f"input {p!r} not found")
     tasks: list[Task] = []
     for p in paths:
         name = Path(p).name.lower()
@@ -89,9 +90,9 @@ def list_tasks(inputs: list[str], cfg: PrepareConfig) -> list[Task]:
             for start in range(0, n, cfg.rows_per_task):
                 tasks.append(Task(len(tasks), p, start, min(n, start + cfg.rows_per_task)))
         else:
-            raise ValueError(f"input {p!r}: expected .tar shards, a directory of them, or .csv/.tsv/.parquet")
+            raise UserError(f"input {p!r}: expected .tar shards, a directory of them, or .csv/.tsv/.parquet")
     if not tasks:
-        raise ValueError("no input samples")
+        raise UserError("no input samples")
     return tasks
 
 
@@ -105,7 +106,7 @@ def _read_table(path: str, image_column: str, caption_column: str, image_root: s
     table = pq.read_table(path)
     for col in (image_column, caption_column):
         if col not in table.column_names:
-            raise ValueError(f"{path}: no column {col!r} (columns: {table.column_names}); "
+            raise UserError(f"{path}: no column {col!r} (columns: {table.column_names}); "
                              "set image_column / caption_column")
     root = Path(image_root) if image_root else Path(path).parent
     return [(root / image if image else None, caption)

@@ -1,8 +1,10 @@
-"""The training loop: one process, one device. A run directory resumes itself.
+"""The trainer: build, resume, step, log, validate, evaluate, checkpoint, export. One process or
+every rank of a DDP / DeepSpeed launch runs it; the engine (``engines.py``) owns what differs
+between backends, so nothing here asks which one it has. A run directory resumes itself:
 
     RUN_DIR/config.yaml          the resolved run config
-    RUN_DIR/tokenizer.model      trained on the training captions unless data.tokenizer is given
-    RUN_DIR/metrics.jsonl        one JSON line per logged step (and per validation)
+    RUN_DIR/tokenizer.model      data.tokenizer, the init_from directory's, or one trained on the captions
+    RUN_DIR/metrics.jsonl        one JSON line per logged step, validation ("split": "val") and evaluation ("eval")
     RUN_DIR/tb/                  TensorBoard events
     RUN_DIR/checkpoints/step_N/  the last train.keep_checkpoints checkpoints
     RUN_DIR/model/               the final model (save_pretrained layout, with the tokenizer)
@@ -17,7 +19,6 @@ import json
 import signal
 import time
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,26 +32,12 @@ from ..losses import CoCaLoss, contrastive_accuracy
 from ..models.coca import create_model
 from ..tokenizer import Tokenizer
 from .best import BestModel
-from .checkpoint import (
-    DS_TAG,
-    clean_temporaries,
-    consolidated_model,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    save_deepspeed_checkpoint,
-)
-from .distributed import (
-    Engine,
-    GlobalCoCaLoss,
-    World,
-    deepspeed_config,
-    global_sum,
-    grad_cache_step,
-    init_world,
-    shutdown,
-)
+from .checkpoint import clean_temporaries, latest_checkpoint
+from .distributed import barrier, deepspeed_config, global_sum, init_world, shutdown
+from .engines import build_engine
+from .metrics import MetricsLog, TensorBoard
 from .optim import build_optimizer, build_scheduler, describe_groups, freeze
+from .step import StepResult, train_step
 from .warmstart import init_tokenizer, load_init_weights
 
 MAX_NONFINITE_IN_A_ROW = 20
@@ -63,13 +50,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
     return device
-
-
-def autocast(device: torch.device, precision: str):
-    """BF16 autocast: matmuls in bf16, master weights, optimiser state and reductions in fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def prepare_tokenizer(cfg: RunConfig, run_dir: Path, log) -> Tokenizer:
@@ -101,54 +81,21 @@ def prepare_tokenizer(cfg: RunConfig, run_dir: Path, log) -> Tokenizer:
     return tok
 
 
-class MetricsLog:
-    """Appends JSON lines; on resume drops lines beyond the checkpoint so the file has no repeats."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        if path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-class _TensorBoard:
-    def __init__(self, log_dir: Path, enabled: bool):
-        self.writer = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(log_dir))
-            except ImportError:  # tensorboard not installed: JSONL metrics still have everything
-                pass
-
-    def scalars(self, record: dict, step: int) -> None:
-        if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.writer.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 @torch.no_grad()
-def validate(model, batches: list[dict], loss_fn, device, precision, input_dtype=None) -> dict:
+def validate(engine, batches: list[dict], loss_fn: CoCaLoss) -> dict:
+    """Mean losses and in-batch retrieval accuracy over a fixed validation set (one process)."""
+    model = engine.model
     model.eval()
     totals, n = Counter(), 0
     for batch in batches:
-        images, tokens = batch["images"].to(device, dtype=input_dtype), batch["tokens"].to(device)
-        with torch.no_grad(), autocast(device, precision if input_dtype is None else "fp32"):
+        images = batch["images"].to(engine.device, dtype=engine.input_dtype)
+        tokens = batch["tokens"].to(engine.device)
+        with engine.autocast():
             out = model(images, tokens)
             losses = loss_fn(out, tokens)
         i2t, t2i = contrastive_accuracy(out["image_embeds"], out["text_embeds"])
-        totals.update({"val_loss": losses["loss"].item(), "val_contrastive_loss": losses["contrastive_loss"].item(),
-                       "val_caption_loss": losses["caption_loss"].item(), "val_i2t_acc": i2t, "val_t2i_acc": t2i})
+        totals.update({f"val_{k}": v for k, v in losses.as_floats().items()})
+        totals.update({"val_i2t_acc": i2t, "val_t2i_acc": t2i})
         n += 1
     model.train()
     return {k: v / n for k, v in totals.items()} if n else {}
@@ -174,228 +121,250 @@ def run_evaluations(evaluations: list[Evaluation], model, tokenizer, log) -> dic
     return out
 
 
-def _barrier(world: World) -> None:
-    if world.parallel:
-        torch.distributed.barrier()
+@dataclasses.dataclass
+class Progress:
+    """What a checkpoint stores besides weights and optimiser: where the run is."""
+
+    step: int = 0
+    batches_done: int = 0
+    skipped: Counter = dataclasses.field(default_factory=Counter)
+    nonfinite: int = 0  # non-finite losses in a row
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, log=print):
+        self.cfg, self.tc = cfg, cfg.train
+        self.run_dir = Path(self.tc.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self._log = log
+        self.progress = Progress()
+        self.stop_signal = None
+
+    # --- build ---------------------------------------------------------------------------------
+    def say(self, *args) -> None:
+        if self.world.is_main:
+            self._log(*args)
+
+    def build(self) -> None:
+        cfg, tc = self.cfg, self.tc
+        device = resolve_device(tc.device)
+        self.world = world = init_world(tc.engine, device.type)
+        if device.type == "cuda" and world.parallel:
+            device = torch.device("cuda", world.local_rank)
+            torch.cuda.set_device(device)
+        self.device, main = device, world.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.evaluations = [Evaluation(e) for e in tc.eval]  # reads every eval input now: a bad file fails before step 1
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
+
+        if main:
+            self.tokenizer = prepare_tokenizer(cfg, self.run_dir, self.say)
+        barrier(world)
+        if not main:  # rank 0 trained or found the tokenizer; the others read the same file
+            self.tokenizer = prepare_tokenizer(cfg, self.run_dir, self.say)
+
+        model = create_model(cfg.model).to(device).train()
+        if tc.init_from and latest_checkpoint(self.ckpt_root) is None:  # a resumed run has its checkpoint
+            report = load_init_weights(model, tc.init_from, tc.init_strict)
+            for line in report.lines():
+                self.say(line)
+            if main:
+                atomic_write_text(self.run_dir / "init.json", json.dumps(dataclasses.asdict(report), indent=1) + "\n")
+        if tc.activation_checkpointing:
+            model.set_grad_checkpointing(True)
+        freeze(model, cfg.optim.freeze)
+        optimizer = build_optimizer(model, cfg.optim)
+        for line in describe_groups(optimizer.param_groups, model, cfg.optim):
+            self.say(line)
+        scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
+        ds_config = None
+        if tc.engine == "deepspeed":
+            ds_config = deepspeed_config(cfg, world, tc.deepspeed_config)
+            if main:
+                atomic_write_text(self.run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=1) + "\n")
+        self.engine = build_engine(tc.engine, model, optimizer, scheduler, device, world, tc.precision, ds_config)
+        self.model = model
+        lc = cfg.loss
+        self.loss_fn = CoCaLoss(lc.contrastive_weight, lc.caption_weight, cfg.model.text.pad_id, world)
+        self.val_loss_fn = CoCaLoss(lc.contrastive_weight, lc.caption_weight, cfg.model.text.pad_id)  # rank 0 alone
+        self.best = BestModel(self.run_dir / "best", tc.best_metric, tc.best_mode) if tc.best_metric and main else None
+
+    # --- resume --------------------------------------------------------------------------------
+    def resume(self) -> None:
+        if self.world.is_main:
+            clean_temporaries(self.ckpt_root)
+        barrier(self.world)
+        latest = latest_checkpoint(self.ckpt_root)
+        if latest is not None:
+            state = self.engine.load(latest)
+            torch.set_rng_state(state["rng_cpu"])
+            if self.device.type == "cuda" and "rng_cuda" in state:
+                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+            self.progress = Progress(state["step"], state["batches_done"], Counter(state["skipped"]),
+                                     state.get("nonfinite_steps", 0))
+            self.say(f"resumed from {latest} at step {self.progress.step}")
+        main = self.world.is_main
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.progress.step) if main else None
+        self.tb = TensorBoard(self.run_dir / "tb", self.tc.tensorboard and main)
+
+    # --- one step ------------------------------------------------------------------------------
+    def next_micro_batches(self, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        micro = []
+        for _ in range(self.tc.accum_steps):
+            batch = next(batches)
+            self.progress.batches_done += 1
+            self.progress.skipped.update(batch["skipped"])
+            micro.append((batch["images"].to(self.device, dtype=self.engine.input_dtype, non_blocking=True),
+                          batch["tokens"].to(self.device, non_blocking=True)))
+        return micro
+
+    def train_step(self, micro) -> tuple[StepResult, torch.Tensor | None] | None:
+        """One optimiser step; None when it was skipped (too few pairs, or a non-finite loss)."""
+        rows = sum(images.shape[0] for images, _ in micro)
+        if global_sum(rows, self.world, self.device) < 2:  # contrastive learning needs at least two pairs
+            return None
+        result = train_step(self.engine, micro, self.loss_fn)
+        if not result.finite:
+            self.progress.nonfinite += 1
+            if self.progress.nonfinite >= MAX_NONFINITE_IN_A_ROW:
+                raise FloatingPointError(f"{self.progress.nonfinite} non-finite losses in a row at step "
+                                         f"{self.progress.step}; lower optim.lr or check the data")
+            self.engine.zero_grad()
+            return None
+        self.progress.nonfinite = 0
+        grad_norm = self.engine.step(self.cfg.optim.grad_clip)
+        self.progress.step += 1
+        return result, grad_norm
+
+    # --- log, validate, evaluate ---------------------------------------------------------------
+    def log_step(self, result: StepResult, grad_norm, samples: int, elapsed: float) -> dict:
+        """The metrics line of a log step: each rank holds its share of the global loss, their
+        mean is the global-batch loss."""
+        world, step = self.world, self.progress.step
+        shares = {k: global_sum(v, world, self.device) / world.world_size for k, v in result.losses.as_floats().items()}
+        record = {"step": step, **shares, "lr": self.engine.last_lr(), "logit_scale": float(result.logit_scale),
+                  "grad_norm": None if grad_norm is None else float(grad_norm),
+                  "samples_per_s": global_sum(samples, world, self.device) / max(elapsed, 1e-9),
+                  "skipped": dict(self.progress.skipped), "elapsed_s": time.time() - self.t_start}
+        self.write(record)
+        return record
+
+    def write(self, record: dict) -> None:
+        if self.world.is_main:
+            self.metrics.write(record)
+            self.tb.scalars(record, record["step"])
+
+    def validate(self, val_set: list[dict]) -> None:
+        self.write({"step": self.progress.step, "split": "val", **validate(self.engine, val_set, self.val_loss_fn)})
+
+    def evaluate(self) -> None:
+        """Every train.eval task on rank 0 (the other ranks wait); the best model kept."""
+        step = self.progress.step
+        if self.world.is_main:
+            record = {"step": step, "split": "eval", **run_evaluations(self.evaluations, self.model, self.tokenizer, self.say)}
+            self.write(record)
+            if self.best is not None and self.best.update(record, step):
+                self.best.save(self.model, self.tokenizer, record, step)
+                self.say(f"best {self.tc.best_metric} so far: {record[self.tc.best_metric]:.4f} at step {step} "
+                         f"-> {self.best.path}")
+            self.model.train()
+        barrier(self.world)
+
+    # --- checkpoint, export --------------------------------------------------------------------
+    def checkpoint(self) -> Path:
+        p = self.progress
+        state = {"rng_cpu": torch.get_rng_state(), "step": p.step, "batches_done": p.batches_done,
+                 "skipped": dict(p.skipped), "nonfinite_steps": p.nonfinite}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return self.engine.save(self.ckpt_root, p.step, state, self.tc.keep_checkpoints)
+
+    def export(self) -> Path:
+        return self.engine.export(self.run_dir / "model", self.tokenizer, self.ckpt_root, self.cfg.model)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def agreed_stop(self) -> bool:
+        """A SIGTERM seen by any rank stops every rank at the same step."""
+        return global_sum(1 if self.stop_signal is not None else 0, self.world, self.device) > 0
+
+    def fit(self) -> dict:
+        """Train (or resume) the run in ``train.run_dir``; returns a summary dict."""
+        tc = self.tc
+        self.build()
+        self.resume()
+
+        def on_sigterm(signum, frame):  # finish the current step, checkpoint, exit cleanly
+            self.stop_signal = signum
+
+        previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+        p, main = self.progress, self.world.is_main
+        batches = train_batches(self.cfg.data, self.cfg.model.vision.image_size, self.tokenizer, tc.seed,
+                                start=p.batches_done, rank=self.world.rank, world_size=self.world.world_size)
+        val_set = (val_batches(self.cfg.data, self.cfg.model.vision.image_size, self.tokenizer, tc.val_batches)
+                   if tc.val_every and main else [])
+        bar = None
+        if tc.progress and main:
+            from tqdm import tqdm
+            bar = tqdm(total=tc.steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True)
+        self.t_start = window_t = time.time()
+        window_samples, last = 0, {}
+        try:
+            while p.step < tc.steps and not self.agreed_stop():
+                done = self.train_step(self.next_micro_batches(batches))
+                if done is None:
+                    continue
+                result, grad_norm = done
+                window_samples += result.rows
+                step = p.step
+                if step % tc.log_every == 0 or step == tc.steps:
+                    now = time.time()
+                    last = self.log_step(result, grad_norm, window_samples, now - window_t)
+                    window_t, window_samples = now, 0
+                    if bar is not None:
+                        postfix = {"loss": f"{last['loss']:.3f}", "samples/s": f"{last['samples_per_s']:.0f}"}
+                        if p.skipped:
+                            postfix["skipped"] = sum(p.skipped.values())
+                        bar.set_postfix(postfix, refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                if val_set and (step % tc.val_every == 0 or step == tc.steps):
+                    self.validate(val_set)
+                if self.evaluations and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                    self.evaluate()
+                if step % tc.checkpoint_every == 0 or step == tc.steps:
+                    self.checkpoint()
+            if self.evaluations and p.step >= tc.steps:
+                self.evaluate()  # at the end (also of a run of 0 steps: the loaded model's numbers)
+            if self.stop_signal is not None or p.step < tc.steps:
+                path = self.checkpoint()
+                self.say(f"stopped by signal at step {p.step}; checkpoint {path}")
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            if bar is not None:
+                bar.close()
+            self.tb.close()
+
+        summary = {"run_dir": str(self.run_dir), "step": p.step, "finished": p.step >= tc.steps,
+                   "skipped": dict(p.skipped), "last": last}
+        if p.step >= tc.steps:
+            summary["model_dir"] = str(self.export())
+        if p.skipped:
+            self.say(f"skipped samples by reason: {dict(p.skipped)}")
+        if tc.engine != "single":
+            shutdown(self.world)
+        return summary
 
 
 def train(cfg: RunConfig, log=print) -> dict:
     """Train (or resume) the run in ``cfg.train.run_dir``; returns a summary dict.
 
-    With ``train.engine`` ddp or deepspeed every process of the launch runs this function; rank 0
-    writes the logs, the config and the final model, and all ranks take part in checkpoints.
-    """
-    tc = cfg.train
-    run_dir = Path(tc.run_dir)
-    device = resolve_device(tc.device)
-    world = init_world(tc.engine, device.type)
-    if device.type == "cuda" and world.parallel:
-        device = torch.device("cuda", world.local_rank)
-        torch.cuda.set_device(device)
-    main = world.is_main
-    say = log if main else (lambda *a, **k: None)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    evaluations = [Evaluation(e) for e in tc.eval]  # reads every eval input now: a bad file fails before step 1
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)  # the same initial weights on every rank
-
-    if main:
-        tokenizer = prepare_tokenizer(cfg, run_dir, say)
-    _barrier(world)
-    if not main:  # rank 0 trained or found the tokenizer; the others read the same file
-        tokenizer = prepare_tokenizer(cfg, run_dir, say)
-    model = create_model(cfg.model).to(device).train()
-    ckpt_root = run_dir / "checkpoints"
-    latest = latest_checkpoint(ckpt_root)
-    if tc.init_from and latest is None:  # a resumed run continues from its checkpoint instead
-        report = load_init_weights(model, tc.init_from, tc.init_strict)
-        for line in report.lines():
-            say(line)
-        if main:
-            atomic_write_text(run_dir / "init.json", json.dumps(dataclasses.asdict(report), indent=1) + "\n")
-    if tc.activation_checkpointing:
-        model.set_grad_checkpointing(True)
-    freeze(model, cfg.optim.freeze)
-    optimizer = build_optimizer(model, cfg.optim)
-    for line in describe_groups(optimizer.param_groups, model, cfg.optim):
-        say(line)
-    best = BestModel(run_dir / "best", tc.best_metric, tc.best_mode) if tc.best_metric and main else None
-    scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
-    ds_config = None
-    if tc.engine == "deepspeed":
-        ds_config = deepspeed_config(cfg, world, tc.deepspeed_config)
-        if main:
-            atomic_write_text(run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=1) + "\n")
-    engine = Engine(tc.engine, model, optimizer, scheduler, device, ds_config)
-    input_dtype = torch.bfloat16 if ds_config and ds_config.get("bf16", {}).get("enabled") else None
-    # DeepSpeed BF16 holds bf16 weights (fp32 master copies in the optimiser): no autocast there
-    precision = "fp32" if input_dtype is not None else tc.precision
-    loss_fn = GlobalCoCaLoss(cfg.loss.contrastive_weight, cfg.loss.caption_weight, cfg.model.text.pad_id, world)
-    val_loss_fn = CoCaLoss(cfg.loss.contrastive_weight, cfg.loss.caption_weight, cfg.model.text.pad_id)
-
-    if main:
-        clean_temporaries(ckpt_root)
-    _barrier(world)
-    step, batches_done, skipped, nonfinite = 0, 0, Counter(), 0
-    if latest is not None:
-        if engine.kind == "deepspeed":
-            _, state = engine.wrapped.load_checkpoint(str(latest), tag=DS_TAG)
-        else:
-            state = load_checkpoint(latest, model, device)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        step, batches_done = state["step"], state["batches_done"]
-        skipped, nonfinite = Counter(state["skipped"]), state.get("nonfinite_steps", 0)
-        say(f"resumed from {latest} at step {step}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", step) if main else None
-    tb = _TensorBoard(run_dir / "tb", tc.tensorboard and main)
-
-    def checkpoint() -> Path:
-        state = {"rng_cpu": torch.get_rng_state(), "step": step, "batches_done": batches_done,
-                 "skipped": dict(skipped), "nonfinite_steps": nonfinite}
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(device)
-        if engine.kind == "deepspeed":
-            return save_deepspeed_checkpoint(ckpt_root, step, engine.wrapped, state, tc.keep_checkpoints, world)
-        path = ckpt_root / f"step_{step:08d}"
-        if main:
-            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-            path = save_checkpoint(ckpt_root, step, model, state, tc.keep_checkpoints)
-        _barrier(world)
-        return path
-
-    def evaluate(at_step: int) -> None:
-        """Every train.eval task on rank 0 (the other ranks wait); the best model kept."""
-        if main:
-            record = {"step": at_step, "split": "eval",
-                      **run_evaluations(evaluations, model, tokenizer, say)}
-            metrics.write(record)
-            tb.scalars(record, at_step)
-            if best is not None and best.update(record, at_step):
-                best.save(model, tokenizer, record, at_step)
-                say(f"best {tc.best_metric} so far: {record[tc.best_metric]:.4f} at step {at_step} -> {best.path}")
-            model.train()
-        _barrier(world)
-
-    stop = {"signal": None}
-
-    def on_sigterm(signum, frame):  # finish the current step, checkpoint, exit cleanly
-        stop["signal"] = signum
-
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    batches = train_batches(cfg.data, cfg.model.vision.image_size, tokenizer, tc.seed, start=batches_done,
-                            rank=world.rank, world_size=world.world_size)
-    val_set = (val_batches(cfg.data, cfg.model.vision.image_size, tokenizer, tc.val_batches)
-               if tc.val_every and main else [])
-
-    progress = None
-    if tc.progress and main:
-        from tqdm import tqdm
-        progress = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    t_start, window_t, window_samples = time.time(), time.time(), 0
-    last = {}
-    try:
-        while step < tc.steps and not _agreed_stop(stop["signal"] is not None, world, device):
-            micro = []
-            for _ in range(tc.accum_steps):
-                batch = next(batches)
-                batches_done += 1
-                skipped.update(batch["skipped"])
-                micro.append((batch["images"].to(device, dtype=input_dtype, non_blocking=True),
-                              batch["tokens"].to(device, non_blocking=True)))
-            rows = sum(images.shape[0] for images, _ in micro)
-            if global_sum(rows, world, device) < 2:  # contrastive learning needs at least two pairs
-                continue
-            engine.zero_grad()
-            if tc.accum_steps == 1:
-                with autocast(device, precision):
-                    out = engine.forward(*micro[0])
-                    losses = loss_fn(out, micro[0][1])
-            else:  # GradCache runs its own backward passes
-                losses = grad_cache_step(engine, micro, loss_fn, lambda: autocast(device, precision))
-                out = losses.pop("_out")
-            finite = global_sum(0 if torch.isfinite(losses["loss"]) else 1, world, device) == 0
-            if finite and tc.accum_steps == 1:
-                engine.backward(losses["loss"])
-            if not finite:
-                nonfinite += 1
-                if nonfinite >= MAX_NONFINITE_IN_A_ROW:
-                    raise FloatingPointError(f"{nonfinite} non-finite losses in a row at step {step}; "
-                                             "lower optim.lr or check the data")
-                engine.zero_grad()
-                continue
-            nonfinite = 0
-            grad_norm = engine.step(cfg.optim.grad_clip)
-            step += 1
-            window_samples += rows
-
-            if step % tc.log_every == 0 or step == tc.steps:
-                # each rank holds its share of the global loss; their mean is the global-batch loss
-                shares = {k: global_sum(losses[k].item(), world, device) / world.world_size
-                          for k in ("loss", "contrastive_loss", "caption_loss")}
-                samples = global_sum(window_samples, world, device)
-                now = time.time()
-                record = {"step": step, **shares, "lr": engine.last_lr(), "logit_scale": out["logit_scale"].item(),
-                          "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "samples_per_s": samples / max(now - window_t, 1e-9),
-                          "skipped": dict(skipped), "elapsed_s": now - t_start}
-                window_t, window_samples = now, 0
-                last = record
-                if main:
-                    metrics.write(record)
-                    tb.scalars(record, step)
-                if progress is not None:
-                    postfix = {"loss": f"{record['loss']:.3f}", "samples/s": f"{record['samples_per_s']:.0f}"}
-                    if skipped:
-                        postfix["skipped"] = sum(skipped.values())
-                    progress.set_postfix(postfix, refresh=False)
-            if progress is not None:
-                progress.update(1)
-            if val_set and (step % tc.val_every == 0 or step == tc.steps):
-                record = {"step": step, "split": "val",
-                          **validate(model, val_set, val_loss_fn, device, precision, input_dtype)}
-                metrics.write(record)
-                tb.scalars(record, step)
-            if evaluations and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                evaluate(step)
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
-                checkpoint()
-        if evaluations and step >= tc.steps:
-            evaluate(step)  # at the end (also of a run of 0 steps: the loaded model's numbers)
-        if stop["signal"] is not None or (step < tc.steps):
-            path = checkpoint()
-            say(f"stopped by signal at step {step}; checkpoint {path}")
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        if progress is not None:
-            progress.close()
-        tb.close()
-
-    summary = {"run_dir": str(run_dir), "step": step, "finished": step >= tc.steps,
-               "skipped": dict(skipped), "last": last}
-    if step >= tc.steps:
-        model_dir = run_dir / "model"
-        if engine.kind == "deepspeed":
-            if main:
-                consolidated_model(latest_checkpoint(ckpt_root), cfg.model).save_pretrained(model_dir, tokenizer=tokenizer)
-        elif main:
-            model.eval()
-            model.save_pretrained(model_dir, tokenizer=tokenizer)
-        _barrier(world)
-        summary["model_dir"] = str(model_dir)
-    if skipped:
-        say(f"skipped samples by reason: {dict(skipped)}")
-    if tc.engine != "single":
-        shutdown(world)
-    return summary
+    With ``train.engine`` ddp or deepspeed every process of the launch runs this; rank 0 writes
+    the logs, the config and the final model, and all ranks take part in checkpoints."""
+    return Trainer(cfg, log).fit()
 
 
-def _agreed_stop(local_stop: bool, world: World, device) -> bool:
-    """A SIGTERM seen by any rank stops every rank at the same step."""
-    return global_sum(1 if local_stop else 0, world, device) > 0
+__all__ = ["Trainer", "train"]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
+from ..errors import UserError
 from ..models.coca import COMPONENTS, component_of
 
 _BLOCK = re.compile(r"^(visual|text_encoder|text_decoder)\.blocks\.(\d+)\.")
@@ -74,7 +75,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
                            "name": f"{comp}{layer}{'' if decays else ' (no decay)'}"}
         groups[key]["params"].append(p)
     if not groups:
-        raise ValueError("no parameter is trainable: optim.freeze covers the whole model")
+        raise UserError("no parameter is trainable: optim.freeze covers the whole model")
     order = list(COMPONENTS)
     return [groups[k] for k in sorted(groups, key=lambda k: (order.index(k[0]), k[1], not k[2]))]
 

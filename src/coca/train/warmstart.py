@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputNotFound, UserError
 from ..models.coca import TOKENIZER_FILE, WEIGHTS_FILE, load_checked, unique_state
 
 
@@ -32,12 +33,12 @@ def load_init_weights(model, init_dir: str | Path, strict: bool = True) -> InitR
     from safetensors.torch import load_file
     path = Path(init_dir) / WEIGHTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"train.init_from: {path} is missing (a model directory holds {WEIGHTS_FILE})")
+        raise InputNotFound(f"train.init_from: {path} is missing (a model directory holds {WEIGHTS_FILE})")
     device = next(model.parameters()).device
     try:
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+        raise UserError(f"{path} is not a readable safetensors file: {e}") from None
     expected = unique_state(model)
     report = InitReport(str(path), 0, [n for n in expected if n not in state], [n for n in state if n not in expected])
     if strict:
@@ -45,7 +46,7 @@ def load_init_weights(model, init_dir: str | Path, strict: bool = True) -> InitR
             load_checked(model, state, str(path))  # names missing / unexpected / misshapen tensors
         except ValueError as e:
             hint = "; set train.init_strict=false to load what matches" if report.missing or report.unexpected else ""
-            raise ValueError(f"train.init_from: {e}{hint}") from None
+            raise UserError(f"train.init_from: {e}{hint}") from None
     else:
         load_checked(model, {k: v for k, v in state.items() if k in expected}, str(path), allow_missing=True)
     report.loaded = sum(k in expected for k in state)
@@ -56,6 +57,6 @@ def init_tokenizer(init_dir: str | Path) -> Path:
     """The tokenizer a run from ``init_dir`` uses when ``data.tokenizer`` names none."""
     path = Path(init_dir) / TOKENIZER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"train.init_from: {path} is missing; its text weights belong to a tokenizer: "
+        raise InputNotFound(f"train.init_from: {path} is missing; its text weights belong to a tokenizer: "
                                 "set data.tokenizer=PATH to the tokenizer.model they were trained with")
     return path

@@ -1,0 +1,179 @@
+"""One engine per backend: a single process, PyTorch DDP, DeepSpeed ZeRO. Each owns how it runs the
+forward and backward pass, steps the optimiser, saves and loads a checkpoint and exports the
+final model, so the trainer never asks which one it has.
+
+``engine.model`` is always the plain CoCa module (for evaluation, GradCache's first pass and
+saving); ``engine.wrapped`` is what runs the training forward pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (
+    DS_TAG,
+    consolidated_model,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_deepspeed_checkpoint,
+)
+from .distributed import World, barrier
+
+
+class SingleEngine:
+    """One process (also the base of DDP): autocast with fp32 master weights for BF16."""
+
+    def __init__(self, model, optimizer, scheduler, device: torch.device, world: World, precision: str = "fp32"):
+        self.model, self.wrapped, self.optimizer, self.scheduler = model, model, optimizer, scheduler
+        self.device, self.world, self.precision = device, world, precision
+        self.input_dtype = None  # images stay fp32; autocast casts inside the matmuls
+
+    def autocast(self):
+        """BF16 autocast: matmuls in bf16, master weights, optimiser state and reductions in fp32."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def forward(self, images, tokens):
+        return self.wrapped(images, tokens)
+
+    def no_sync(self, skip_sync: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP)."""
+        return nullcontext()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self, grad_clip: float = 0.0):
+        """Clip, optimiser step, schedule step. Returns the gradient norm before clipping (or None)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        return norm
+
+    def last_lr(self) -> float:
+        """The scheduled base rate (optim.lr x schedule), whatever a group's own multiplier."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
+
+    def save(self, root: Path, step: int, state: dict, keep: int) -> Path:
+        """Rank 0 writes weights + optimiser + schedule + ``state``; every rank waits for it."""
+        path = root / f"step_{step:08d}"
+        if self.world.is_main:
+            state = {**state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            path = save_checkpoint(root, step, self.model, state, keep)
+        barrier(self.world)
+        return path
+
+    def load(self, path: Path) -> dict:
+        """Restore weights, optimiser and schedule; returns the trainer's ``state``."""
+        state = load_checkpoint(path, self.model, self.device)
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.scheduler.load_state_dict(state.pop("scheduler"))
+        return state
+
+    def export(self, model_dir: Path, tokenizer, checkpoint_root: Path, model_cfg) -> Path:
+        """Rank 0 writes the final model (``save_pretrained`` layout)."""
+        if self.world.is_main:
+            self.model.eval()
+            self.model.save_pretrained(model_dir, tokenizer=tokenizer)
+        barrier(self.world)
+        return model_dir
+
+
+class DDPEngine(SingleEngine):
+    def __init__(self, model, optimizer, scheduler, device: torch.device, world: World, precision: str = "fp32"):
+        super().__init__(model, optimizer, scheduler, device, world, precision)
+        from torch.nn.parallel import DistributedDataParallel
+        self.wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def no_sync(self, skip_sync: bool):
+        return self.wrapped.no_sync() if skip_sync else nullcontext()
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO (stage 0-2) over the run's torch AdamW; BF16 here means bf16 weights with
+    fp32 master copies in the optimiser, so no autocast and bf16 images."""
+
+    def __init__(self, model, optimizer, scheduler, device: torch.device, world: World, ds_config: dict):
+        import deepspeed
+        from deepspeed.runtime.engine import DeepSpeedEngine as _DSEngine
+
+        self.model, self.device, self.world = model, device, world
+        bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+        self.input_dtype = torch.bfloat16 if bf16 else None
+
+        # Workaround, kept here alone: DeepSpeed's initial broadcast views every parameter as bytes
+        # (p.data.view(torch.uint8)), which fails for 0-dim tensors such as the temperature, and it
+        # has no option to skip it. We broadcast rank 0's parameters ourselves instead (one
+        # data-parallel group: no expert or sequence parallelism here).
+        def broadcast_params(engine_self):
+            for p in engine_self.module.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+
+        original = _DSEngine._broadcast_model
+        _DSEngine._broadcast_model = broadcast_params
+        try:
+            self.wrapped, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        finally:
+            _DSEngine._broadcast_model = original
+
+    def autocast(self):
+        return nullcontext()
+
+    def forward(self, images, tokens):
+        return self.wrapped(images, tokens)
+
+    def no_sync(self, skip_sync: bool):
+        return nullcontext()  # DeepSpeed reduces only at the accumulation boundary by itself
+
+    def zero_grad(self) -> None:
+        pass  # DeepSpeed zeroes its (partitioned) gradients in step()
+
+    def backward(self, loss) -> None:
+        # our losses already carry the accumulation scaling; DeepSpeed must not divide again.
+        # DeepSpeed counts micro-batches in step(): called after every backward, it reduces and
+        # updates only at the last micro-batch of a step (gradient_accumulation_steps).
+        self.wrapped.backward(loss, scale_wrt_gas=False)
+        self.wrapped.step()
+
+    def step(self, grad_clip: float = 0.0):
+        """DeepSpeed has already stepped in the last ``backward``; its clipping is in its config."""
+        norm = self.wrapped.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(float(norm))
+
+    def last_lr(self) -> float:
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
+
+    def save(self, root: Path, step: int, state: dict, keep: int) -> Path:
+        return save_deepspeed_checkpoint(root, step, self.wrapped, state, keep, self.world)
+
+    def load(self, path: Path) -> dict:
+        _, state = self.wrapped.load_checkpoint(str(path), tag=DS_TAG)
+        return state
+
+    def export(self, model_dir: Path, tokenizer, checkpoint_root: Path, model_cfg) -> Path:
+        """The fp32 master weights merged from every rank's shard of the last checkpoint."""
+        if self.world.is_main:
+            consolidated_model(latest_checkpoint(checkpoint_root), model_cfg).save_pretrained(model_dir, tokenizer=tokenizer)
+        barrier(self.world)
+        return model_dir
+
+
+def build_engine(kind: str, model, optimizer, scheduler, device: torch.device, world: World,
+                 precision: str = "fp32", ds_config: dict | None = None):
+    if kind == "deepspeed":
+        return DeepSpeedEngine(model, optimizer, scheduler, device, world, ds_config or {})
+    if kind == "ddp":
+        return DDPEngine(model, optimizer, scheduler, device, world, precision)
+    return SingleEngine(model, optimizer, scheduler, device, world, precision)

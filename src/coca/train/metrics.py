@@ -1,0 +1,45 @@
+"""Where a run's numbers go: ``metrics.jsonl`` (one JSON line per logged step, validation and
+evaluation) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..io import atomic_write_text
+
+
+class MetricsLog:
+    """Appends JSON lines; on resume drops lines beyond the checkpoint so the file has no repeats."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class TensorBoard:
+    def __init__(self, log_dir: Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(log_dir))
+            except ImportError:  # tensorboard not installed: JSONL metrics still have everything
+                pass
+
+    def scalars(self, record: dict, step: int) -> None:
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

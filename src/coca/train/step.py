@@ -1,0 +1,98 @@
+"""Forward and backward of one optimiser step, on any engine; the trainer and the distributed tests
+both run this function.
+
+With several micro-batches the step is GradCache (Gao et al. 2021): embed every micro-batch
+without a graph, compute the contrastive loss over all of them (and all ranks) against leaf
+copies of the embeddings to get d loss / d embedding, then re-run each micro-batch with a graph
+and back-propagate ``<embedding, its gradient>`` plus its share of the caption loss. The global
+contrastive batch is micro_batch x accum_steps x world_size, in the memory of one micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..losses import CoCaLoss, Losses, caption_loss, contrastive_loss
+from .distributed import global_sum
+
+
+@dataclass
+class StepResult:
+    losses: Losses              # this rank's shares, detached
+    logit_scale: torch.Tensor   # the (clamped) inverse temperature the step used
+    rows: int                   # pairs on this rank
+    finite: bool                # False: the loss was not finite on some rank; no gradient was applied
+
+
+def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: CoCaLoss) -> StepResult:
+    """Zero the gradients, then forward + backward of every micro-batch. The optimiser update is
+    the caller's (``engine.step``), and only when ``finite``."""
+    engine.zero_grad()
+    rows = sum(images.shape[0] for images, _ in micro_batches)
+    if len(micro_batches) > 1:
+        return _grad_cache_step(engine, micro_batches, loss_fn, rows)
+    images, tokens = micro_batches[0]
+    with engine.autocast():
+        out = engine.forward(images, tokens)
+        losses = loss_fn(out, tokens)
+    finite = global_sum(0 if torch.isfinite(losses.loss) else 1, loss_fn.world, images.device) == 0
+    if finite:
+        engine.backward(losses.loss)
+    return StepResult(_detached(losses), out["logit_scale"].detach(), rows, finite)
+
+
+def _detached(losses: Losses) -> Losses:
+    return Losses(losses.loss.detach(), losses.contrastive.detach(), losses.caption.detach())
+
+
+def _rng_state():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int) -> StepResult:
+    model, world = engine.model, loss_fn.world
+    states, images_e, texts_e = [], [], []
+    with torch.no_grad():  # pass 1: embeddings only, no graph
+        for images, tokens in micro_batches:
+            states.append(_rng_state())
+            with engine.autocast():
+                img = model.encode_image(images)
+                txt = model.encode_text(tokens)
+            images_e.append(img.float())
+            texts_e.append(txt.float())
+    img_leaf = torch.cat(images_e).requires_grad_(True)
+    txt_leaf = torch.cat(texts_e).requires_grad_(True)
+    scale = model.contrastive_scale().detach().requires_grad_(True)
+    con = contrastive_loss(img_leaf, txt_leaf, scale, world)
+    con.backward()
+    d_img, d_txt = img_leaf.grad.split([e.shape[0] for e in images_e]), txt_leaf.grad.split([e.shape[0] for e in texts_e])
+    d_scale = scale.grad
+    pad = loss_fn.pad_id
+    tokens_global = global_sum(sum(int((t != pad).sum()) for _, t in micro_batches), world, img_leaf.device)
+
+    wc, wcap = loss_fn.contrastive_weight, loss_fn.caption_weight
+    cap_total = torch.zeros((), device=img_leaf.device)
+    n = len(micro_batches)
+    for m, (images, tokens) in enumerate(micro_batches):  # pass 2: re-run with a graph, inject gradients
+        _set_rng_state(states[m])
+        with engine.no_sync(m < n - 1), engine.autocast():
+            out = engine.forward(images, tokens)
+            cap = caption_loss(out["logits"], tokens, pad, world, tokens_global)
+            surrogate = wc * ((out["image_embeds"].float() * d_img[m]).sum()
+                              + (out["text_embeds"].float() * d_txt[m]).sum()
+                              + out["logit_scale"] * d_scale / n) + wcap * cap
+        with engine.no_sync(m < n - 1):
+            engine.backward(surrogate)
+        cap_total = cap_total + cap.detach()
+    con = con.detach()
+    losses = Losses(wc * con + wcap * cap_total, con, cap_total)
+    finite = global_sum(0 if torch.isfinite(losses.loss) else 1, world, img_leaf.device) == 0
+    return StepResult(losses, scale.detach(), rows, finite)
