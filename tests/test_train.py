@@ -67,7 +67,7 @@ def test_shipped_configs_load():
 
 def test_swap_left_right():
     assert swap_left_right("a red circle left of a blue square") == "a red circle right of a blue square"
-    assert swap_left_right("Left, RIGHT and leftover") == "Right, LEFT and leftover"
+    assert swap_left_right("Left, RIGHT and leftover", "all") == "Right, LEFT and leftover"
 
 
 def test_flip_commutes_with_canonical_captions():
@@ -247,3 +247,24 @@ def test_model_overrides_apply_to_the_default_preset():
     cfg = load_run_config(None, ["model.text.vocab_size=64"])
     assert cfg.model.name == "coca-tiny" and cfg.model.text.vocab_size == 64
     assert load_run_config(None, ["model.preset=coca-base"]).model.text.d_model == 768
+
+
+def test_flip_swaps_only_spatial_left_and_right_by_default():
+    cases = {  # caption -> its flipped version
+        "a red circle left of a blue square": "a red circle right of a blue square",
+        "a dog on the left, a cat to the right": "a dog on the right, a cat to the left",
+        "a left-hand glove at the top-right corner": "a right-hand glove at the top-left corner",
+        "Left of the tree, the lower left half": "Right of the tree, the lower right half",
+        "she left the room": "she left the room",             # a verb
+        "all right, the right to vote": "all right, the right to vote",
+        "what is left over on the right side": "what is left over on the left side",
+    }
+    for caption, flipped in cases.items():
+        assert swap_left_right(caption) == flipped, caption
+    assert swap_left_right("she left the room", "all") == "she right the room"
+    assert swap_left_right("a dog on the left", "none") == "a dog on the left"
+    image, _ = SyntheticScenes(1).load(0)
+    web = TrainTransform(64, crop_scale_min=1.0, flip_prob=1.0, brightness=0, contrast=0, saturation=0, hue=0)
+    assert web(image, "she left the dog on the left", seed=0)[1] == "she left the dog on the right"
+    with pytest.raises(ConfigError, match="flip_swap_words"):
+        load_run_config(None, ["data.augment.flip_swap_words=some"])

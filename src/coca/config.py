@@ -249,7 +249,8 @@ class AugmentConfig:
     """Training augmentation (CoCa recipe: resize + random crop, horizontal flip, colour jitter)."""
 
     crop_scale_min: float = 0.9  # RandomResizedCrop area fraction lower bound (upper bound 1.0)
-    flip_prob: float = 0.5       # a flipped image gets "left"/"right" swapped in its caption
+    flip_prob: float = 0.5       # a flipped image gets "left"/"right" swapped in its caption (flip_swap_words)
+    flip_swap_words: str = "spatial"  # spatial: only directions ("left of", "on the right"); all; none
     brightness: float = 0.2
     contrast: float = 0.2
     saturation: float = 0.2
@@ -262,6 +263,8 @@ class AugmentConfig:
             raise ConfigError(f"augment.flip_prob must be in [0, 1], got {self.flip_prob}")
         if not 0.0 <= self.hue <= 0.5:
             raise ConfigError(f"augment.hue must be in [0, 0.5], got {self.hue}")
+        if self.flip_swap_words not in ("spatial", "all", "none"):
+            raise ConfigError(f"augment.flip_swap_words must be 'spatial', 'all' or 'none', got {self.flip_swap_words!r}")
         for k in ("brightness", "contrast", "saturation"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"augment.{k} must be >= 0, got {getattr(self, k)}")

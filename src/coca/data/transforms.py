@@ -45,15 +45,37 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+# "left" / "right" as a direction: "left of", "on the right", "the left side", "top left", "left-hand".
+# Not "she left the room", "all right", "the right to vote": words that are not a direction stay.
+_SPATIAL = re.compile(
+    r"\b(?:(?P<pre>(?:the|to|at|on|far|top|bottom|upper|lower)[\s-]+)(?P<a>left|right)\b(?!\s+to\b)"  # not "the right to vote"
+    r"|(?P<b>left|right)(?=(?:\s+(?:of|side|sides|hand|corner|edge|half|part|wing|arm|leg|eye|ear|foot|lane)\b)|-hand\b))",
+    re.IGNORECASE)
+FLIP_SWAP_MODES = ("spatial", "all", "none")
 
 
-def swap_left_right(caption: str) -> str:
-    """'a red circle left of a blue square' -> '... right of ...' (case kept), for flipped images."""
+def _swapped(word: str) -> str:
+    new = "right" if word.lower() == "left" else "left"
+    return new.upper() if word.isupper() else new.capitalize() if word[0].isupper() else new
+
+
+def swap_left_right(caption: str, mode: str = "spatial") -> str:
+    """The caption of the horizontally flipped image (case kept).
+
+    ``spatial`` swaps "left" and "right" only where they name a direction ("a red circle left of a
+    blue square" -> "... right of ...", "on the left" -> "on the right"), so web captions such as
+    "she left the room" stay intact; ``all`` swaps every occurrence (captions from a closed
+    grammar); ``none`` keeps the caption."""
+    if mode == "none":
+        return caption
+    if mode == "all":
+        return _LEFT_RIGHT.sub(lambda m: _swapped(m.group(0)), caption)
+
     def swap(m: re.Match) -> str:
-        word = m.group(0)
-        new = "right" if word.lower() == "left" else "left"
-        return new.upper() if word.isupper() else new.capitalize() if word[0].isupper() else new
-    return _LEFT_RIGHT.sub(swap, caption)
+        if m.group("a"):
+            return m.group("pre") + _swapped(m.group("a"))
+        return _swapped(m.group("b"))
+    return _SPATIAL.sub(swap, caption)
 
 
 class TrainTransform:
@@ -70,8 +92,10 @@ class TrainTransform:
     RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 
     def __init__(self, image_size: int, crop_scale_min: float = 0.9, flip_prob: float = 0.5,
-                 brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2, hue: float = 0.02):
+                 brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2, hue: float = 0.02,
+                 flip_swap_words: str = "spatial"):
         self.size = image_size
+        self.flip_swap_words = flip_swap_words
         self.scale = (crop_scale_min, 1.0)
         self.flip_prob = flip_prob
         self.jitter = [(fn, lo, hi) for fn, lo, hi, amount in (
@@ -83,7 +107,8 @@ class TrainTransform:
 
     @classmethod
     def from_config(cls, image_size: int, aug) -> "TrainTransform":
-        return cls(image_size, aug.crop_scale_min, aug.flip_prob, aug.brightness, aug.contrast, aug.saturation, aug.hue)
+        return cls(image_size, aug.crop_scale_min, aug.flip_prob, aug.brightness, aug.contrast, aug.saturation, aug.hue,
+                   aug.flip_swap_words)
 
     def crop_box(self, height: int, width: int, g: torch.Generator) -> tuple[int, int, int, int]:
         """RandomResizedCrop's sampling (10 tries, then the centre crop), from generator ``g``."""
@@ -109,7 +134,7 @@ class TrainTransform:
                                        interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
         if torch.rand((), generator=g).item() < self.flip_prob:
             x = v2.functional.horizontal_flip(x)
-            caption = swap_left_right(caption)
+            caption = swap_left_right(caption, self.flip_swap_words)
         x = v2.functional.to_dtype(x, torch.float32, scale=True)  # jitter in float: faster than uint8
         if self.jitter:  # like ColorJitter: each factor uniform in its range, applied in random order
             u = torch.rand(len(self.jitter), generator=g).tolist()
