@@ -189,6 +189,12 @@ def test_plan_for_the_described_run(capsys):
     assert p["gpu_hours"] == pytest.approx(p["step_time_s"] * p["steps"] * 64 / 3600)
     assert p["samples"] == 250_000 * 16384
     assert main(["plan", "--config", "configs/coca-large-v2.yaml", "--mfu", "0"]) == 2
+    # GradCache's extra encoder pass: the forward without the text decoder, once more per sample
+    from coca.models.coca import create_model
+    from coca.summary import forward_flops
+    acc = plan(load_run_config("configs/coca-large-v2.yaml", ["train.accum_steps=8"]), 8, 80, 312, 0.5)
+    f = forward_flops(create_model("coca-large-v2", device="meta"))
+    assert acc["grad_cache_flops_per_step"] == pytest.approx((f["total"] - f["text_decoder"]) * 16384)
 
 
 def test_deepspeed_bf16_with_accumulation_checkpointing_and_validation(tmp_path):

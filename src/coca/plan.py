@@ -71,7 +71,7 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, m
     flops = forward_flops(model, batch=1)
     fwd_flops_sample = flops["total"]
     # GradCache's first pass (accum_steps > 1): image and text encoders once more, without a graph
-    grad_cache_sample = (flops["total"] - flops["text decoder (T5)"]) if accum > 1 else 0.0
+    grad_cache_sample = (flops["total"] - flops["text_decoder"]) if accum > 1 else 0.0
     mem = {
         "parameters (bf16)": 2 * P,
         "gradients (bf16 + fp32 partition)": 2 * P + 4 * P / gpus,
