@@ -230,3 +230,26 @@ def test_deepspeed_bf16_with_accumulation_checkpointing_and_validation(tmp_path)
     # fp32 master weights, not bf16-rounded copies: some value is not representable in bf16
     w = model.visual.conv1.weight
     assert not torch.equal(w, w.to(torch.bfloat16).float())
+
+
+def test_plan_finds_the_fewest_checkpointed_blocks_that_fit():
+    from coca.config import load_run_config
+    from coca.plan import GIB, plan, saved_activation_bytes
+    cfg = load_run_config(None, ["data.batch_size=64", "data.kind=webdataset", "data.train=s/{0..3}.tar",
+                                 "data.workers=4", "train.activation_checkpointing=2"])
+    P = plan(cfg, 2, 1.0, 312, 0.5)["params"]
+    static = 2 * P + 2 * P + 4 * P / 2 + 12 * P / 2
+    act = [saved_activation_bytes(cfg.model, 64, 77, n) for n in range(5)]  # coca-tiny: 4 + 3 + 3 blocks
+    assert act == sorted(act, reverse=True) and act[0] > act[-1]
+    cap = (static + (act[1] + act[2]) / 2) / 0.9  # between 1 and 2 checkpointed blocks per stack
+    p = plan(cfg, 2, cap / GIB, 312, 0.5)
+    assert p["fewest_checkpointed_blocks"] == 2  # 1 does not fit, 2 does (checked against the bytes above)
+    assert p["total_configured_bytes"] == pytest.approx(static + act[2])
+    # recompute: the forward of 2 of 4 ViT blocks and 2 of 3 blocks of each text stack, per sample
+    from coca.models.coca import create_model
+    from coca.summary import forward_flops
+    f = forward_flops(create_model(cfg.model, device="meta"))
+    expected = (f["visual"] * 2 / 4 + f["text_encoder"] * 2 / 3 + f["text_decoder"] * 2 / 3) * 64 * 2
+    assert p["recompute_flops_per_step"] == pytest.approx(expected)
+    assert any("4 shards for 2 GPUs x 4 data workers" in w for w in p["warnings"])
+    assert plan(cfg, 2, 1e-3, 312, 0.5)["fewest_checkpointed_blocks"] is None

@@ -184,3 +184,27 @@ def test_trimmed_batch_gives_identical_outputs(tiny):
     torch.testing.assert_close(short["text_embeds"], full["text_embeds"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(short["logits"], full["logits"][:, :30], atol=1e-5, rtol=1e-5)
     assert trim_padding(torch.zeros(2, 77, dtype=torch.long)).shape == (2, 1)
+
+
+def test_partial_activation_checkpointing_gives_the_same_gradients():
+    import coca
+    torch.manual_seed(0)
+    model = coca.create_model("coca-tiny").train()
+    images, tokens = torch.randn(2, 3, 64, 64), torch.randint(3, 100, (2, 9))
+    grads = {}
+    for blocks in (False, 2, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(blocks)
+        out = model(images, tokens)
+        (out["logits"].square().mean() + out["image_embeds"].sum() + out["text_embeds"].sum()).backward()
+        grads[blocks] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert [t.grad_checkpointing for t in (model.visual, model.text_encoder, model.text_decoder)] == [4, 3, 3]
+    from coca.plan import (
+        saved_activation_bytes,  # fewer saved activations with more checkpointed blocks
+    )
+    sizes = [saved_activation_bytes(model.cfg, 2, 9, n) for n in (0, 1, 2, True)]
+    assert sizes[0] > sizes[1] > sizes[2] > sizes[3]
+    for blocks in (2, True):
+        assert len(grads[blocks]) == len(grads[False]) > 100
+        for a, b in zip(grads[False], grads[blocks]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,10 +59,14 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
 def _coerce(value, hint, path):
     """Accept ints for floats and check the basic type; anything else is a clear error."""
     origin = typing.get_origin(hint)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union or isinstance(hint, types.UnionType):  # Optional[X], or X | Y of basic types
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
+        if value is None and len(args) < len(typing.get_args(hint)):
             return None
+        if len(args) > 1:
+            if any(type(value) is a for a in args):
+                return value
+            raise ConfigError(f"config key '{path}' must be {' or '.join(a.__name__ for a in args)}, got {value!r}")
         hint = args[0]
         origin = typing.get_origin(hint)
     if origin is list:
@@ -442,7 +447,9 @@ class TrainConfig:
     accum_steps: int = 1            # micro-batches per step; >1 keeps the global contrastive batch (GradCache)
     zero_stage: int = 2             # DeepSpeed ZeRO stage for the generated config
     deepspeed_config: str = ""      # a DeepSpeed JSON of your own instead of the generated one
-    activation_checkpointing: bool = False  # recompute each transformer block in backward: less memory
+    # recompute blocks in backward instead of keeping their activations: true (every block), false,
+    # or N (the first N blocks of each stack); `coca plan` reports the fewest that fit
+    activation_checkpointing: bool | int = False
     init_from: str = ""             # a model directory to start from (ignored once the run has a checkpoint)
     init_strict: bool = True        # false: load what matches, list missing / unexpected tensors
     eval: list[EvalConfig] = field(default_factory=list)  # evaluations run every eval_every steps and at the end
@@ -452,6 +459,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive(self, "checkpoint_every", "keep_checkpoints", "log_every", "val_batches", "accum_steps")
+        ac = self.activation_checkpointing
+        if not isinstance(ac, bool) and (not isinstance(ac, int) or ac < 0):
+            raise ConfigError(f"train.activation_checkpointing must be true, false or a number of blocks >= 0, got {ac!r}")
         if self.steps < 0 or isinstance(self.steps, bool):
             raise ConfigError(f"train.steps must be >= 0, got {self.steps!r}")
         self.eval = [from_dict(EvalConfig, e, "train.eval") if isinstance(e, dict) else e for e in self.eval]

@@ -16,7 +16,11 @@ gradient accumulation, partitioned):
                           attention on a GPU does not: an upper bound by that much
 
 FLOPs come from ``torch.utils.flop_counter`` on the same meta forward pass: a training step is
-3x the forward FLOPs (4x with checkpointing, which recomputes the forward; MFU counts 3x).
+3x the forward FLOPs (the model FLOPs MFU counts) plus, with activation checkpointing, the
+forward of every checkpointed block once more (about 4x with every block checkpointed), plus
+GradCache's extra encoder pass with accumulation. The time per step is all of it at the stated
+utilisation. ``train.activation_checkpointing: N`` checkpoints the first N blocks of each stack;
+the plan reports the fewest that fit the stated memory.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from .errors import UserError
 GIB = 1024 ** 3
 
 
-def saved_activation_bytes(model_cfg, micro_batch: int, text_len: int, checkpointing: bool) -> int:
+def saved_activation_bytes(model_cfg, micro_batch: int, text_len: int, checkpointing: bool | int) -> int:
     """Bytes autograd keeps for backward after one bf16 forward + loss at ``micro_batch``."""
     from .losses import CoCaLoss
     from .models.coca import CoCa
@@ -77,22 +81,64 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, m
         "gradients (bf16 + fp32 partition)": 2 * P + 4 * P / gpus,
         "optimiser states (fp32 master, Adam m, v; partition)": 12 * P / gpus,
     }
-    act = {ckpt: saved_activation_bytes(cfg.model, micro, text_len, ckpt) for ckpt in (False, True)}
     static = sum(mem.values())
+    cap = gpu_memory_gib * GIB
+
+    stacks = {"visual": cfg.model.vision.layers, "text_encoder": cfg.model.text.encoder_layers,
+              "text_decoder": cfg.model.text.decoder_layers}
+    every = max(stacks.values())
+    act: dict[int, int] = {}  # checkpointed blocks per stack -> activation bytes (True is every block)
+
+    def activations(blocks: bool | int) -> int:
+        n = every if blocks is True else int(blocks)
+        if n not in act:
+            act[n] = saved_activation_bytes(cfg.model, micro, text_len, n)
+        return act[n]
+
+    activations(0), activations(every)  # both always reported
+    configured = cfg.train.activation_checkpointing
+    # the fewest checkpointed blocks per stack whose total fits with 10% headroom (activations
+    # shrink monotonically with more checkpointed blocks: a binary search over N)
+    fits = lambda a: static + a <= 0.9 * cap  # noqa: E731
+    fewest = None
+    if fits(activations(0)):
+        fewest = 0
+    elif fits(activations(every)):
+        lo, hi = 1, every  # hi fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(activations(mid)) else (mid + 1, hi)
+        fewest = lo
+    n_ckpt = every if configured is True else int(configured)
+    recompute_sample = sum(flops[t] * min(n_ckpt, n) / n for t, n in stacks.items())
     steps = cfg.train.steps if samples is None else max(1, round(samples / global_batch))
     samples = steps * global_batch
     step_flops = 3 * fwd_flops_sample * global_batch
     extra_flops = grad_cache_sample * global_batch
-    step_time = (step_flops + extra_flops) / (gpus * peak_tflops * 1e12 * mfu)
+    recompute_flops = recompute_sample * global_batch
+    step_time = (step_flops + extra_flops + recompute_flops) / (gpus * peak_tflops * 1e12 * mfu)
+    warnings = []
+    if cfg.data.kind == "webdataset" and not cfg.data.resampled:
+        from .data.readers import expand_braces
+        shards, consumers = len(expand_braces(cfg.data.train)), gpus * max(1, cfg.data.workers)
+        if shards < consumers:
+            warnings.append(f"data.train has {shards} shards for {gpus} GPUs x {max(1, cfg.data.workers)} data "
+                            f"workers = {consumers} readers: some would get none; use more shards, fewer "
+                            "data.workers, or data.resampled=true")
     return {
         "params": P, "gpus": gpus, "micro_batch": micro, "accum_steps": accum, "global_batch": global_batch,
-        "memory_bytes": mem, "activations_bytes": act[False], "activations_checkpointed_bytes": act[True],
-        "total_bytes": static + act[False], "total_checkpointed_bytes": static + act[True],
-        "gpu_memory_bytes": gpu_memory_gib * GIB,
+        "memory_bytes": mem, "activations_bytes": act[0], "activations_checkpointed_bytes": act[every],
+        "total_bytes": static + act[0], "total_checkpointed_bytes": static + act[every],
+        "activation_checkpointing": configured, "activations_configured_bytes": activations(configured),
+        "total_configured_bytes": static + activations(configured),
+        "fewest_checkpointed_blocks": fewest,
+        "fewest_checkpointed_activations_bytes": None if fewest is None else act[fewest],
+        "gpu_memory_bytes": cap,
         "forward_flops_per_sample": fwd_flops_sample, "train_flops_per_step": step_flops,
-        "grad_cache_flops_per_step": extra_flops,
+        "grad_cache_flops_per_step": extra_flops, "recompute_flops_per_step": recompute_flops,
         "mfu": mfu, "peak_tflops": peak_tflops, "step_time_s": step_time, "steps": steps, "samples": samples,
         "gpu_hours": step_time * steps * gpus / 3600, "wall_days": step_time * steps / 86400,
+        "warnings": warnings,
     }
 
 
@@ -107,19 +153,31 @@ def format_plan(p: dict) -> str:
     for name, b in p["memory_bytes"].items():
         lines.append(f"  {name:<55}{g(b)}")
     lines.append(f"  {'activations, micro-batch ' + str(p['micro_batch']):<55}{g(p['activations_bytes'])}")
-    lines.append(f"  {'activations with per-block checkpointing':<55}{g(p['activations_checkpointed_bytes'])}")
+    lines.append(f"  {'activations with every block checkpointed':<55}{g(p['activations_checkpointed_bytes'])}")
     cap = p["gpu_memory_bytes"]
-    for label, key in (("total", "total_bytes"), ("total with checkpointing", "total_checkpointed_bytes")):
+    totals = [("total", "total_bytes"), ("total with every block checkpointed", "total_checkpointed_bytes")]
+    ac = p["activation_checkpointing"]
+    if not isinstance(ac, bool):
+        totals.append((f"total as configured ({ac} blocks per stack checkpointed)", "total_configured_bytes"))
+    for label, key in totals:
         fits = "fits" if p[key] <= 0.9 * cap else "does NOT fit"
         lines.append(f"  {label:<55}{g(p[key])}   {fits} in {cap / GIB:.0f} GiB (with 10% headroom)")
+    n = p["fewest_checkpointed_blocks"]
+    lines.append("  fewest checkpointed blocks per stack that fit: " + (
+        "none fits, even with every block checkpointed: lower data.batch_size (and raise train.accum_steps)"
+        if n is None else f"{n} (train.activation_checkpointing: {n}; activations "
+                          f"{p['fewest_checkpointed_activations_bytes'] / GIB:.1f} GiB)"))
     lines += [
         "",
         f"compute: {p['forward_flops_per_sample'] / 1e9:.1f} GFLOPs forward per sample; "
         f"{p['train_flops_per_step'] / 1e15:.2f} PFLOPs per training step (3x forward)"
+        + (f" + {p['recompute_flops_per_step'] / 1e15:.2f} PFLOPs recomputing checkpointed blocks"
+           if p["recompute_flops_per_step"] else "")
         + (f" + {p['grad_cache_flops_per_step'] / 1e15:.2f} PFLOPs for GradCache's encoder pass"
            if p["grad_cache_flops_per_step"] else ""),
         f"at {p['mfu']:.0%} MFU of {p['peak_tflops']:.0f} TFLOPS per GPU: {p['step_time_s']:.2f} s per step; "
         f"{p['steps']:,} steps = {p['samples'] / 1e9:.2f}B samples seen -> {p['gpu_hours']:,.0f} GPU-hours, "
         f"{p['wall_days']:.1f} days on {p['gpus']} GPUs",
     ]
+    lines += [f"warning: {w}" for w in p["warnings"]]
     return "\n".join(lines)

@@ -89,9 +89,11 @@ class CoCa(nn.Module):
         """Encoder and decoder share the token embedding (broken by ``to_empty``; restored here)."""
         self.text_decoder.embed_tokens = self.text_encoder.embed_tokens
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+    def set_grad_checkpointing(self, blocks: bool | int = True) -> None:
+        """Recompute blocks in the backward pass instead of keeping their activations: ``True`` every
+        block, ``False`` / 0 none, ``N`` the first N blocks of each stack (ViT, T5 encoder, decoder)."""
         for tower in (self.visual, self.text_encoder, self.text_decoder):
-            tower.grad_checkpointing = enabled
+            tower.grad_checkpointing = len(tower.blocks) if blocks is True else int(blocks)
 
     # --- input checks: a clear message instead of an index error deep inside a kernel -------
     def check_images(self, images: Tensor) -> None:

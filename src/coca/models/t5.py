@@ -178,7 +178,7 @@ class T5Encoder(nn.Module):
         self.blocks = nn.ModuleList([T5Block(cfg, cross=False) for _ in range(cfg.encoder_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.ln_eps)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = 0  # the first N blocks recompute their forward in backward
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
         """tokens: [B, L] ids; attention_mask: [B, L] (1 = real token), default tokens != pad_id.
@@ -189,8 +189,8 @@ class T5Encoder(nn.Module):
         L = tokens.shape[1]
         bias_dtype = compute_dtype(x)
         bias = self.position_bias(L, L).to(bias_dtype) + padding_bias(attention_mask.bool(), bias_dtype)
-        for block in self.blocks:
-            x = checkpoint(block, x, bias, use_reentrant=False) if self.grad_checkpointing and self.training else block(x, bias)
+        for i, block in enumerate(self.blocks):
+            x = checkpoint(block, x, bias, use_reentrant=False) if i < self.grad_checkpointing and self.training else block(x, bias)
         return self.dropout(self.final_norm(x))
 
 
@@ -249,7 +249,7 @@ class T5Decoder(nn.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.ln_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = 0  # the first N blocks recompute their forward in backward
 
     def cross_kv(self, visual_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
         return [block.cross_attn.project_kv(visual_tokens) for block in self.blocks]
@@ -283,7 +283,7 @@ class T5Decoder(nn.Module):
         cross = cache.cross if cache is not None else self.cross_kv(visual_tokens)
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
-            if self.grad_checkpointing and self.training and cache is None:
+            if i < self.grad_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, bias, cross[i], use_reentrant=False)
             else:
                 x = block(x, bias, cross[i], layer_cache)

@@ -81,7 +81,7 @@ class VisionTransformer(nn.Module):
         self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.blocks = nn.ModuleList([ResidualBlock(cfg) for _ in range(cfg.layers)])
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = 0  # the first N blocks recompute their forward in backward
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -105,8 +105,8 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.ln_pre(x)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+        for i, block in enumerate(self.blocks):
+            x = checkpoint(block, x, use_reentrant=False) if i < self.grad_checkpointing and self.training else block(x)
         return self.ln_post(x)
 
 

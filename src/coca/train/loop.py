@@ -174,8 +174,7 @@ class Trainer:
                 self.say(line)
             if main:
                 atomic_write_text(self.run_dir / "init.json", json.dumps(dataclasses.asdict(report), indent=1) + "\n")
-        if tc.activation_checkpointing:
-            model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(tc.activation_checkpointing)
         freeze(model, cfg.optim.freeze)
         optimizer = build_optimizer(model, cfg.optim)
         for line in describe_groups(optimizer.param_groups, model, cfg.optim):
