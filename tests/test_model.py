@@ -105,7 +105,9 @@ def test_bad_inputs_are_clear_errors(tiny):
     bad = tokens.clone()
     bad[0, 0] = tiny.cfg.text.vocab_size
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        tiny(images, bad)
+        tiny.encode_text(bad)  # user-facing entry points check ids; forward (the training step) does not sync
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tiny.check_tokens(bad)
     with pytest.raises(ValueError, match="context_length"):
         tiny.encode_text(torch.ones(1, 78, dtype=torch.long))
     with pytest.raises(TypeError, match="integer ids"):

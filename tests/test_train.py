@@ -268,3 +268,55 @@ def test_flip_swaps_only_spatial_left_and_right_by_default():
     assert web(image, "she left the dog on the left", seed=0)[1] == "she left the dog on the right"
     with pytest.raises(ConfigError, match="flip_swap_words"):
         load_run_config(None, ["data.augment.flip_swap_words=some"])
+
+
+def test_chunked_caption_loss_equals_the_full_one():
+    from coca.losses import CoCaLoss
+    torch.manual_seed(0)
+    model = coca.create_model(load_run_config(None, ["model.text.vocab_size=300"]).model).train()
+    images, tokens = torch.randn(3, 3, 64, 64), torch.randint(3, 300, (3, 11))
+    tokens[:, 7:] = 0
+    tokens[:, 6] = 1
+    head = model.text_decoder.lm_head.weight
+    results = {}
+    for chunk in (0, 5, 64):  # 5: chunks that split captions; 64: one chunk holds the batch
+        model.zero_grad()
+        loss_fn = CoCaLoss(1.0, 1.0, 0, caption_chunk_tokens=chunk, lm_head_weight=head)
+        losses = loss_fn(model(images, tokens, return_logits=loss_fn.wants_logits), tokens)
+        losses.loss.backward()
+        results[chunk] = (losses.caption.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    reference = torch.nn.functional.cross_entropy(model(images, tokens)["logits"].flatten(0, 1), tokens.flatten(),
+                                                  ignore_index=0)
+    for chunk in (0, 5, 64):
+        torch.testing.assert_close(results[chunk][0], reference, rtol=1e-5, atol=1e-6)
+        for a, b in zip(results[0][1], results[chunk][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="caption_chunk_tokens"):
+        load_run_config(None, ["loss.caption_chunk_tokens=-1"])
+
+
+def test_training_with_chunked_caption_loss_and_grad_cache_matches_plain(tmp_path):
+    from coca.train import train
+    plain = config(tmp_path, "train.steps=3", "train.checkpoint_every=3", name="plain")
+    chunked = config(tmp_path, "train.steps=3", "train.checkpoint_every=3", "loss.caption_chunk_tokens=7", name="chunked")
+    accum = config(tmp_path, "train.steps=3", "train.checkpoint_every=3", "loss.caption_chunk_tokens=7",
+                   "train.accum_steps=2", "data.batch_size=4", name="accum")
+    for cfg in (plain, chunked, accum):
+        train(cfg, log=lambda *a: None)
+    a, b, c = (train_lines(tmp_path / n) for n in ("plain", "chunked", "accum"))
+    for x, y, z in zip(a, b, c):
+        assert x["caption_loss"] == pytest.approx(y["caption_loss"], rel=1e-4)
+        assert x["caption_loss"] == pytest.approx(z["caption_loss"], rel=1e-4)  # GradCache over 2 x 4 = the batch of 8
+        assert x["loss"] == pytest.approx(z["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager(tmp_path):
+    """train.compile: the same losses within tolerance (compiling takes ~80 s on 2 cores: slow test)."""
+    from coca.train import train
+    eager = config(tmp_path, "train.steps=3", "train.checkpoint_every=3", name="eager")
+    compiled = config(tmp_path, "train.steps=3", "train.checkpoint_every=3", "train.compile=true", name="compiled")
+    for cfg in (eager, compiled):
+        train(cfg, log=lambda *a: None)
+    for x, y in zip(train_lines(tmp_path / "eager"), train_lines(tmp_path / "compiled")):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)

@@ -371,8 +371,13 @@ class OptimConfig:
 class LossConfig:
     contrastive_weight: float = 1.0  # the description weights both objectives equally
     caption_weight: float = 1.0
+    # > 0: the caption cross-entropy applies the LM head to this many positions at a time and
+    # recomputes each chunk in backward, so [tokens, vocab] float32 logits never exist whole
+    caption_chunk_tokens: int = 0
 
     def __post_init__(self):
+        if self.caption_chunk_tokens < 0:
+            raise ConfigError(f"loss.caption_chunk_tokens must be >= 0, got {self.caption_chunk_tokens}")
         if self.contrastive_weight < 0 or self.caption_weight < 0 or self.contrastive_weight + self.caption_weight == 0:
             raise ConfigError("loss weights must be >= 0 and not both 0")
 
@@ -450,6 +455,7 @@ class TrainConfig:
     # recompute blocks in backward instead of keeping their activations: true (every block), false,
     # or N (the first N blocks of each stack); `coca plan` reports the fewest that fit
     activation_checkpointing: bool | int = False
+    compile: bool = False           # torch.compile the model for the training forward/backward
     init_from: str = ""             # a model directory to start from (ignored once the run has a checkpoint)
     init_strict: bool = True        # false: load what matches, list missing / unexpected tensors
     eval: list[EvalConfig] = field(default_factory=list)  # evaluations run every eval_every steps and at the end

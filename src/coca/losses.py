@@ -64,6 +64,28 @@ def caption_loss(logits: Tensor, tokens: Tensor, pad_id: int = 0, world: World =
     return loss_sum * world.world_size / max(global_tokens, 1.0)
 
 
+def _ce_sum(hidden: Tensor, weight: Tensor, tokens: Tensor, pad_id: int) -> Tensor:
+    return F.cross_entropy((hidden @ weight.T).float(), tokens, ignore_index=pad_id, reduction="sum")
+
+
+def chunked_caption_loss(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, pad_id: int = 0,
+                         chunk_tokens: int = 4096, world: World = World(), global_tokens: float | None = None) -> Tensor:
+    """``caption_loss`` from the decoder's final states [B, L, D] and the LM head weight [V, D],
+    ``chunk_tokens`` positions at a time: each chunk's logits are made, reduced to a sum of
+    cross-entropies and freed, then made again in backward (activation checkpointing), so the
+    [B x L, V] float32 logits of a 32k vocabulary never exist whole. Same value and gradients as
+    ``caption_loss`` (up to summation order)."""
+    from torch.utils.checkpoint import checkpoint
+    h, t = hidden.flatten(0, 1), tokens.flatten()
+    loss_sum = sum(checkpoint(_ce_sum, h[i:i + chunk_tokens], lm_head_weight, t[i:i + chunk_tokens], pad_id,
+                              use_reentrant=False) for i in range(0, t.shape[0], chunk_tokens))
+    if global_tokens is None:
+        if not world.parallel:  # divide by the count on the device: no sync
+            return loss_sum / (t != pad_id).sum().clamp(min=1)
+        global_tokens = global_sum((t != pad_id).sum(), world, tokens.device)
+    return loss_sum * world.world_size / max(global_tokens, 1.0)
+
+
 def contrastive_accuracy(image_embeds: Tensor, text_embeds: Tensor) -> tuple[float, float]:
     """(image->text, text->image) top-1 accuracy of picking the paired item within the batch."""
     sim = image_embeds.float() @ text_embeds.float().T
@@ -72,12 +94,29 @@ def contrastive_accuracy(image_embeds: Tensor, text_embeds: Tensor) -> tuple[flo
 
 
 class CoCaLoss:
+    """``caption_chunk_tokens`` > 0: the caption loss applies the LM head in chunks of that many
+    positions (``chunked_caption_loss``); the model must then be called with ``return_logits=False``
+    (``wants_logits`` says which), and ``lm_head_weight`` given."""
+
     def __init__(self, contrastive_weight: float = 1.0, caption_weight: float = 1.0, pad_id: int = 0,
-                 world: World = World()):
+                 world: World = World(), caption_chunk_tokens: int = 0, lm_head_weight: Tensor | None = None):
         self.contrastive_weight, self.caption_weight, self.pad_id, self.world = \
             contrastive_weight, caption_weight, pad_id, world
+        self.chunk, self.lm_head_weight = caption_chunk_tokens, lm_head_weight
+        if self.chunk and lm_head_weight is None:
+            raise ValueError("a chunked caption loss needs the LM head weight")
+
+    @property
+    def wants_logits(self) -> bool:
+        return not self.chunk
+
+    def caption(self, outputs: dict[str, Tensor], tokens: Tensor, global_tokens: float | None = None) -> Tensor:
+        if self.chunk:
+            return chunked_caption_loss(outputs["decoder_hidden"], self.lm_head_weight, tokens, self.pad_id,
+                                        self.chunk, self.world, global_tokens)
+        return caption_loss(outputs["logits"], tokens, self.pad_id, self.world, global_tokens)
 
     def __call__(self, outputs: dict[str, Tensor], tokens: Tensor) -> Losses:
         con = contrastive_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], self.world)
-        cap = caption_loss(outputs["logits"], tokens, self.pad_id, self.world)
+        cap = self.caption(outputs, tokens)
         return Losses(self.contrastive_weight * con + self.caption_weight * cap, con, cap)

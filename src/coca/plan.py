@@ -17,7 +17,8 @@ gradient accumulation, partitioned):
 
 FLOPs come from ``torch.utils.flop_counter`` on the same meta forward pass: a training step is
 3x the forward FLOPs (the model FLOPs MFU counts) plus, with activation checkpointing, the
-forward of every checkpointed block once more (about 4x with every block checkpointed), plus
+forward of every checkpointed block once more (about 4x with every block checkpointed) and, with
+``loss.caption_chunk_tokens``, the LM head once more, plus
 GradCache's extra encoder pass with accumulation. The time per step is all of it at the stated
 utilisation. ``train.activation_checkpointing: N`` checkpoints the first N blocks of each stack;
 the plan reports the fewest that fit the stated memory.
@@ -33,8 +34,19 @@ from .errors import UserError
 GIB = 1024 ** 3
 
 
-def saved_activation_bytes(model_cfg, micro_batch: int, text_len: int, checkpointing: bool | int) -> int:
+_measured: dict[tuple, int] = {}  # a plan measures several settings; each meta pass takes seconds
+
+
+def saved_activation_bytes(model_cfg, micro_batch: int, text_len: int, checkpointing: bool | int,
+                           caption_chunk_tokens: int = 0) -> int:
     """Bytes autograd keeps for backward after one bf16 forward + loss at ``micro_batch``."""
+    key = (repr(model_cfg), micro_batch, text_len, checkpointing, caption_chunk_tokens)
+    if key not in _measured:
+        _measured[key] = _saved_activation_bytes(model_cfg, micro_batch, text_len, checkpointing, caption_chunk_tokens)
+    return _measured[key]
+
+
+def _saved_activation_bytes(model_cfg, micro_batch, text_len, checkpointing, caption_chunk_tokens) -> int:
     from .losses import CoCaLoss
     from .models.coca import CoCa
     with torch.device("meta"):
@@ -52,8 +64,10 @@ def saved_activation_bytes(model_cfg, micro_batch: int, text_len: int, checkpoin
             saved[storage._cdata] = (storage.nbytes(), t)  # keeps t alive, so ids are not reused
         return t
 
+    loss = CoCaLoss(1.0, 1.0, model_cfg.text.pad_id, caption_chunk_tokens=caption_chunk_tokens,
+                    lm_head_weight=model.text_decoder.lm_head.weight)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        CoCaLoss(1.0, 1.0, model_cfg.text.pad_id)(model(images, tokens), tokens).loss
+        loss(model(images, tokens, return_logits=loss.wants_logits), tokens)
     return sum(n for n, _ in saved.values())
 
 
@@ -92,7 +106,7 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, m
     def activations(blocks: bool | int) -> int:
         n = every if blocks is True else int(blocks)
         if n not in act:
-            act[n] = saved_activation_bytes(cfg.model, micro, text_len, n)
+            act[n] = saved_activation_bytes(cfg.model, micro, text_len, n, cfg.loss.caption_chunk_tokens)
         return act[n]
 
     activations(0), activations(every)  # both always reported
@@ -111,6 +125,9 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, m
         fewest = lo
     n_ckpt = every if configured is True else int(configured)
     recompute_sample = sum(flops[t] * min(n_ckpt, n) / n for t, n in stacks.items())
+    if cfg.loss.caption_chunk_tokens:  # the chunked caption loss makes its logits again in backward
+        t = cfg.model.text
+        recompute_sample += 2 * text_len * t.d_model * t.vocab_size
     steps = cfg.train.steps if samples is None else max(1, round(samples / global_batch))
     samples = steps * global_batch
     step_flops = 3 * fwd_flops_sample * global_batch

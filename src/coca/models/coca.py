@@ -106,7 +106,10 @@ class CoCa(nn.Module):
             raise TypeError(f"images must be a floating-point tensor (normalised pixels), got {images.dtype}; "
                             "convert uint8 images with the model's preprocessing transform")
 
-    def check_tokens(self, tokens: Tensor, name: str = "text tokens") -> None:
+    def check_tokens(self, tokens: Tensor, name: str = "text tokens", values: bool = True) -> None:
+        """Shape, dtype and length; with ``values`` also the id range, which reads the tokens on the
+        host (a device sync): done at user-facing entry points (``encode_text``, generation), not
+        in ``forward``, which the training step calls on tokenizer output."""
         t = self.cfg.text
         if not isinstance(tokens, Tensor) or tokens.dim() != 2:
             shape = list(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
@@ -115,7 +118,7 @@ class CoCa(nn.Module):
             raise TypeError(f"{name} must be integer ids (torch.long), got {tokens.dtype}")
         if tokens.shape[1] > t.context_length:
             raise ValueError(f"{name} have length {tokens.shape[1]} > context_length {t.context_length}")
-        if tokens.numel() and tokens.device.type != "meta":
+        if values and tokens.numel() and tokens.device.type != "meta":
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= t.vocab_size:
                 raise ValueError(f"{name} contain id {lo if lo < 0 else hi} outside the vocabulary [0, {t.vocab_size})")
@@ -131,9 +134,10 @@ class CoCa(nn.Module):
     def encode_image(self, images: Tensor) -> Tensor:
         return self.encode_image_tokens(images)[0]
 
-    def encode_text(self, tokens: Tensor) -> Tensor:
-        """Mean of the encoder states over non-pad tokens, projected and L2-normalised: [B, E]."""
-        self.check_tokens(tokens)
+    def encode_text(self, tokens: Tensor, check_ids: bool = True) -> Tensor:
+        """Mean of the encoder states over non-pad tokens, projected and L2-normalised: [B, E].
+        ``check_ids=False`` skips the id-range check (a device sync) for trusted tokenizer output."""
+        self.check_tokens(tokens, values=check_ids)
         return self._text_embed(tokens)
 
     def _text_embed(self, tokens: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
@@ -148,9 +152,13 @@ class CoCa(nn.Module):
         start = torch.full_like(tokens[:, :1], self.cfg.text.pad_id)
         return torch.cat([start, tokens[:, :-1]], dim=1)
 
-    def forward(self, images: Tensor, text_tokens: Tensor) -> dict[str, Tensor]:
-        """``logits[:, i]`` predicts ``text_tokens[:, i]`` (decoder inputs are shifted right)."""
-        self.check_tokens(text_tokens)
+    def forward(self, images: Tensor, text_tokens: Tensor, return_logits: bool = True) -> dict[str, Tensor]:
+        """``logits[:, i]`` predicts ``text_tokens[:, i]`` (decoder inputs are shifted right).
+
+        ``return_logits=False`` returns ``decoder_hidden`` [B, L, D] instead of the [B, L, V]
+        logits, for a caption loss that applies the LM head in chunks. Token ids are not range-
+        checked here (that needs a device sync): call ``check_tokens`` on untrusted input."""
+        self.check_tokens(text_tokens, values=False)
         image_embeds, visual_tokens = self.encode_image_tokens(images)
         decoder_inputs = self.shift_right(text_tokens)
         # One lookup for encoder and decoder inputs: the shared table then gets one dense
@@ -158,9 +166,10 @@ class CoCa(nn.Module):
         encoder_embeds, decoder_embeds = self.text_encoder.embed_tokens(
             torch.cat([text_tokens, decoder_inputs])).chunk(2)
         text_embeds = self._text_embed(text_tokens, encoder_embeds)
-        logits = self.text_decoder(decoder_inputs, visual_tokens, inputs_embeds=decoder_embeds)
-        return {"image_embeds": image_embeds, "text_embeds": text_embeds, "logits": logits,
-                "logit_scale": self.contrastive_scale()}
+        decoded = self.text_decoder(decoder_inputs, visual_tokens, inputs_embeds=decoder_embeds,
+                                    return_hidden=not return_logits)
+        return {"image_embeds": image_embeds, "text_embeds": text_embeds,
+                "logits" if return_logits else "decoder_hidden": decoded, "logit_scale": self.contrastive_scale()}
 
     def contrastive_scale(self) -> Tensor:
         """The inverse temperature exp(logit_scale), clamped at ``max_logit_scale`` (CLIP's 100)."""

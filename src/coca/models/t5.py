@@ -266,8 +266,10 @@ class T5Decoder(nn.Module):
         return DecoderCache(layers, cross)
 
     def forward(self, tokens: Tensor, visual_tokens: Tensor | None = None, cache: DecoderCache | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
+                inputs_embeds: Tensor | None = None, return_hidden: bool = False) -> Tensor:
         """tokens: [B, L] decoder inputs (start token = pad). visual_tokens: [B, N, d_model].
+        Returns logits [B, L, V], or with ``return_hidden`` the states the LM head reads [B, L, D]
+        (for a loss that applies the head in chunks).
 
         With ``cache``, tokens are the new positions only and visual_tokens may be omitted.
         """
@@ -287,7 +289,8 @@ class T5Decoder(nn.Module):
                 x = checkpoint(block, x, bias, cross[i], use_reentrant=False)
             else:
                 x = block(x, bias, cross[i], layer_cache)
-        return self.lm_head(self.dropout(self.final_norm(x)))
+        hidden = self.dropout(self.final_norm(x))
+        return hidden if return_hidden else self.lm_head(hidden)
 
 
 def init_t5_weights(module: nn.Module, cfg: TextConfig) -> None:

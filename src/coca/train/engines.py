@@ -27,10 +27,17 @@ from .distributed import World, barrier
 class SingleEngine:
     """One process (also the base of DDP): autocast with fp32 master weights for BF16."""
 
-    def __init__(self, model, optimizer, scheduler, device: torch.device, world: World, precision: str = "fp32"):
+    def __init__(self, model, optimizer, scheduler, device: torch.device, world: World, precision: str = "fp32",
+                 compile: bool = False):
         self.model, self.wrapped, self.optimizer, self.scheduler = model, model, optimizer, scheduler
         self.device, self.world, self.precision = device, world, precision
         self.input_dtype = None  # images stay fp32; autocast casts inside the matmuls
+        self.wrap()
+        if compile:  # after wrapping, as PyTorch recommends for DDP; the plain module stays self.model
+            self.wrapped = torch.compile(self.wrapped)
+
+    def wrap(self) -> None:
+        pass
 
     def autocast(self):
         """BF16 autocast: matmuls in bf16, master weights, optimiser state and reductions in fp32."""
@@ -38,8 +45,8 @@ class SingleEngine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def forward(self, images, tokens):
-        return self.wrapped(images, tokens)
+    def forward(self, images, tokens, return_logits: bool = True):
+        return self.wrapped(images, tokens, return_logits=return_logits)
 
     def no_sync(self, skip_sync: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP)."""
@@ -90,20 +97,22 @@ class SingleEngine:
 
 
 class DDPEngine(SingleEngine):
-    def __init__(self, model, optimizer, scheduler, device: torch.device, world: World, precision: str = "fp32"):
-        super().__init__(model, optimizer, scheduler, device, world, precision)
+    def wrap(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
-        self.wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device = self.device
+        self.wrapped = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.ddp = self.wrapped
 
     def no_sync(self, skip_sync: bool):
-        return self.wrapped.no_sync() if skip_sync else nullcontext()
+        return self.ddp.no_sync() if skip_sync else nullcontext()
 
 
 class DeepSpeedEngine:
     """DeepSpeed ZeRO (stage 0-2) over the run's torch AdamW; BF16 here means bf16 weights with
     fp32 master copies in the optimiser, so no autocast and bf16 images."""
 
-    def __init__(self, model, optimizer, scheduler, device: torch.device, world: World, ds_config: dict):
+    def __init__(self, model, optimizer, scheduler, device: torch.device, world: World, ds_config: dict,
+                 compile: bool = False):
         import deepspeed
         from deepspeed.runtime.engine import DeepSpeedEngine as _DSEngine
 
@@ -126,12 +135,14 @@ class DeepSpeedEngine:
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         finally:
             _DSEngine._broadcast_model = original
+        if compile:
+            self.wrapped.compile()
 
     def autocast(self):
         return nullcontext()
 
-    def forward(self, images, tokens):
-        return self.wrapped(images, tokens)
+    def forward(self, images, tokens, return_logits: bool = True):
+        return self.wrapped(images, tokens, return_logits=return_logits)
 
     def no_sync(self, skip_sync: bool):
         return nullcontext()  # DeepSpeed reduces only at the accumulation boundary by itself
@@ -171,9 +182,8 @@ class DeepSpeedEngine:
 
 
 def build_engine(kind: str, model, optimizer, scheduler, device: torch.device, world: World,
-                 precision: str = "fp32", ds_config: dict | None = None):
+                 precision: str = "fp32", ds_config: dict | None = None, compile: bool = False):
     if kind == "deepspeed":
-        return DeepSpeedEngine(model, optimizer, scheduler, device, world, ds_config or {})
-    if kind == "ddp":
-        return DDPEngine(model, optimizer, scheduler, device, world, precision)
-    return SingleEngine(model, optimizer, scheduler, device, world, precision)
+        return DeepSpeedEngine(model, optimizer, scheduler, device, world, ds_config or {}, compile)
+    engine = DDPEngine if kind == "ddp" else SingleEngine
+    return engine(model, optimizer, scheduler, device, world, precision, compile)

@@ -91,7 +91,7 @@ def validate(engine, batches: list[dict], loss_fn: CoCaLoss) -> dict:
         images = batch["images"].to(engine.device, dtype=engine.input_dtype)
         tokens = batch["tokens"].to(engine.device)
         with engine.autocast():
-            out = model(images, tokens)
+            out = model(images, tokens, return_logits=loss_fn.wants_logits)
             losses = loss_fn(out, tokens)
         i2t, t2i = contrastive_accuracy(out["image_embeds"], out["text_embeds"])
         totals.update({f"val_{k}": v for k, v in losses.as_floats().items()})
@@ -185,11 +185,13 @@ class Trainer:
             ds_config = deepspeed_config(cfg, world, tc.deepspeed_config)
             if main:
                 atomic_write_text(self.run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=1) + "\n")
-        self.engine = build_engine(tc.engine, model, optimizer, scheduler, device, world, tc.precision, ds_config)
+        self.engine = build_engine(tc.engine, model, optimizer, scheduler, device, world, tc.precision, ds_config,
+                                   tc.compile)
         self.model = model
-        lc = cfg.loss
-        self.loss_fn = CoCaLoss(lc.contrastive_weight, lc.caption_weight, cfg.model.text.pad_id, world)
-        self.val_loss_fn = CoCaLoss(lc.contrastive_weight, lc.caption_weight, cfg.model.text.pad_id)  # rank 0 alone
+        lc, pad, head = cfg.loss, cfg.model.text.pad_id, model.text_decoder.lm_head.weight
+        self.loss_fn = CoCaLoss(lc.contrastive_weight, lc.caption_weight, pad, world, lc.caption_chunk_tokens, head)
+        self.val_loss_fn = CoCaLoss(lc.contrastive_weight, lc.caption_weight, pad,  # rank 0 alone
+                                    caption_chunk_tokens=lc.caption_chunk_tokens, lm_head_weight=head)
         self.best = BestModel(self.run_dir / "best", tc.best_metric, tc.best_mode) if tc.best_metric and main else None
 
     # --- resume --------------------------------------------------------------------------------

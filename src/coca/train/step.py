@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import CoCaLoss, Losses, caption_loss, contrastive_loss
+from ..losses import CoCaLoss, Losses, contrastive_loss
 from .distributed import global_sum
 
 
@@ -35,7 +35,7 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], l
         return _grad_cache_step(engine, micro_batches, loss_fn, rows)
     images, tokens = micro_batches[0]
     with engine.autocast():
-        out = engine.forward(images, tokens)
+        out = engine.forward(images, tokens, return_logits=loss_fn.wants_logits)
         losses = loss_fn(out, tokens)
     finite = global_sum(0 if torch.isfinite(losses.loss) else 1, loss_fn.world, images.device) == 0
     if finite:
@@ -65,7 +65,7 @@ def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int) -> Ste
             states.append(_rng_state())
             with engine.autocast():
                 img = model.encode_image(images)
-                txt = model.encode_text(tokens)
+                txt = model.encode_text(tokens, check_ids=False)  # tokenizer output: no id check, no sync
             images_e.append(img.float())
             texts_e.append(txt.float())
     img_leaf = torch.cat(images_e).requires_grad_(True)
@@ -84,8 +84,8 @@ def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int) -> Ste
     for m, (images, tokens) in enumerate(micro_batches):  # pass 2: re-run with a graph, inject gradients
         _set_rng_state(states[m])
         with engine.no_sync(m < n - 1), engine.autocast():
-            out = engine.forward(images, tokens)
-            cap = caption_loss(out["logits"], tokens, pad, world, tokens_global)
+            out = engine.forward(images, tokens, return_logits=loss_fn.wants_logits)
+            cap = loss_fn.caption(out, tokens, tokens_global)
             surrogate = wc * ((out["image_embeds"].float() * d_img[m]).sum()
                               + (out["text_embeds"].float() * d_txt[m]).sum()
                               + out["logit_scale"] * d_scale / n) + wcap * cap

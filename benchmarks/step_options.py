@@ -1,14 +1,14 @@
-"""Training step with a frozen vision tower (``optim.freeze: [visual]``) against the same step
-training every component: time, the bytes autograd keeps for backward, gradients + AdamW state,
-and peak RSS.
+"""Training-step options against the plain step: a frozen vision tower (``optim.freeze:
+[visual]``) and the caption cross-entropy in chunks (``loss.caption_chunk_tokens``): time, the
+bytes autograd keeps for backward, gradients + AdamW state, and peak RSS.
 
 Run (from the repository root; about 3 minutes on 2 CPU cores):
 
-    .venv/bin/python benchmarks/freeze.py --json benchmarks/results/freeze.json
+    .venv/bin/python benchmarks/step_options.py --json benchmarks/results/step_options.json
 
-Both rows use our own training pieces: ``coca.train.optim.freeze`` and ``param_groups`` (so a
+Every row uses our own training pieces: ``coca.train.optim.freeze`` and ``param_groups`` (so a
 frozen tower is neither in AdamW nor given gradients) and ``coca.losses.CoCaLoss`` (contrastive +
-caption, weights 1 and 1), on one model of the size in ``benchmarks/matched.py`` (ViT 384 x 6 at
+caption, weights 1 and 1; chunked or not), on one model of the size in ``benchmarks/matched.py`` (ViT 384 x 6 at
 160 px / 16, text 512 wide, 6 + 6 layers; random weights), the same batch, fp32. Each step is
 zero_grad, forward, loss, backward, AdamW step. After one untimed warm-up step per row, every
 repetition runs one step of each row in rotating order; the table reports the median.
@@ -39,20 +39,25 @@ from coca.losses import CoCaLoss  # noqa: E402
 from coca.tokenizer import trim_padding  # noqa: E402
 from coca.train.optim import freeze, param_groups  # noqa: E402
 
-ROWS = {"all components trained": [], "vision tower frozen": ["visual"]}
+ROWS = {  # name -> (frozen components, caption chunk)
+    "all components trained": ([], 0),
+    "vision tower frozen": (["visual"], 0),
+    "caption CE in chunks of 1024 tokens": ([], 1024),
+}
 
 
-def build_step(size, frozen: list[str], images, tokens, lr: float):
+def build_step(size, row, images, tokens, lr: float):
+    frozen, chunk = row
     torch.manual_seed(0)
     model, _ = matched.build_ours(size)
     model.train()
     freeze(model, frozen)
     opt = torch.optim.AdamW(param_groups(model, OptimConfig(lr=lr, weight_decay=0.1)), lr=lr)
-    loss_fn = CoCaLoss(1.0, 1.0, 0)
+    loss_fn = CoCaLoss(1.0, 1.0, 0, caption_chunk_tokens=chunk, lm_head_weight=model.text_decoder.lm_head.weight)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images, tokens), tokens).loss
+        loss = loss_fn(model(images, tokens, return_logits=loss_fn.wants_logits), tokens).loss
         loss.backward()
         opt.step()
         return loss.item()
@@ -70,7 +75,7 @@ def saved_bytes(model, loss_fn, images, tokens) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn(model(images, tokens), tokens).loss
+        loss_fn(model(images, tokens, return_logits=loss_fn.wants_logits), tokens).loss
     return sum(n for n, _ in saved.values())
 
 
@@ -103,15 +108,15 @@ def main(argv=None) -> int:
     tokens = trim_padding(tokens)
     print(f"# training step, batch {args.batch}, {args.threads} threads; size {size}")
     rows = {}
-    for name, frozen in ROWS.items():
-        model, loss_fn, step = build_step(size, frozen, images, tokens, args.lr)
+    for name, row in ROWS.items():
+        model, loss_fn, step = build_step(size, row, images, tokens, args.lr)
         trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
         rows[name] = {"step": step, "times": [], "trainable": trainable,
                       "saved_bytes": saved_bytes(model, loss_fn, images, tokens), "loss": step()}
     names = list(rows)
     load_start = os.getloadavg()
     for r in range(args.reps):
-        for name in names[r % 2:] + names[:r % 2]:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             rows[name]["times"].append(matched.timed(rows[name]["step"]))
         print(f"rep {r + 1}/{args.reps}: " + ", ".join(f"{n} {rows[n]['times'][-1]:.2f}s" for n in names), flush=True)
     load_end = os.getloadavg()
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
     print(matched.markdown_table(["row", "trainable", "median s/step", "speed vs all trained", "saved for backward MB",
                                   "grads + AdamW MB", "peak RSS delta MB"], table))
     print(f"load average start {load_start[0]:.2f}, end {load_end[0]:.2f}")
-    matched.write_json(args.json, {"benchmark": "freeze", "args": vars(args), "size": vars(size),
+    matched.write_json(args.json, {"benchmark": "step_options", "args": vars(args), "size": vars(size),
                                    "env": {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")},
                                    "load_avg": {"start": load_start, "end": load_end}, "results": results})
     return 0
