@@ -1,12 +1,15 @@
 """One rank of a distributed training step, for tests/test_distributed.py (started once per rank
 with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, as torchrun does).
 
-    python tests/dist_worker.py ENGINE ACCUM_STEPS SPLIT OUT_FILE
+    python tests/dist_worker.py ENGINE ACCUM_STEPS SPLIT OUT_FILE [NAN_RANK]
 
 Builds the test model and the fixed global batch (tests/dist_common.py), takes this rank's rows
 (SPLIT: comma-separated row counts per rank), runs one optimiser step through coca's real training
 step (coca.train.step.train_step on the engine the trainer would build) and
-writes the global loss and the updated parameters (rank 0) to OUT_FILE.
+writes the global loss and the updated parameters (rank 0) to OUT_FILE. With NAN_RANK, that rank's
+second decoder call returns NaN, so the first step's loss is not finite there: the step must be
+skipped on every rank without touching the weights, and a second, clean step must then equal the
+single-process step (the engine's accumulation state survived the skip).
 """
 
 import os
@@ -25,6 +28,7 @@ from coca.train.step import train_step  # noqa: E402
 
 def main() -> None:
     engine_kind, accum, split, out_file = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")], sys.argv[4]
+    nan_rank = int(sys.argv[5]) if len(sys.argv) > 5 else -1
     torch.set_num_threads(1)
     world = init_world(engine_kind, "cpu")
     model, optimizer, scheduler = build()
@@ -34,11 +38,42 @@ def main() -> None:
     images, tokens = images[mine], tokens[mine]
     cfg = run_config(micro=max(1, split[world.rank] // accum), accum=accum)
     ds = deepspeed_config(cfg, world) if engine_kind == "deepspeed" else None
+    if ds is not None and nan_rank >= 0:
+        # BF16 without DeepSpeed's own overflow check: only our check before the backward can
+        # keep a non-finite step from being applied
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": False}
     engine = build_engine(engine_kind, model, optimizer, scheduler, torch.device("cpu"), world, "fp32", ds)
-    step = train_step(engine, list(zip(images.chunk(accum), tokens.chunk(accum))), CoCaLoss(1.0, 1.0, 0, world))
+    micro = list(zip(images.chunk(accum), tokens.chunk(accum)))
+    loss_fn = CoCaLoss(1.0, 1.0, 0, world)
+    skipped = None
+    if nan_rank >= 0:
+        calls = {"n": 0}
+
+        def poison(module, args, output):
+            calls["n"] += 1
+            return output * float("nan") if calls["n"] == 2 and world.rank == nan_rank else output
+        model.text_decoder.register_forward_hook(poison)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if engine.input_dtype is not None:
+            micro = [(i.to(engine.input_dtype), t) for i, t in micro]
+        skipped = train_step(engine, micro, loss_fn)
+        if skipped.finite:
+            raise AssertionError("the poisoned step was reported finite")
+        engine.zero_grad()  # as the trainer does after a skipped step
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        if changed:
+            raise AssertionError(f"the skipped step changed {len(changed)} tensors, e.g. {changed[:3]}")
+        if engine.input_dtype is not None:  # BF16: no bitwise comparison with the fp32 reference step
+            if world.is_main:
+                torch.save({"first_step_finite": False, "unchanged_after_skip": True}, out_file)
+            shutdown(world)
+            return
+    step = train_step(engine, micro, loss_fn)
     assert step.finite
     engine.step(0.0)
     result = {k: global_sum(v, world, "cpu") / world.world_size for k, v in step.losses.as_floats().items()}
+    result["first_step_finite"] = None if skipped is None else skipped.finite
+    result["unchanged_after_skip"] = None if skipped is None else True
     if world.is_main:
         result["params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save(result, out_file)

@@ -23,14 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(engine: str, accum: int, split: str, out: Path, world_size: int = 2) -> dict:
+def launch(engine: str, accum: int, split: str, out: Path, world_size: int = 2, nan_rank: int = -1) -> dict:
     port = free_port()
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), engine, str(accum), split, str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), engine, str(accum), split, str(out), str(nan_rank)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for p in procs:
         output = p.communicate(timeout=300)[0].decode(errors="replace")
@@ -68,6 +68,20 @@ def test_ddp_step_equals_single_process(tmp_path, accum, split):
 def test_deepspeed_zero2_step_equals_single_process(tmp_path, accum, split):
     pytest.importorskip("deepspeed")
     check_matches_single_process(launch("deepspeed", accum, split, tmp_path / "out.pt"))
+
+
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_a_nonfinite_loss_with_accumulation_is_skipped_before_any_update(tmp_path, engine):
+    """Rank 1's loss is NaN in the first step (GradCache, 2 micro-batches per rank): no rank may
+    update. DeepSpeed steps inside the last backward, so the check must come before it; it runs in
+    BF16 with DeepSpeed's own overflow check off, so only ours protects the weights. Under DDP the
+    next, clean step equals the single-process step from the initial weights."""
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+    result = launch(engine, 2, "4,4", tmp_path / "out.pt", nan_rank=1)
+    assert result["first_step_finite"] is False and result["unchanged_after_skip"]
+    if engine == "ddp":  # fp32: the next step equals the reference bitwise-close
+        check_matches_single_process(result)
 
 
 def test_grad_cache_in_one_process_equals_the_whole_batch(tmp_path):

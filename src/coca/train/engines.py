@@ -32,6 +32,7 @@ class SingleEngine:
         self.model, self.wrapped, self.optimizer, self.scheduler = model, model, optimizer, scheduler
         self.device, self.world, self.precision = device, world, precision
         self.input_dtype = None  # images stay fp32; autocast casts inside the matmuls
+        self.steps_in_backward = False  # the optimiser steps in step(), after the finiteness check
         self.wrap()
         if compile:  # after wrapping, as PyTorch recommends for DDP; the plain module stays self.model
             self.wrapped = torch.compile(self.wrapped)
@@ -119,6 +120,7 @@ class DeepSpeedEngine:
         self.model, self.device, self.world = model, device, world
         bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
         self.input_dtype = torch.bfloat16 if bf16 else None
+        self.steps_in_backward = True  # DeepSpeed updates inside the accumulation boundary's backward
 
         # Workaround, kept here alone: DeepSpeed's initial broadcast views every parameter as bytes
         # (p.data.view(torch.uint8)), which fails for 0-dim tensors such as the temperature, and it

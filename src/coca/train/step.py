@@ -59,26 +59,40 @@ def _set_rng_state(state) -> None:
 
 def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int) -> StepResult:
     model, world = engine.model, loss_fn.world
-    states, images_e, texts_e = [], [], []
-    with torch.no_grad():  # pass 1: embeddings only, no graph
+    pad, wc, wcap = loss_fn.pad_id, loss_fn.contrastive_weight, loss_fn.caption_weight
+    device = micro_batches[0][0].device
+    tokens_global = global_sum(sum(int((t != pad).sum()) for _, t in micro_batches), world, device)
+    # An engine that updates inside the last micro-batch's backward (DeepSpeed) must know that the
+    # step's loss is finite before the first backward: its pass 1 then runs the whole forward
+    # (the decoder too, without a graph) to have every caption loss in hand.
+    check_first = engine.steps_in_backward
+    states, images_e, texts_e, caps = [], [], [], []
+    with torch.no_grad():  # pass 1: embeddings (and, to check first, caption losses), no graph
         for images, tokens in micro_batches:
             states.append(_rng_state())
             with engine.autocast():
-                img = model.encode_image(images)
-                txt = model.encode_text(tokens, check_ids=False)  # tokenizer output: no id check, no sync
+                if check_first:
+                    out = model(images, tokens, return_logits=loss_fn.wants_logits)
+                    img, txt = out["image_embeds"], out["text_embeds"]
+                    caps.append(loss_fn.caption(out, tokens, tokens_global).float())
+                else:
+                    img = model.encode_image(images)
+                    txt = model.encode_text(tokens, check_ids=False)  # tokenizer output: no id check, no sync
             images_e.append(img.float())
             texts_e.append(txt.float())
     img_leaf = torch.cat(images_e).requires_grad_(True)
     txt_leaf = torch.cat(texts_e).requires_grad_(True)
     scale = model.contrastive_scale().detach().requires_grad_(True)
     con = contrastive_loss(img_leaf, txt_leaf, scale, world)
+    if check_first:
+        cap_sum = torch.stack(caps).sum()
+        early = Losses(wc * con.detach() + wcap * cap_sum, con.detach(), cap_sum)
+        if global_sum(0 if torch.isfinite(early.loss) else 1, world, device) > 0:
+            return StepResult(early, scale.detach(), rows, finite=False)  # no backward ran: nothing to undo
     con.backward()
     d_img, d_txt = img_leaf.grad.split([e.shape[0] for e in images_e]), txt_leaf.grad.split([e.shape[0] for e in texts_e])
     d_scale = scale.grad
-    pad = loss_fn.pad_id
-    tokens_global = global_sum(sum(int((t != pad).sum()) for _, t in micro_batches), world, img_leaf.device)
 
-    wc, wcap = loss_fn.contrastive_weight, loss_fn.caption_weight
     cap_total = torch.zeros((), device=img_leaf.device)
     n = len(micro_batches)
     for m, (images, tokens) in enumerate(micro_batches):  # pass 2: re-run with a graph, inject gradients
