@@ -267,3 +267,28 @@ def test_plan_finds_the_fewest_checkpointed_blocks_that_fit():
     assert p["recompute_flops_per_step"] == pytest.approx(expected)
     assert any("4 shards for 2 GPUs x 4 data workers" in w for w in p["warnings"])
     assert plan(cfg, 2, 1e-3, 312, 0.5)["fewest_checkpointed_blocks"] is None
+
+
+def test_bf16_losses_of_the_single_and_deepspeed_engines_agree(tmp_path):
+    """BF16 means autocast over fp32 weights in one process and bf16 weights under DeepSpeed; norms
+    and the temperature are computed in fp32 in both, so the first steps' losses agree to 5e-4."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    from coca.config import load_run_config
+    from coca.train import train
+    common = [o for o in TRAIN if not o.startswith(("train.precision", "train.steps"))]
+    common += ["train.precision=bf16", "train.steps=3"]
+    train(load_run_config(None, common + [f"train.run_dir={tmp_path / 'single'}"]), log=lambda *a: None)
+    cmd = [sys.executable, "-m", "coca.cli", "train"] + sum(
+        (["--set", o] for o in common + [f"train.run_dir={tmp_path / 'ds'}", "train.engine=deepspeed"]), [])
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "COCA_MASTER_PORT": str(free_port())}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    losses = {}
+    for name in ("single", "ds"):
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in rows if "split" not in r]
+    assert len(losses["single"]) == len(losses["ds"]) == 3
+    for a, b in zip(losses["single"], losses["ds"]):
+        assert a == pytest.approx(b, rel=5e-4)

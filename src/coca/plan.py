@@ -40,7 +40,8 @@ _measured: dict[tuple, int] = {}  # a plan measures several settings; each meta 
 def saved_activation_bytes(model_cfg, micro_batch: int, text_len: int, checkpointing: bool | int,
                            caption_chunk_tokens: int = 0) -> int:
     """Bytes autograd keeps for backward after one bf16 forward + loss at ``micro_batch``."""
-    key = (repr(model_cfg), micro_batch, text_len, checkpointing, caption_chunk_tokens)
+    blocks = "every" if checkpointing is True else int(checkpointing)  # True == 1 as a dict key: keep them apart
+    key = (repr(model_cfg), micro_batch, text_len, blocks, caption_chunk_tokens)
     if key not in _measured:
         _measured[key] = _saved_activation_bytes(model_cfg, micro_batch, text_len, checkpointing, caption_chunk_tokens)
     return _measured[key]

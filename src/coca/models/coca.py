@@ -24,7 +24,7 @@ from ..config import CoCaConfig, ConfigError, get_preset
 from ..errors import InputNotFound, UserError
 from ..io import atomic_write_bytes, atomic_write_text
 from .t5 import T5Decoder, T5Encoder, init_t5_weights
-from .vit import AttentionalPooler, VisionTransformer
+from .vit import AttentionalPooler, LayerNorm, VisionTransformer
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.model"
 
@@ -65,7 +65,7 @@ class CoCa(nn.Module):
         v, t = cfg.vision, cfg.text
         self.visual = VisionTransformer(v)
         self.gen_pooler = AttentionalPooler(t.d_model, v.width, cfg.pooler_heads, cfg.n_gen_queries)
-        self.ln_visual = nn.LayerNorm(t.d_model)
+        self.ln_visual = LayerNorm(t.d_model)
         self.contrastive_pooler = AttentionalPooler(t.d_model, t.d_model, cfg.pooler_heads, 1)
         self.image_proj = nn.Linear(t.d_model, cfg.embed_dim, bias=False)
         token_embedding = nn.Embedding(t.vocab_size, t.d_model)
@@ -173,7 +173,7 @@ class CoCa(nn.Module):
 
     def contrastive_scale(self) -> Tensor:
         """The inverse temperature exp(logit_scale), clamped at ``max_logit_scale`` (CLIP's 100)."""
-        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
 
     @torch.no_grad()
     def generate(self, images: Tensor, **kwargs) -> Tensor:

@@ -16,6 +16,16 @@ from torch.utils.checkpoint import checkpoint
 from ..config import VisionConfig
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the weights' dtype, then cast back: the same numerics
+    under autocast (which runs layer_norm in fp32) and with bf16 weights (DeepSpeed BF16)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation OpenAI's CLIP checkpoints were trained with."""
 
@@ -56,9 +66,9 @@ class MultiHeadAttention(nn.Module):
 class ResidualBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.ln_1 = LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.attn = MultiHeadAttention(cfg.width, cfg.heads)
-        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.ln_2 = LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(cfg.width, cfg.mlp_dim))
         self.mlp.add_module("act", QuickGELU() if cfg.act == "quick_gelu" else nn.GELU())
@@ -78,9 +88,9 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.num_patches + 1, cfg.width))
-        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.ln_pre = LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.blocks = nn.ModuleList([ResidualBlock(cfg) for _ in range(cfg.layers)])
-        self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.ln_post = LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.grad_checkpointing = 0  # the first N blocks recompute their forward in backward
         self.reset_parameters()
 
@@ -119,8 +129,8 @@ class AttentionalPooler(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int, n_queries: int):
         super().__init__()
         self.query = nn.Parameter(torch.randn(n_queries, dim) * dim ** -0.5)
-        self.ln_q = nn.LayerNorm(dim)
-        self.ln_k = nn.LayerNorm(context_dim)
+        self.ln_q = LayerNorm(dim)
+        self.ln_k = LayerNorm(context_dim)
         self.attn = MultiHeadAttention(dim, heads, kv_dim=context_dim)
 
     def forward(self, x: Tensor) -> Tensor:
