@@ -320,3 +320,33 @@ def test_compiled_training_step_matches_eager(tmp_path):
         train(cfg, log=lambda *a: None)
     for x, y in zip(train_lines(tmp_path / "eager"), train_lines(tmp_path / "compiled")):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_nonfinite_step_is_skipped_on_the_device_without_a_host_check():
+    """Fused AdamW skips the update of a non-finite step itself (found_inf): the trainer needs no
+    host synchronisation to decide. The weights and the optimiser's step count stay as they were."""
+    from coca.config import OptimConfig
+    from coca.losses import CoCaLoss
+    from coca.train.distributed import World
+    from coca.train.engines import build_engine
+    from coca.train.optim import build_optimizer, build_scheduler
+    from coca.train.step import train_step
+    torch.manual_seed(0)
+    model = coca.create_model(load_run_config(None, ["model.text.vocab_size=64"]).model).train()
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
+    engine = build_engine("single", model, opt, build_scheduler(opt, OptimConfig(), 10), torch.device("cpu"), World())
+    assert engine.skips_on_device
+    images, tokens = torch.randn(4, 3, 64, 64), torch.randint(3, 64, (4, 8))
+    poison = {"on": True}
+    model.text_decoder.register_forward_hook(lambda m, a, out: out * float("nan") if poison["on"] else out)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_step(engine, [(images, tokens)], CoCaLoss(1.0, 1.0, 0))
+    assert isinstance(result.finite, torch.Tensor) and not bool(result.finite)
+    _, applied = engine.step_unless_nonfinite(1.0, result.finite)
+    assert not bool(applied)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(float(s["step"]) == 0 for s in opt.state.values())  # Adam's bias correction did not advance
+    poison["on"] = False
+    result = train_step(engine, [(images, tokens)], CoCaLoss(1.0, 1.0, 0))
+    _, applied = engine.step_unless_nonfinite(1.0, result.finite)
+    assert bool(applied) and not torch.equal(model.visual.conv1.weight, before["visual.conv1.weight"])

@@ -67,6 +67,31 @@ class SingleEngine:
         self.scheduler.step()
         return norm
 
+    @property
+    def skips_on_device(self) -> bool:
+        """The optimiser can skip a non-finite step on the device (fused AdamW's ``found_inf``), so
+        the step needs no host synchronisation to decide."""
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False) and self.optimizer.defaults.get("fused"))
+
+    def step_unless_nonfinite(self, grad_clip: float, loss_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip and step, the update skipped on the device when the loss or the (all-reduced)
+        gradient norm is not finite. Returns (gradient norm, step applied) as device tensors."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # under DDP the norm is of the all-reduced gradients, the same on every rank: decide on it
+        # alone there, so that every rank skips the same steps
+        ok = torch.isfinite(norm) if self.world.parallel else torch.isfinite(norm) & loss_finite
+        self.optimizer.found_inf, self.optimizer.grad_scale = (~ok).float(), None
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf, self.optimizer.grad_scale
+        self.scheduler.step()
+        return norm, ok
+
     def last_lr(self) -> float:
         """The scheduled base rate (optim.lr x schedule), whatever a group's own multiplier."""
         group = self.optimizer.param_groups[0]
@@ -158,6 +183,8 @@ class DeepSpeedEngine:
         # updates only at the last micro-batch of a step (gradient_accumulation_steps).
         self.wrapped.backward(loss, scale_wrt_gas=False)
         self.wrapped.step()
+
+    skips_on_device = False  # DeepSpeed steps inside backward: the trainer checks the loss before it
 
     def step(self, grad_clip: float = 0.0):
         """DeepSpeed has already stepped in the last ``backward``; its clipping is in its config."""

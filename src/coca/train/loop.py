@@ -208,6 +208,7 @@ class Trainer:
             self.progress = Progress(state["step"], state["batches_done"], Counter(state["skipped"]),
                                      state.get("nonfinite_steps", 0))
             self.say(f"resumed from {latest} at step {self.progress.step}")
+        self.nonfinite_streak = torch.tensor(self.progress.nonfinite, device=self.device)  # read at log steps
         main = self.world.is_main
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.progress.step) if main else None
         self.tb = TensorBoard(self.run_dir / "tb", self.tc.tensorboard and main)
@@ -229,6 +230,11 @@ class Trainer:
         if global_sum(rows, self.world, self.device) < 2:  # contrastive learning needs at least two pairs
             return None
         result = train_step(self.engine, micro, self.loss_fn)
+        if isinstance(result.finite, torch.Tensor):  # decided on the device: the step counts, its update may not
+            grad_norm, applied = self.engine.step_unless_nonfinite(self.cfg.optim.grad_clip, result.finite)
+            self.nonfinite_streak = torch.where(applied, 0, self.nonfinite_streak + 1)
+            self.progress.step += 1
+            return result, grad_norm
         if not result.finite:
             self.progress.nonfinite += 1
             if self.progress.nonfinite >= MAX_NONFINITE_IN_A_ROW:
@@ -246,13 +252,24 @@ class Trainer:
         """The metrics line of a log step: each rank holds its share of the global loss, their
         mean is the global-batch loss."""
         world, step = self.world, self.progress.step
+        self.read_nonfinite_streak()
         shares = {k: global_sum(v, world, self.device) / world.world_size for k, v in result.losses.as_floats().items()}
         record = {"step": step, **shares, "lr": self.engine.last_lr(), "logit_scale": float(result.logit_scale),
                   "grad_norm": None if grad_norm is None else float(grad_norm),
                   "samples_per_s": global_sum(samples, world, self.device) / max(elapsed, 1e-9),
-                  "skipped": dict(self.progress.skipped), "elapsed_s": time.time() - self.t_start}
+                  "skipped": dict(self.progress.skipped), "nonfinite_in_a_row": self.progress.nonfinite,
+                  "elapsed_s": time.time() - self.t_start}
         self.write(record)
         return record
+
+    def read_nonfinite_streak(self) -> None:
+        """Bring the on-device count of skipped non-finite updates in a row to the host (a sync:
+        at log steps and checkpoints only); too many in a row stop the run."""
+        if self.engine.skips_on_device:
+            self.progress.nonfinite = int(self.nonfinite_streak)
+            if self.progress.nonfinite >= MAX_NONFINITE_IN_A_ROW:
+                raise FloatingPointError(f"{self.progress.nonfinite} non-finite losses in a row before step "
+                                         f"{self.progress.step}; lower optim.lr or check the data")
 
     def write(self, record: dict) -> None:
         if self.world.is_main:
@@ -277,6 +294,7 @@ class Trainer:
 
     # --- checkpoint, export --------------------------------------------------------------------
     def checkpoint(self) -> Path:
+        self.read_nonfinite_streak()
         p = self.progress
         state = {"rng_cpu": torch.get_rng_state(), "step": p.step, "batches_done": p.batches_done,
                  "skipped": dict(p.skipped), "nonfinite_steps": p.nonfinite}

@@ -23,7 +23,9 @@ class StepResult:
     losses: Losses              # this rank's shares, detached
     logit_scale: torch.Tensor   # the (clamped) inverse temperature the step used
     rows: int                   # pairs on this rank
-    finite: bool                # False: the loss was not finite on some rank; no gradient was applied
+    # bool: decided on the host (False: not finite on some rank, no backward ran or none will be
+    # applied); a bool tensor: decided on the device, for engines that skip the update there
+    finite: bool | torch.Tensor
 
 
 def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: CoCaLoss) -> StepResult:
@@ -37,6 +39,9 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], l
     with engine.autocast():
         out = engine.forward(images, tokens, return_logits=loss_fn.wants_logits)
         losses = loss_fn(out, tokens)
+    if engine.skips_on_device:  # no host sync: the optimiser skips a non-finite update itself
+        engine.backward(losses.loss)
+        return StepResult(_detached(losses), out["logit_scale"].detach(), rows, torch.isfinite(losses.loss.detach()))
     finite = global_sum(0 if torch.isfinite(losses.loss) else 1, loss_fn.world, images.device) == 0
     if finite:
         engine.backward(losses.loss)
@@ -108,5 +113,7 @@ def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int) -> Ste
         cap_total = cap_total + cap.detach()
     con = con.detach()
     losses = Losses(wc * con + wcap * cap_total, con, cap_total)
+    if engine.skips_on_device:
+        return StepResult(losses, scale.detach(), rows, torch.isfinite(losses.loss))
     finite = global_sum(0 if torch.isfinite(losses.loss) else 1, world, img_leaf.device) == 0
     return StepResult(losses, scale.detach(), rows, finite)
