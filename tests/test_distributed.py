@@ -208,7 +208,11 @@ def test_plan_for_the_described_run(capsys):
     from coca.summary import forward_flops
     acc = plan(load_run_config("configs/coca-large-v2.yaml", ["train.accum_steps=8"]), 8, 80, 312, 0.5)
     f = forward_flops(create_model("coca-large-v2", device="meta"))
-    assert acc["grad_cache_flops_per_step"] == pytest.approx((f["total"] - f["text_decoder"]) * 16384)
+    # the recipe runs DeepSpeed, whose first GradCache pass runs the decoder too (to check the loss
+    # before the backward that updates); DDP's skips it
+    assert acc["grad_cache_flops_per_step"] == pytest.approx(f["total"] * 16384)
+    ddp = plan(load_run_config("configs/coca-large-v2.yaml", ["train.accum_steps=8", "train.engine=ddp"]), 8, 80, 312, 0.5)
+    assert ddp["grad_cache_flops_per_step"] == pytest.approx((f["total"] - f["text_decoder"]) * 16384)
 
 
 def test_deepspeed_bf16_with_accumulation_checkpointing_and_validation(tmp_path):
@@ -292,3 +296,24 @@ def test_bf16_losses_of_the_single_and_deepspeed_engines_agree(tmp_path):
     assert len(losses["single"]) == len(losses["ds"]) == 3
     for a, b in zip(losses["single"], losses["ds"]):
         assert a == pytest.approx(b, rel=5e-4)
+
+
+def test_deepspeed_run_of_zero_steps_exports_the_loaded_model(tmp_path):
+    """No checkpoint exists to merge: the module's weights (whole on every rank at ZeRO <= 2) are saved."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    import coca
+    tok = coca.Tokenizer.train(["a small red circle", "a large blue square"] * 50, vocab_size=30,
+                               out_dir=tmp_path / "tok", model_type="bpe")
+    torch.manual_seed(3)
+    cfg = coca.config.load_run_config(None, ["model.text.vocab_size=64"]).model
+    coca.create_model(cfg).save_pretrained(tmp_path / "init", tokenizer=tok)
+    cmd = [sys.executable, "-m", "coca.cli", "train"] + sum((["--set", o] for o in [
+        f"train.run_dir={tmp_path / 'run'}", f"train.init_from={tmp_path / 'init'}", "train.steps=0",
+        "train.engine=deepspeed", "train.precision=fp32", "train.progress=false", "data.workers=0"]), [])
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "COCA_MASTER_PORT": str(free_port())}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "init/model.safetensors")), load_file(str(tmp_path / "run/model/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

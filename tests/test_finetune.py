@@ -81,6 +81,8 @@ def test_init_from_takes_the_architecture_and_refuses_shape_overrides(work, tmp_
         load_run_config(None, [init, "model.text.d_model=256"])
     with pytest.raises(ConfigError, match="model.preset='coca-base' differs"):
         load_run_config(None, [init, "model.preset=coca-base"])
+    with pytest.raises(ConfigError, match="model.vision.act='quick_gelu' would change"):
+        load_run_config(None, [init, "model.vision.act=quick_gelu"])
     with pytest.raises(FileNotFoundError, match="model directory"):
         load_run_config(None, [f"train.init_from={tmp_path / 'nowhere'}"])
 
@@ -120,6 +122,19 @@ def test_partial_init_lists_missing_and_unexpected_tensors(work, tmp_path):
         assert any(name in line for line in logged)
     out = load_file(str(tmp_path / "loose/model/model.safetensors"))
     assert all(torch.equal(out[k], state[k]) for k in state if k in out)  # everything present was loaded
+    state["visual.conv1.weight"] = torch.zeros(3)  # a misshapen tensor is an error even when not strict
+    save_file(state, str(partial / "model.safetensors"))
+    from coca.errors import UserError
+    with pytest.raises(UserError, match="visual.conv1.weight has shape"):
+        run(tmp_path, "loose2", f"train.init_from={partial}", "train.init_strict=false", "train.steps=0")
+
+
+def test_resume_refuses_changed_optimiser_groups(tmp_path):
+    from coca.errors import UserError
+    run(tmp_path, "groups", *PRETRAIN, "train.steps=4", "train.checkpoint_every=2")
+    shutil.rmtree(tmp_path / "groups/checkpoints/step_00000004")
+    with pytest.raises(UserError, match="parameter groups differ from the checkpoint"):
+        run(tmp_path, "groups", *PRETRAIN, "train.steps=4", "train.checkpoint_every=2", "optim.freeze=[visual]")
 
 
 def test_resumed_run_ignores_init_from(work, tmp_path):
@@ -206,7 +221,7 @@ def test_coco_training_data_uses_every_caption_and_karpathy_splits(tmp_path):
     cfg = DataConfig(kind="coco", train=str(ann), val=str(ann), val_split="train+val", image_root=str(tmp_path / "coco"),
                      batch_size=3)
     (batch,) = val_batches(cfg, 64, tok, 4)
-    assert batch["captions"] == ["one", "two", "four"]
+    assert batch["captions"] == ["one", "four"]  # one caption per image for validation
 
 
 # ---------------------------------------------------------------- evaluation during training
@@ -251,6 +266,8 @@ def test_best_metric_must_name_a_configured_evaluation(work):
         load_run_config(None, ["train.best_metric=caption.CIDEr"])
     with pytest.raises(ConfigError, match="did you mean 'CIDEr'"):
         load_run_config(None, [caption_eval(work), "train.best_metric=caption.cider"])
+    with pytest.raises(ConfigError, match="runs without SPICE"):
+        load_run_config(None, [caption_eval(work), "train.best_metric=caption.SPICE"])
 
 
 def test_bad_evaluation_input_fails_before_training(work, tmp_path):

@@ -243,6 +243,20 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     assert skipped.get("empty_caption", 0) >= 2
 
 
+def test_checkpoint_of_the_same_step_is_replaced_whole_and_torn_metrics_lines_are_dropped(tmp_path):
+    from coca.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+    from coca.train.metrics import MetricsLog
+    model = coca.create_model("coca-tiny")
+    save_checkpoint(tmp_path / "ck", 5, model, {"step": 5, "tag": "first"}, keep=2)
+    save_checkpoint(tmp_path / "ck", 5, model, {"step": 5, "tag": "second"}, keep=2)
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step_00000005"]  # no hidden leftovers
+    assert load_checkpoint(checkpoint_dirs(tmp_path / "ck")[-1], model, "cpu")["tag"] == "second"
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-append
+    MetricsLog(log, resume_step=2)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
+
+
 def test_model_overrides_apply_to_the_default_preset():
     cfg = load_run_config(None, ["model.text.vocab_size=64"])
     assert cfg.model.name == "coca-tiny" and cfg.model.text.vocab_size == 64

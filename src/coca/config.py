@@ -500,6 +500,9 @@ class TrainConfig:
             raise ConfigError(f"train.best_metric {self.best_metric!r}: no evaluation named {name!r} in train.eval "
                               f"(names: {', '.join(by_name) or 'none'}); the form is '<eval name>.<metric>'")
         valid = EVAL_METRICS[by_name[name].task]
+        if metric == "SPICE" and not by_name[name].spice:
+            raise ConfigError(f"train.best_metric {self.best_metric!r}: evaluation {name!r} runs without SPICE; "
+                              "set spice: true in it (needs Java and Stanford CoreNLP) or choose another metric")
         if metric not in valid:
             raise ConfigError(f"train.best_metric {self.best_metric!r}: {by_name[name].task} reports no {metric!r}"
                               f"{_nearest(metric, list(valid))}; metrics: {', '.join(valid)}")
@@ -567,12 +570,14 @@ def run_config_from_dict(data: dict) -> RunConfig:
     return cfg
 
 
-# Keys that change a tensor's shape or how the weights are read (heads split the same matrices
-# differently): a run starting from a model directory may not override them.
+# Keys that change a tensor's shape or what the loaded weights compute (heads split the same
+# matrices differently; the activation and relative-position range are part of what the weights
+# learned): a run starting from a model directory may not override them.
 ARCHITECTURE_KEYS = (
     "vision.image_size", "vision.patch_size", "vision.width", "vision.layers", "vision.heads", "vision.mlp_dim",
     "text.vocab_size", "text.d_model", "text.d_kv", "text.num_heads", "text.d_ff", "text.encoder_layers",
-    "text.decoder_layers", "text.relative_buckets", "embed_dim", "n_gen_queries", "pooler_heads",
+    "text.decoder_layers", "text.relative_buckets", "text.relative_max_distance", "vision.act",
+    "embed_dim", "n_gen_queries", "pooler_heads",
 )
 
 

@@ -90,7 +90,10 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, m
     flops = forward_flops(model, batch=1)
     fwd_flops_sample = flops["total"]
     # GradCache's first pass (accum_steps > 1): image and text encoders once more, without a graph
-    grad_cache_sample = (flops["total"] - flops["text_decoder"]) if accum > 1 else 0.0
+    # (under DeepSpeed the decoder too: its losses are checked before the backward that updates)
+    grad_cache_sample = 0.0
+    if accum > 1:
+        grad_cache_sample = flops["total"] if cfg.train.engine == "deepspeed" else flops["total"] - flops["text_decoder"]
     mem = {
         "parameters (bf16)": 2 * P,
         "gradients (bf16 + fp32 partition)": 2 * P + 4 * P / gpus,
@@ -191,7 +194,7 @@ def format_plan(p: dict) -> str:
         f"{p['train_flops_per_step'] / 1e15:.2f} PFLOPs per training step (3x forward)"
         + (f" + {p['recompute_flops_per_step'] / 1e15:.2f} PFLOPs recomputing checkpointed blocks"
            if p["recompute_flops_per_step"] else "")
-        + (f" + {p['grad_cache_flops_per_step'] / 1e15:.2f} PFLOPs for GradCache's encoder pass"
+        + (f" + {p['grad_cache_flops_per_step'] / 1e15:.2f} PFLOPs for GradCache's first pass"
            if p["grad_cache_flops_per_step"] else ""),
         f"at {p['mfu']:.0%} MFU of {p['peak_tflops']:.0f} TFLOPS per GPU: {p['step_time_s']:.2f} s per step; "
         f"{p['steps']:,} steps = {p['samples'] / 1e9:.2f}B samples seen -> {p['gpu_hours']:,.0f} GPU-hours, "

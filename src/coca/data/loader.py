@@ -48,8 +48,10 @@ def build_source(cfg: DataConfig, split: str, image_size: int):
         return CsvSource(spec, image_root=cfg.image_root or None, image_column=cfg.image_column,
                          caption_column=cfg.caption_column, max_pixels=cfg.max_pixels)
     if cfg.kind == "coco":
+        # validation: one caption per image, or an image's other captions in the batch are false negatives
         return CocoCaptionsSource(spec, cfg.split if split == "train" else cfg.val_split,
-                                  image_root=cfg.image_root or None, max_pixels=cfg.max_pixels)
+                                  image_root=cfg.image_root or None, max_pixels=cfg.max_pixels,
+                                  first_caption_only=split != "train")
     if cfg.kind == "folder":
         return FolderSource(spec, templates=tuple(t.strip() for t in cfg.templates.split("|")), max_pixels=cfg.max_pixels)
     return WebDatasetSource(spec, shuffle_buffer=cfg.shuffle_buffer if split == "train" else 0,

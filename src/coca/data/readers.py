@@ -189,14 +189,15 @@ class CocoCaptionsSource:
     """
 
     def __init__(self, path: str | os.PathLike, split: str = "train", image_root: str | os.PathLike | None = None,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, first_caption_only: bool = False):
         from .annotations import load_caption_annotations, resolve_image_root
         self.path = Path(path)
         items = load_caption_annotations(self.path, split)
         self.root = resolve_image_root([it["file_name"] for it in items],
                                        image_root if image_root else self.path.parent)
         self.max_pixels = max_pixels
-        self.pairs = [(it["file_name"], caption) for it in items for caption in it["captions"]]
+        self.pairs = [(it["file_name"], caption) for it in items
+                      for caption in (it["captions"][:1] if first_caption_only else it["captions"])]
         self.n_images = len(items)
 
     def __len__(self) -> int:

@@ -47,16 +47,29 @@ def save_checkpoint(root: Path, step: int, model, state: dict, keep: int) -> Pat
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in checkpoint_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Rename ``new`` to ``final``. A ``final`` already there (the same step saved again) is first
+    renamed to a hidden name and deleted only after the new one is in place, so a crash at any
+    moment leaves a complete ``final`` or a complete older checkpoint (hidden names are cleaned up
+    by ``clean_temporaries``)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model, device) -> dict:
@@ -97,10 +110,7 @@ def save_deepspeed_checkpoint(root: Path, step: int, engine, state: dict, keep: 
             for name in files:
                 with open(os.path.join(dirpath, name), "rb") as f:
                     os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        _replace_dir(tmp, final)
         for old in checkpoint_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if world.parallel:

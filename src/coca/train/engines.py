@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from .checkpoint import (
     DS_TAG,
     consolidated_model,
@@ -109,7 +110,16 @@ class SingleEngine:
     def load(self, path: Path) -> dict:
         """Restore weights, optimiser and schedule; returns the trainer's ``state``."""
         state = load_checkpoint(path, self.model, self.device)
-        self.optimizer.load_state_dict(state.pop("optimizer"))
+        saved = state.pop("optimizer")
+        names = [g.get("name") for g in self.optimizer.param_groups]
+        saved_names = [g.get("name") for g in saved["param_groups"]]
+        if names != saved_names or any(len(a["params"]) != len(b["params"])
+                                       for a, b in zip(self.optimizer.param_groups, saved["param_groups"])):
+            raise UserError(f"{path}: the optimiser's parameter groups differ from the checkpoint's "
+                            f"({len(saved_names)} saved, {len(names)} now): optim.freeze, lr_mult or layer_decay "
+                            "changed since the run started; resume with the settings in its config.yaml, or "
+                            "start a new train.run_dir (train.init_from=RUN/model)")
+        self.optimizer.load_state_dict(saved)
         self.scheduler.load_state_dict(state.pop("scheduler"))
         return state
 
@@ -205,7 +215,10 @@ class DeepSpeedEngine:
     def export(self, model_dir: Path, tokenizer, checkpoint_root: Path, model_cfg) -> Path:
         """The fp32 master weights merged from every rank's shard of the last checkpoint."""
         if self.world.is_main:
-            consolidated_model(latest_checkpoint(checkpoint_root), model_cfg).save_pretrained(model_dir, tokenizer=tokenizer)
+            latest = latest_checkpoint(checkpoint_root)
+            # no checkpoint (a run of 0 steps): ZeRO stage <= 2 keeps the whole module on every rank
+            model = consolidated_model(latest, model_cfg) if latest is not None else self.model.float().eval()
+            model.save_pretrained(model_dir, tokenizer=tokenizer)
         barrier(self.world)
         return model_dir
 

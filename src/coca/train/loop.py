@@ -285,6 +285,9 @@ class Trainer:
         if self.world.is_main:
             record = {"step": step, "split": "eval", **run_evaluations(self.evaluations, self.model, self.tokenizer, self.say)}
             self.write(record)
+            if self.best is not None and self.tc.best_metric not in record:
+                self.say(f"warning: train.best_metric {self.tc.best_metric} is not among this evaluation's "
+                         "metrics (it failed or does not report it); best/ was not updated")
             if self.best is not None and self.best.update(record, step):
                 self.best.save(self.model, self.tokenizer, record, step)
                 self.say(f"best {self.tc.best_metric} so far: {record[self.tc.best_metric]:.4f} at step {step} "
@@ -358,8 +361,9 @@ class Trainer:
                     self.checkpoint()
             if self.evaluations and p.step >= tc.steps:
                 self.evaluate()  # at the end (also of a run of 0 steps: the loaded model's numbers)
-            if self.stop_signal is not None or p.step < tc.steps:
-                path = self.checkpoint()
+            if p.step < tc.steps:  # stopped early (agreed by all ranks): save where it stopped
+                latest = latest_checkpoint(self.ckpt_root)
+                path = latest if latest is not None and latest.name == f"step_{p.step:08d}" else self.checkpoint()
                 self.say(f"stopped by signal at step {p.step}; checkpoint {path}")
         finally:
             signal.signal(signal.SIGTERM, previous_handler)

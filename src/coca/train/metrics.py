@@ -9,14 +9,23 @@ from pathlib import Path
 from ..io import atomic_write_text
 
 
+def _parse(line: str) -> dict | None:
+    """A metrics line, or None for an empty or torn one (a run killed in the middle of an append)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """Appends JSON lines; on resume drops lines beyond the checkpoint so the file has no repeats."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [line for line in path.read_text(errors="replace").splitlines()
+                    if (record := _parse(line)) is not None and record.get("step", 0) <= resume_step]
             atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def write(self, record: dict) -> None:

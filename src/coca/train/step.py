@@ -115,5 +115,7 @@ def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int) -> Ste
     losses = Losses(wc * con + wcap * cap_total, con, cap_total)
     if engine.skips_on_device:
         return StepResult(losses, scale.detach(), rows, torch.isfinite(losses.loss))
+    if check_first:  # the update already happened inside the last backward: it counts as a step
+        return StepResult(losses, scale.detach(), rows, True)
     finite = global_sum(0 if torch.isfinite(losses.loss) else 1, world, img_leaf.device) == 0
     return StepResult(losses, scale.detach(), rows, finite)

@@ -48,7 +48,10 @@ def load_init_weights(model, init_dir: str | Path, strict: bool = True) -> InitR
             hint = "; set train.init_strict=false to load what matches" if report.missing or report.unexpected else ""
             raise UserError(f"train.init_from: {e}{hint}") from None
     else:
-        load_checked(model, {k: v for k, v in state.items() if k in expected}, str(path), allow_missing=True)
+        try:
+            load_checked(model, {k: v for k, v in state.items() if k in expected}, str(path), allow_missing=True)
+        except ValueError as e:
+            raise UserError(f"train.init_from: {e}") from None
     report.loaded = sum(k in expected for k in state)
     return report
 
