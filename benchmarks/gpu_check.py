@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matched  # noqa: E402
+from train_step import make_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,14 +88,9 @@ def matmul_peak(device, n: int, reps: int) -> float:
 
 # ------------------------------------------------------------------------------ training steps
 
-def synthetic_batch(batch: int, image_size: int, vocab: int, device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, image_size, image_size, generator=g)
-    lengths = torch.randint(8, 33, (batch,), generator=g)
-    tokens = torch.zeros(batch, 33, dtype=torch.long)
-    for i, n in enumerate(lengths.tolist()):
-        tokens[i, :n] = torch.randint(3, vocab, (n,), generator=g)
-        tokens[i, n] = 1
+def synthetic_batch(batch: int, image_size: int, vocab: int, device):
+    """The training-step benchmark's batch (captions of 8-32 tokens + EOS), on ``device``."""
+    images, tokens = make_batch(batch, 33, image_size, vocab, seed=0)
     return images.to(device), tokens.to(device)
 
 

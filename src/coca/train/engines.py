@@ -25,6 +25,12 @@ from .checkpoint import (
 from .distributed import World, barrier
 
 
+def base_lr(optimizer) -> float:
+    """The scheduled base rate (optim.lr x schedule), whatever a group's own multiplier."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
 class SingleEngine:
     """One process (also the base of DDP): autocast with fp32 master weights for BF16."""
 
@@ -60,10 +66,17 @@ class SingleEngine:
     def backward(self, loss) -> None:
         loss.backward()
 
+    def _clip(self, grad_clip: float, always_norm: bool = False):
+        """Clip the trainable gradients to ``grad_clip`` (0: no clipping); returns their norm before
+        clipping (None without clipping unless ``always_norm``)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]) if always_norm else None
+
     def step(self, grad_clip: float = 0.0):
         """Clip, optimiser step, schedule step. Returns the gradient norm before clipping (or None)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
+        norm = self._clip(grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         return norm
@@ -77,11 +90,7 @@ class SingleEngine:
     def step_unless_nonfinite(self, grad_clip: float, loss_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip and step, the update skipped on the device when the loss or the (all-reduced)
         gradient norm is not finite. Returns (gradient norm, step applied) as device tensors."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = self._clip(grad_clip, always_norm=True)
         # under DDP the norm is of the all-reduced gradients, the same on every rank: decide on it
         # alone there, so that every rank skips the same steps
         ok = torch.isfinite(norm) if self.world.parallel else torch.isfinite(norm) & loss_finite
@@ -94,9 +103,7 @@ class SingleEngine:
         return norm, ok
 
     def last_lr(self) -> float:
-        """The scheduled base rate (optim.lr x schedule), whatever a group's own multiplier."""
-        group = self.optimizer.param_groups[0]
-        return group["lr"] / group.get("lr_scale", 1.0)
+        return base_lr(self.optimizer)
 
     def save(self, root: Path, step: int, state: dict, keep: int) -> Path:
         """Rank 0 writes weights + optimiser + schedule + ``state``; every rank waits for it."""
@@ -202,8 +209,7 @@ class DeepSpeedEngine:
         return None if norm is None else torch.as_tensor(float(norm))
 
     def last_lr(self) -> float:
-        group = self.optimizer.param_groups[0]
-        return group["lr"] / group.get("lr_scale", 1.0)
+        return base_lr(self.optimizer)
 
     def save(self, root: Path, step: int, state: dict, keep: int) -> Path:
         return save_deepspeed_checkpoint(root, step, self.wrapped, state, keep, self.world)
