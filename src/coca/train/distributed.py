@@ -105,8 +105,12 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def shutdown(world: World) -> None:
-    """Leave the process group (gloo aborts at interpreter exit if it is still up)."""
+    """Leave the process group on the normal path (gloo aborts at interpreter exit if it is still
+    up). The barrier first: a rank that tears its connections down while a peer is still busy
+    (rank 0 writing the model) can make gloo abort with "terminate called without an active
+    exception"."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
