@@ -4,7 +4,7 @@ import torch
 import coca
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def peaked():
     """coca-tiny with a sharpened LM head, so decoding makes confident, varied choices, and an EOS
     row copied from a token that greedy decoding emits in some rows at different steps, so rows end
@@ -115,7 +115,159 @@ def test_top_k_restricts_support(peaked):
     (dict(strategy="sample", top_k=0), "top_k"),
     (dict(strategy="sample", temperature=0.0), "temperature"),
     (dict(strategy="beam", num_beams=0), "num_beams"),
+    (dict(prefix=list(range(2, 80))), "prefix has 78 tokens.*context length 77"),
+    (dict(prefix=[5, 6, 7], max_new_tokens=75), r"max_new_tokens must be in \[1, 74\].*3 prefix tokens"),
+    (dict(prefix=[5, 1]), "EOS"),
+    (dict(prefix=[5, 10**6]), "prefix ids must be in"),
+    (dict(prefix="a photo of"), "tokenizer"),
+    (dict(strategy="beam", num_beams=3, num_return_sequences=4), r"num_return_sequences \(4\) must be <= num_beams \(3\)"),
+    (dict(num_return_sequences=2), "greedy"),
+    (dict(strategy="sample", num_return_sequences=0), "num_return_sequences"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=-1.5), "repetition_penalty"),
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+    (dict(no_repeat_ngram_size=2.5), "no_repeat_ngram_size"),
 ])
 def test_bad_generation_arguments(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny.generate(images_for(tiny, B=1), **kwargs)
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, images, prefix, tokens):
+    """Independent reference: one full (uncached) decoder pass over start + prefix + tokens, log-softmax
+    over the whole vocabulary, the log-probability of each generated token up to its EOS."""
+    pad, eos = model.cfg.text.pad_id, model.cfg.text.eos_id
+    _, visual = model.encode_image_tokens(images)
+    P = len(prefix)
+    inputs = torch.cat([torch.full((tokens.shape[0], 1), pad), torch.as_tensor(prefix, dtype=torch.long).expand(tokens.shape[0], -1),
+                        tokens[:, :-1]], 1)
+    logp = torch.log_softmax(model.text_decoder(inputs, visual).double(), -1)[:, P:]
+    sums, counts = [], []
+    for r, row in enumerate(tokens.tolist()):
+        n = row.index(eos) + 1 if eos in row else len(row)
+        sums.append(sum(float(logp[r, i, row[i]]) for i in range(n)))
+        counts.append(n)
+    return torch.tensor(sums, dtype=torch.float64), torch.tensor(counts)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+@pytest.mark.parametrize("prefix", [[], [17, 42, 17]])
+def test_returned_scores_equal_a_teacher_forced_pass(peaked, strategy, prefix):
+    n_return = 1 if strategy == "greedy" else 3
+    images = images_for(peaked, B=3)
+    out = peaked.generate(images, max_new_tokens=14, strategy=strategy, num_beams=3, seed=0, prefix=prefix,
+                          include_prefix=False, num_return_sequences=n_return, return_dict=True,
+                          repetition_penalty=1.2)
+    assert out.tokens.shape[0] == 3 * n_return and out.prefix_length == len(prefix)
+    visual_images = images.repeat_interleave(n_return, 0)
+    ref_sum, ref_count = teacher_forced_logprobs(peaked, visual_images, prefix, out.tokens)
+    torch.testing.assert_close(out.scores.double(), ref_sum, rtol=0, atol=1e-4)
+    assert torch.equal(out.num_tokens, ref_count)
+    torch.testing.assert_close(out.normalized_scores.double(), ref_sum / ref_count, rtol=0, atol=1e-4)
+    embeds, visual = peaked.encode_image_tokens(images)
+    assert torch.equal(out.image_embeds, embeds) and torch.equal(out.visual_tokens, visual)
+    if strategy == "beam":  # best first within each image, by length-normalised beam score
+        assert len({tuple(r) for r in out.tokens[:3].tolist()}) == 3
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_prefix_is_continued_with_and_without_cache(peaked, strategy):
+    images = images_for(peaked, B=4)
+    prefix = [23, 5, 23]
+    kw = dict(max_new_tokens=12, strategy=strategy, num_beams=3, seed=4, prefix=prefix,
+              num_return_sequences=2 if strategy == "sample" else 1)
+    a = peaked.generate(images, **kw)
+    assert torch.equal(a, peaked.generate(images, use_cache=False, **kw))
+    assert (a[:, :3] == torch.tensor(prefix)).all()
+    stripped = peaked.generate(images, include_prefix=False, **kw)
+    assert torch.equal(stripped, a[:, 3:3 + stripped.shape[1]])
+    # the prefix conditions decoding: its continuation differs from plain decoding
+    plain = peaked.generate(images, **{**kw, "prefix": None})
+    assert not torch.equal(stripped[:, :5], plain[:, :5])
+
+
+def test_text_prefix_through_the_tokenizer(peaked, tmp_path):
+    from coca.tokenizer import Tokenizer
+    lines = [f"a photo of a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")] * 30
+    (tmp_path / "t.txt").write_text("\n".join(lines))
+    tok = Tokenizer.train(tmp_path / "t.txt", vocab_size=60, out_dir=tmp_path)
+    ids = tok.encode_ids("a photo of")
+    images = images_for(peaked, B=2)
+    peaked.tokenizer = tok
+    try:
+        by_text = peaked.generate(images, prefix="a photo of", max_new_tokens=6)
+    finally:
+        peaked.tokenizer = None  # the fixture is shared by the module
+    assert torch.equal(by_text, peaked.generate(images, prefix=ids, max_new_tokens=6))
+    assert all(t.startswith("a photo of") for t in tok.decode(by_text))
+
+
+def test_sampling_several_sequences_per_image(peaked):
+    images = images_for(peaked, B=2)
+    out = peaked.generate(images, strategy="sample", num_return_sequences=4, seed=0, max_new_tokens=10,
+                          min_new_tokens=10, temperature=3.0)
+    assert out.shape == (8, 10)
+    assert len({tuple(r) for r in out[:4].tolist()}) > 1  # the samples of one image differ
+    # the rows of an image are samples given that image: with top_k=1 all equal its greedy caption
+    greedy = peaked.generate(images, max_new_tokens=10, min_new_tokens=10)
+    same = peaked.generate(images, strategy="sample", num_return_sequences=4, top_k=1, max_new_tokens=10,
+                           min_new_tokens=10)
+    assert torch.equal(same, greedy.repeat_interleave(4, 0))
+
+
+def test_no_repeat_ngram_leaves_no_repeated_ngram(peaked):
+    images = images_for(peaked, B=6)
+    for n in (1, 2, 3):
+        out = peaked.generate(images, max_new_tokens=30, min_new_tokens=30, no_repeat_ngram_size=n)
+        for row in out.tolist():
+            grams = [tuple([0] + row)[i:i + n] for i in range(len(row) + 1 - n + 1)]
+            assert len(grams) == len(set(grams)), (n, row)
+
+
+def caption_batch(model, T=5, L=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, model.cfg.text.vocab_size, (T, L), generator=g)
+    for i, n in enumerate([L, 4, 1, 6, 2][:T]):  # EOS at different places, pad after
+        tokens[i, n - 1] = model.cfg.text.eos_id
+        tokens[i, n:] = model.cfg.text.pad_id
+    return tokens
+
+
+def test_score_equals_a_teacher_forced_pass(peaked):
+    images = images_for(peaked, B=5)
+    tokens = caption_batch(peaked)
+    out = peaked.score(images, tokens)
+    ref_sum, ref_count = teacher_forced_logprobs(peaked, images, [], tokens)
+    torch.testing.assert_close(out.sum.double(), ref_sum, rtol=0, atol=1e-4)
+    assert torch.equal(out.num_tokens, ref_count)
+    torch.testing.assert_close(out.mean.double(), ref_sum / ref_count, rtol=0, atol=1e-4)
+    # batching does not change a score
+    torch.testing.assert_close(peaked.score(images, tokens, batch_size=2).sum, out.sum, rtol=0, atol=1e-5)
+
+
+def test_pairwise_score_is_every_image_against_every_caption(peaked):
+    images = images_for(peaked, B=3)
+    tokens = caption_batch(peaked, T=5)
+    matrix = peaked.score(images, tokens, pairwise=True, batch_size=2)
+    assert matrix.sum.shape == (3, 5) and matrix.mean.shape == (3, 5)
+    for b in range(3):
+        ref_sum, ref_count = teacher_forced_logprobs(peaked, images[b:b + 1].expand(5, -1, -1, -1), [], tokens)
+        torch.testing.assert_close(matrix.sum[b].double(), ref_sum, rtol=0, atol=1e-4)
+    assert matrix.sum.std(0).max() > 0  # images really differ in how they score a caption
+
+
+def test_a_generated_caption_scores_higher_than_a_random_one(peaked):
+    images = images_for(peaked, B=4)
+    out = peaked.generate(images, max_new_tokens=10, return_dict=True)
+    scored = peaked.score(images, out.tokens)
+    torch.testing.assert_close(scored.sum, out.scores, rtol=0, atol=1e-4)
+    assert (scored.mean > peaked.score(images, caption_batch(peaked, T=4, L=10)).mean).all()
+
+
+def test_bad_score_arguments(tiny):
+    images = images_for(tiny, B=2)
+    with pytest.raises(ValueError, match="2 images but 3 captions"):
+        tiny.score(images, caption_batch(tiny, T=3))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tiny.score(images, torch.full((2, 4), 10**6))

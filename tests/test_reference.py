@@ -112,31 +112,102 @@ def test_vit_matches_open_clip(act):
     torch.testing.assert_close(x[:, 0] @ ref.proj, pooled, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("num_beams, length_penalty", [(1, 1.0), (3, 1.0), (4, 0.6), (4, 2.0)])
-@torch.no_grad()
-def test_generation_matches_hf_generate(num_beams, length_penalty):
-    """Our greedy and beam search (with KV cache) against HF ``generate`` on the same T5 decoder."""
+def _hf_decoder_pair(seed=3):
+    """An HF T5 with confident predictions and reachable EOS (so rows end at different steps), our
+    decoder converted from it, a shim exposing what ``coca.generation.decode`` needs, and visual tokens."""
     from types import SimpleNamespace
-
-    from transformers.modeling_outputs import BaseModelOutput
-
-    from coca.generation import _beam_search, _greedy_or_sample
-    hf = make_hf_t5(seed=3, vocab_size=60)
-    with torch.no_grad():  # confident predictions with EOS reachable, so lengths differ by row
+    hf = make_hf_t5(seed=seed, vocab_size=60)
+    with torch.no_grad():
         hf.lm_head.weight.mul_(3.0)
         hf.lm_head.weight[1] += 0.5 * hf.lm_head.weight[7]
     _, decoder = from_hf_t5(hf)
     shim = SimpleNamespace(cfg=SimpleNamespace(text=decoder.cfg), text_decoder=decoder)
     visual = torch.randn(6, 11, 64, generator=torch.Generator().manual_seed(5))
-    ref = hf.generate(encoder_outputs=BaseModelOutput(last_hidden_state=visual), num_beams=num_beams,
-                      do_sample=False, max_new_tokens=20, length_penalty=length_penalty, early_stopping=False,
-                      decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)[:, 1:]
-    if num_beams == 1:
-        ours = _greedy_or_sample(shim, visual, 20, 0, True, None)
-    else:
-        ours = _beam_search(shim, visual, 20, 0, num_beams, length_penalty, True)
-    def until_eos(rows):  # HF fills finished beams with EOS, we with pad: compare up to EOS
-        return [r[: r.index(1) + 1] if 1 in r else r for r in rows.tolist()]
+    return hf, shim, visual
 
-    assert len({len(r) for r in until_eos(ref)}) > 1  # rows end at different steps
-    assert until_eos(ours) == until_eos(ref)
+
+def _hf_generate(hf, visual, prefix=None, **kwargs):
+    from transformers.modeling_outputs import BaseModelOutput
+    start = torch.zeros(visual.shape[0], 1, dtype=torch.long)  # HF repeats it per returned sequence
+    if prefix is not None:
+        start = torch.cat([start, prefix.expand(visual.shape[0], -1)], 1)
+    out = hf.generate(encoder_outputs=BaseModelOutput(last_hidden_state=visual), decoder_input_ids=start,
+                      do_sample=False, early_stopping=False, decoder_start_token_id=0, eos_token_id=1,
+                      pad_token_id=0, **kwargs)
+    return out[:, 1:]
+
+
+def _until_eos(rows):  # HF fills finished beams with EOS, we with pad: compare up to EOS
+    return [r[: r.index(1) + 1] if 1 in r else r for r in rows.tolist()]
+
+
+@pytest.mark.parametrize("num_beams, length_penalty", [(1, 1.0), (3, 1.0), (4, 0.6), (4, 2.0)])
+@torch.no_grad()
+def test_generation_matches_hf_generate(num_beams, length_penalty):
+    """Our greedy and beam search (with KV cache) against HF ``generate`` on the same T5 decoder."""
+    from coca.generation import decode
+    hf, shim, visual = _hf_decoder_pair()
+    ref = _hf_generate(hf, visual, num_beams=num_beams, max_new_tokens=20, length_penalty=length_penalty)
+    ours = decode(shim, visual, strategy="beam", num_beams=num_beams, max_new_tokens=20, length_penalty=length_penalty)
+    assert len({len(r) for r in _until_eos(ref)}) > 1  # rows end at different steps
+    assert _until_eos(ours) == _until_eos(ref)
+
+
+@pytest.mark.parametrize("controls", [dict(repetition_penalty=1.8), dict(repetition_penalty=0.7),
+                                      dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=1),
+                                      dict(repetition_penalty=1.3, no_repeat_ngram_size=3)])
+@pytest.mark.parametrize("num_beams", [1, 3])
+@torch.no_grad()
+def test_decoding_controls_match_hf_generate(controls, num_beams):
+    """Repetition penalty and n-gram blocking give HF's tokens, greedy and in beam search, and with
+    a prefix (HF: decoder_input_ids = start + prefix), with and without the KV cache."""
+    from coca.generation import decode
+    hf, shim, visual = _hf_decoder_pair(seed=4)
+    plain = decode(shim, visual, strategy="beam", num_beams=num_beams, max_new_tokens=16, min_new_tokens=16)
+    for prefix in (None, torch.tensor([7, 9, 7])):
+        ref = _hf_generate(hf, visual, prefix=prefix, num_beams=num_beams, max_new_tokens=16, **controls)
+        for use_cache in (True, False):
+            ours = decode(shim, visual, prefix=prefix, strategy="beam", num_beams=num_beams, max_new_tokens=16,
+                          use_cache=use_cache, **controls)
+            assert _until_eos(ours) == _until_eos(ref), (prefix, use_cache)
+    # the controls really changed what was decoded (a repetition penalty acts on log-probabilities in
+    # HF's beam search, where it can leave a confident repeat in place: only checked greedy there)
+    if num_beams > 1 and "no_repeat_ngram_size" not in controls:
+        return
+    changed = decode(shim, visual, strategy="beam", num_beams=num_beams, max_new_tokens=16, min_new_tokens=16,
+                     **controls)
+    assert not torch.equal(changed, plain)
+
+
+@torch.no_grad()
+def test_logits_processors_equal_hf_processors():
+    from transformers import (
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    from coca.generation import apply_repetition_penalty, ban_repeated_ngrams
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 6, (5, 12), generator=g)  # a small alphabet: many repeats and n-grams
+    scores = torch.randn(5, 10, generator=g) * 3
+    for penalty in (0.5, 1.2, 3.0):
+        torch.testing.assert_close(apply_repetition_penalty(seq, scores, penalty),
+                                   RepetitionPenaltyLogitsProcessor(penalty)(seq, scores.clone()), rtol=0, atol=0)
+    for n in (1, 2, 3, 4, 13, 14):
+        ours = ban_repeated_ngrams(seq, scores, n)
+        ref = NoRepeatNGramLogitsProcessor(n)(seq, scores.clone())
+        assert torch.equal(ours.isinf(), ref.isinf()), n
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    assert ban_repeated_ngrams(seq, scores, 2).isinf().any()
+
+
+@pytest.mark.parametrize("num_return_sequences", [2, 4])
+@torch.no_grad()
+def test_beam_num_return_sequences_matches_hf(num_return_sequences):
+    from coca.generation import decode
+    hf, shim, visual = _hf_decoder_pair()
+    ref = _hf_generate(hf, visual, num_beams=4, max_new_tokens=12, num_return_sequences=num_return_sequences)
+    ours = decode(shim, visual, strategy="beam", num_beams=4, max_new_tokens=12,
+                  num_return_sequences=num_return_sequences)
+    assert ours.shape[0] == 6 * num_return_sequences
+    assert _until_eos(ours) == _until_eos(ref)

@@ -1,16 +1,30 @@
 """Caption generation: greedy, beam search and top-k / top-p sampling, with a KV cache.
 
 With ``use_cache=True`` (the default) each image is encoded once, the cross-attention keys and
-values of its visual tokens are projected once per image (and shared by its beams), and every
-step feeds only the newest token through the decoder while self-attention keys/values grow by
-one position. ``use_cache=False`` recomputes the whole prefix each step; it exists to prove the
-cache exact and to measure what it saves.
+values of its visual tokens are projected once per image (and shared by its beams and samples),
+and every step feeds only the new positions through the decoder while self-attention keys/values
+grow. ``use_cache=False`` recomputes the whole prefix each step; it exists to prove the cache exact
+and to measure what it saves.
 
-Output: LongTensor [B, T] of generated ids without the start token. A finished row holds EOS
-followed by pad; T is the longest row (at most ``max_new_tokens``).
+Controls, with Hugging Face's semantics: ``repetition_penalty`` (CTRL: a logit of a token already
+in the decoder input is divided by the penalty when positive, multiplied when negative) and
+``no_repeat_ngram_size`` (a token that would complete an n-gram already in the decoder input is
+banned). As in HF's encoder-decoder models, the decoder input includes the start token (= pad) and
+the prefix. In beam search they act on log-probabilities, as HF's beam search does.
+
+``prefix`` (text or ids) is a caption start that decoding continues; it is fed to the decoder in
+one pass and is part of the returned tokens unless ``include_prefix=False``.
+
+Output: LongTensor [B * num_return_sequences, T] of ids without the start token; a finished row
+holds EOS followed by pad; T is the longest row. ``return_dict=True`` gives a ``GenerationOutput``
+with per-sequence log-likelihoods under the model (the raw distribution: before penalties,
+temperature and filtering, so they equal a teacher-forced forward pass) and the image embedding and
+visual tokens computed on the way.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +35,66 @@ from .errors import UserError
 STRATEGIES = ("greedy", "beam", "sample")
 
 
+@dataclass
+class GenerationOutput:
+    """``tokens`` [R, T] (R = images x num_return_sequences, a row's sequences adjacent);
+    ``scores`` [R]: sum of log p(token | image, earlier tokens) over the generated tokens (EOS
+    included, prefix and pad excluded); ``normalized_scores`` = scores / ``num_tokens``;
+    ``image_embeds`` [B, E] and ``visual_tokens`` [B, Q, D] per image."""
+    tokens: Tensor
+    scores: Tensor
+    normalized_scores: Tensor
+    num_tokens: Tensor
+    image_embeds: Tensor | None
+    visual_tokens: Tensor
+    prefix_length: int
+
+
+# --- logits processors (HF semantics) ---------------------------------------------------------
+
+def apply_repetition_penalty(seq: Tensor, scores: Tensor, penalty: float) -> Tensor:
+    """Every token id present in a row of ``seq`` [R, L] gets its score divided by ``penalty`` if
+    positive, multiplied if negative (HF ``RepetitionPenaltyLogitsProcessor``)."""
+    picked = scores.gather(1, seq)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, seq, picked)
+
+
+def ban_repeated_ngrams(seq: Tensor, scores: Tensor, n: int) -> Tensor:
+    """Set to -inf every token that would complete an n-gram already present in its row of ``seq``
+    (HF ``NoRepeatNGramLogitsProcessor``), vectorised over rows and positions."""
+    R, L = seq.shape
+    if L < n:  # no complete n-gram yet
+        return scores
+    if n == 1:  # every token already present is banned
+        return scores.scatter(1, seq, float("-inf"))
+    windows = seq.unfold(1, n, 1)                                  # [R, L-n+1, n]
+    match = (windows[:, :, :-1] == seq[:, L - n + 1:].unsqueeze(1)).all(-1)  # prefix equals the last n-1
+    V = scores.shape[1]
+    banned = torch.where(match, windows[:, :, -1], V)              # V = "no ban" column, dropped below
+    mask = torch.zeros(R, V + 1, dtype=torch.bool, device=scores.device).scatter_(1, banned, True)[:, :V]
+    return scores.masked_fill(mask, float("-inf"))
+
+
+class LogitsProcessors:
+    """The processing chain applied to next-token scores before choosing, in HF's order."""
+
+    def __init__(self, repetition_penalty: float, no_repeat_ngram_size: int, min_new_tokens: int, eos_id: int):
+        self.penalty, self.ngram, self.min_new, self.eos = repetition_penalty, no_repeat_ngram_size, min_new_tokens, eos_id
+
+    def __call__(self, seq: Tensor, scores: Tensor, new_tokens_so_far: int) -> Tensor:
+        if self.penalty != 1.0:
+            scores = apply_repetition_penalty(seq, scores, self.penalty)
+        if self.ngram > 0:
+            scores = ban_repeated_ngrams(seq, scores, self.ngram)
+        if new_tokens_so_far < self.min_new:
+            scores = scores.clone()  # the caller still reads the unprocessed scores
+            scores[:, self.eos] = float("-inf")
+        return scores
+
+
 class _Stepper:
-    """Returns next-token logits [rows, V] for the newest position, with or without the cache."""
+    """Returns next-token logits [rows, V] (fp32) for the newest position, with or without the cache."""
 
     def __init__(self, model, visual_tokens: Tensor, max_len: int, use_cache: bool, repeat: int = 1):
         self.decoder = model.text_decoder
@@ -33,8 +105,8 @@ class _Stepper:
             self.visual = visual_tokens.repeat_interleave(repeat, 0) if repeat > 1 else visual_tokens
 
     def __call__(self, seq: Tensor) -> Tensor:
-        if self.cache is not None:
-            return self.decoder(seq[:, -1:], cache=self.cache)[:, -1].float()
+        if self.cache is not None:  # only the positions not yet in the cache (the whole prefix at first)
+            return self.decoder(seq[:, self.cache.length:], cache=self.cache)[:, -1].float()
         return self.decoder(seq, self.visual)[:, -1].float()
 
     def reorder(self, index: Tensor) -> None:
@@ -42,12 +114,40 @@ class _Stepper:
             self.cache.reorder(index)
 
 
-def _check_args(model, images, max_new_tokens, min_new_tokens, strategy, num_beams, top_k, top_p, temperature):
+def prefix_ids(model, prefix, device) -> Tensor:
+    """A caption start as a 1-D LongTensor of ids (no EOS): text through the model's tokenizer, or ids."""
+    if prefix is None or (isinstance(prefix, str) and not prefix.strip()):
+        return torch.empty(0, dtype=torch.long, device=device)
+    if isinstance(prefix, str):
+        if model.tokenizer is None:
+            raise UserError("a text prefix needs the model's tokenizer (load a model directory with tokenizer.model, "
+                            "or pass the prefix as token ids)")
+        ids = torch.tensor(model.tokenizer.encode_ids(prefix), dtype=torch.long)
+    else:
+        ids = torch.as_tensor(prefix, dtype=torch.long)
+        if ids.dim() != 1:
+            raise UserError(f"prefix ids must be one sequence (1-D), got shape {tuple(ids.shape)}")
+        V = model.cfg.text.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+            raise UserError(f"prefix ids must be in [0, {V}), got {ids.tolist()}")
+        if (ids == model.cfg.text.eos_id).any():
+            raise UserError(f"prefix ids contain EOS ({model.cfg.text.eos_id}): a prefix is an unfinished caption")
+    return ids.to(device)
+
+
+def check_options(context_length: int, n_prefix: int, max_new_tokens: int, strategy: str, num_beams: int,
+                  top_k: int | None, top_p: float | None, temperature: float, min_new_tokens: int,
+                  length_penalty: float, repetition_penalty: float, no_repeat_ngram_size: int,
+                  num_return_sequences: int) -> None:
+    """Refuse options that cannot work, naming the value and what is allowed."""
     if strategy not in STRATEGIES:
         raise UserError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    limit = model.cfg.text.context_length
-    if not 1 <= max_new_tokens <= limit:
-        raise UserError(f"max_new_tokens must be in [1, {limit}] (the model's context length), got {max_new_tokens}")
+    limit = context_length
+    if n_prefix >= limit:
+        raise UserError(f"the prefix has {n_prefix} tokens; it must be shorter than the model's context length {limit}")
+    if not 1 <= max_new_tokens <= limit - n_prefix:
+        raise UserError(f"max_new_tokens must be in [1, {limit - n_prefix}] (the model's context length {limit}"
+                        + (f" minus the {n_prefix} prefix tokens" if n_prefix else "") + f"), got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
         raise UserError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
     if strategy == "beam" and num_beams < 1:
@@ -58,43 +158,109 @@ def _check_args(model, images, max_new_tokens, min_new_tokens, strategy, num_bea
         raise UserError(f"top_p must be in (0, 1] or None, got {top_p}")
     if temperature <= 0:
         raise UserError(f"temperature must be > 0, got {temperature} (use strategy='greedy' for argmax decoding)")
-    model.check_images(images)
+    if not repetition_penalty > 0:
+        raise UserError(f"repetition_penalty must be > 0 (1.0 = off, > 1 discourages repeats), got {repetition_penalty}")
+    if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+        raise UserError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {no_repeat_ngram_size!r}")
+    if num_return_sequences < 1:
+        raise UserError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+    if num_return_sequences > 1:
+        if strategy == "greedy":
+            raise UserError(f"num_return_sequences={num_return_sequences} needs strategy 'beam' or 'sample' "
+                            "(greedy decoding has one answer)")
+        if strategy == "beam" and num_return_sequences > num_beams:
+            raise UserError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise UserError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+    if length_penalty != length_penalty:  # NaN
+        raise UserError("length_penalty must be a number, got NaN")
 
 
 @torch.no_grad()
 def generate(model, images: Tensor, max_new_tokens: int = 30, strategy: str = "greedy", num_beams: int = 4,
              top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
              min_new_tokens: int = 0, length_penalty: float = 1.0, seed: int | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
-    _check_args(model, images, max_new_tokens, min_new_tokens, strategy, num_beams, top_k, top_p, temperature)
-    _, visual_tokens = model.encode_image_tokens(images)
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, prefix=None,
+             include_prefix: bool = True, num_return_sequences: int = 1,
+             return_dict: bool = False) -> Tensor | GenerationOutput:
+    model.check_images(images)
+    options = dict(max_new_tokens=max_new_tokens, strategy=strategy, num_beams=num_beams, top_k=top_k, top_p=top_p,
+                   temperature=temperature, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+                   repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                   num_return_sequences=num_return_sequences)
+    prefix = prefix_ids(model, prefix, images.device)
+    check_options(model.cfg.text.context_length, len(prefix), **options)  # before the image encoder runs
+    image_embeds, visual_tokens = model.encode_image_tokens(images)
+    out = decode(model, visual_tokens, prefix=prefix, include_prefix=include_prefix, seed=seed, generator=generator,
+                 use_cache=use_cache, return_dict=return_dict, **options)
+    if return_dict:
+        out.image_embeds = image_embeds
+    return out
+
+
+@torch.no_grad()
+def decode(model, visual_tokens: Tensor, max_new_tokens: int = 30, strategy: str = "greedy", num_beams: int = 4,
+           top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0, min_new_tokens: int = 0,
+           length_penalty: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
+           use_cache: bool = True, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+           prefix: Tensor | None = None, include_prefix: bool = True, num_return_sequences: int = 1,
+           return_dict: bool = False) -> Tensor | GenerationOutput:
+    """``generate`` from visual tokens [B, Q, D] already computed: needs only ``model.cfg.text`` and
+    ``model.text_decoder``. ``prefix`` is a 1-D id tensor here (see ``prefix_ids``)."""
+    text = model.cfg.text
+    prefix = torch.empty(0, dtype=torch.long, device=visual_tokens.device) if prefix is None else prefix
+    check_options(text.context_length, len(prefix), max_new_tokens, strategy, num_beams, top_k, top_p, temperature,
+                  min_new_tokens, length_penalty, repetition_penalty, no_repeat_ngram_size, num_return_sequences)
+    processors = LogitsProcessors(repetition_penalty, no_repeat_ngram_size, min_new_tokens, text.eos_id)
     if strategy == "beam" and num_beams > 1:
-        return _beam_search(model, visual_tokens, max_new_tokens, min_new_tokens, num_beams, length_penalty, use_cache)
-    if strategy == "sample" and generator is None and seed is not None:
-        generator = torch.Generator(device=images.device).manual_seed(seed)
-    sample = None
-    if strategy == "sample":
-        sample = lambda logits: _sample(logits, temperature, top_k, top_p, generator)  # noqa: E731
-    return _greedy_or_sample(model, visual_tokens, max_new_tokens, min_new_tokens, use_cache, sample)
+        tokens, scores, counts = _beam_search(model, visual_tokens, prefix, max_new_tokens, processors, num_beams,
+                                              num_return_sequences, length_penalty, use_cache)
+    else:
+        sample = None
+        if strategy == "sample":
+            if generator is None and seed is not None:
+                generator = torch.Generator(device=visual_tokens.device).manual_seed(seed)
+            sample = lambda logits: _sample(logits, temperature, top_k, top_p, generator)  # noqa: E731
+        repeat = num_return_sequences if strategy == "sample" else 1
+        tokens, scores, counts = _greedy_or_sample(model, visual_tokens, prefix, max_new_tokens, processors,
+                                                   use_cache, sample, repeat, track_scores=return_dict)
+    if include_prefix and len(prefix):
+        tokens = torch.cat([prefix.expand(tokens.shape[0], -1), tokens], dim=1)
+    if not return_dict:
+        return tokens
+    return GenerationOutput(tokens, scores, scores / counts.clamp(min=1), counts, None, visual_tokens, len(prefix))
 
 
-def _greedy_or_sample(model, visual_tokens, max_new_tokens, min_new_tokens, use_cache, sample) -> Tensor:
+def _start(model, rows: int, prefix: Tensor, device) -> Tensor:
+    start = torch.full((rows, 1), model.cfg.text.pad_id, dtype=torch.long, device=device)
+    return torch.cat([start, prefix.expand(rows, -1)], dim=1)
+
+
+def _greedy_or_sample(model, visual_tokens, prefix, max_new_tokens, processors, use_cache, sample, repeat,
+                      track_scores) -> tuple[Tensor, Tensor | None, Tensor | None]:
     pad, eos = model.cfg.text.pad_id, model.cfg.text.eos_id
-    B = visual_tokens.shape[0]
-    step = _Stepper(model, visual_tokens, max_new_tokens, use_cache)
-    seq = torch.full((B, 1), pad, dtype=torch.long, device=visual_tokens.device)
-    done = torch.zeros(B, dtype=torch.bool, device=seq.device)
+    rows = visual_tokens.shape[0] * repeat
+    step = _Stepper(model, visual_tokens, len(prefix) + max_new_tokens, use_cache, repeat=repeat)
+    seq = _start(model, rows, prefix, visual_tokens.device)
+    first_new = seq.shape[1]
+    done = torch.zeros(rows, dtype=torch.bool, device=seq.device)
+    scores = torch.zeros(rows, device=seq.device) if track_scores else None
+    counts = torch.zeros(rows, dtype=torch.long, device=seq.device) if track_scores else None
     for t in range(max_new_tokens):
         logits = step(seq)
-        if t < min_new_tokens:
-            logits[:, eos] = float("-inf")
-        nxt = logits.argmax(-1) if sample is None else sample(logits)
+        processed = processors(seq, logits, t)
+        nxt = processed.argmax(-1) if sample is None else sample(processed)
         nxt = nxt.masked_fill(done, pad)
+        if track_scores:
+            live = ~done
+            scores += torch.where(live, F.log_softmax(logits, -1).gather(1, nxt[:, None])[:, 0], 0.0)
+            counts += live
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         done |= nxt == eos
         if bool(done.all()):
             break
-    return seq[:, 1:]
+    return seq[:, first_new:], scores, counts
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> Tensor:
@@ -111,39 +277,45 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float 
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _beam_search(model, visual_tokens, max_new_tokens, min_new_tokens, K, length_penalty, use_cache) -> Tensor:
-    """Batched beam search. Scores are summed log-probabilities; finished hypotheses are ranked by
-    score / length**length_penalty. A row stops when it holds K finished hypotheses that no running
-    beam can beat (the standard heuristic), or at max_new_tokens."""
+def _beam_search(model, visual_tokens, prefix, max_new_tokens, processors, K, n_return, length_penalty,
+                 use_cache) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched beam search. Beam scores are summed (processed) log-probabilities; finished
+    hypotheses are ranked by score / length**length_penalty. A row stops when it holds K finished
+    hypotheses that no running beam can beat (the standard heuristic), or at max_new_tokens. The
+    raw log-likelihood of every beam is carried alongside for the returned scores."""
     pad, eos = model.cfg.text.pad_id, model.cfg.text.eos_id
     B, device = visual_tokens.shape[0], visual_tokens.device
-    step = _Stepper(model, visual_tokens, max_new_tokens, use_cache, repeat=K)
-    seq = torch.full((B * K, 1), pad, dtype=torch.long, device=device)
+    step = _Stepper(model, visual_tokens, len(prefix) + max_new_tokens, use_cache, repeat=K)
+    seq = _start(model, B * K, prefix, device)
+    first_new = seq.shape[1]
     beam_scores = torch.zeros(B, K, device=device)
     beam_scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
-    finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(B)]
+    raw_scores = torch.zeros(B, K, device=device)
+    finished: list[list[tuple[float, Tensor, float]]] = [[] for _ in range(B)]
     row_done = [False] * B
     offsets = (torch.arange(B, device=device) * K)[:, None]
     for t in range(max_new_tokens):
-        logprobs = F.log_softmax(step(seq), dim=-1)  # [B*K, V]
+        raw = F.log_softmax(step(seq), dim=-1)  # [B*K, V]
+        logprobs = processors(seq, raw, t)
         V = logprobs.shape[-1]
-        if t < min_new_tokens:
-            logprobs[:, eos] = float("-inf")
         cand = (beam_scores.view(-1, 1) + logprobs).view(B, K * V)
         top_scores, top_idx = cand.topk(2 * K, dim=1)  # at most K of these end in EOS
         src_beam, tok = top_idx // V, top_idx % V
+        top_raw = raw_scores.gather(1, src_beam) + raw.view(B, K * V).gather(1, top_idx)
         is_eos = tok == eos
         # Finished hypotheses: EOS candidates ranked within the top K.
         for b, r in (is_eos[:, :K]).nonzero().tolist():
             if row_done[b] or top_scores[b, r].item() == float("-inf"):
                 continue
-            hyp = torch.cat([seq[b * K + src_beam[b, r], 1:], seq.new_tensor([eos])])
-            _add_hypothesis(finished[b], float(top_scores[b, r]) / (t + 1) ** length_penalty, hyp, K)
+            hyp = torch.cat([seq[b * K + src_beam[b, r], first_new:], seq.new_tensor([eos])])
+            _add_hypothesis(finished[b], float(top_scores[b, r]) / (t + 1) ** length_penalty, hyp,
+                            float(top_raw[b, r]), K)
         # Running beams: the best K candidates that do not end in EOS.
         keep = ~is_eos & ((~is_eos).cumsum(1) <= K)
         next_beam = src_beam[keep].view(B, K)
         next_tok = tok[keep].view(B, K)
         beam_scores = top_scores[keep].view(B, K)
+        raw_scores = top_raw[keep].view(B, K)
         index = (offsets + next_beam).view(-1)
         seq = torch.cat([seq[index], next_tok.view(-1, 1)], dim=1)
         step.reorder(index)
@@ -153,20 +325,23 @@ def _beam_search(model, visual_tokens, max_new_tokens, min_new_tokens, K, length
                 row_done[b] = True
         if all(row_done):
             break
+    n = seq.shape[1] - first_new
     for b in range(B):  # rows still running at the length limit: their beams compete too
         if not row_done[b]:
-            n = seq.shape[1] - 1
             for k in range(K):
-                _add_hypothesis(finished[b], float(beam_scores[b, k]) / n ** length_penalty, seq[b * K + k, 1:], K)
-    best = [finished[b][0][1] for b in range(B)]
-    out = torch.full((B, max(len(h) for h in best)), pad, dtype=torch.long, device=device)
-    for b, h in enumerate(best):
-        out[b, :len(h)] = h
-    return out
+                _add_hypothesis(finished[b], float(beam_scores[b, k]) / n ** length_penalty, seq[b * K + k, first_new:],
+                                float(raw_scores[b, k]), K)
+    best = [h for b in range(B) for h in finished[b][:n_return]]
+    out = torch.full((len(best), max(len(h[1]) for h in best)), pad, dtype=torch.long, device=device)
+    for i, (_, tokens, _) in enumerate(best):
+        out[i, :len(tokens)] = tokens
+    scores = torch.tensor([h[2] for h in best], device=device)
+    counts = torch.tensor([len(h[1]) for h in best], device=device)
+    return out, scores, counts
 
 
-def _add_hypothesis(hyps: list[tuple[float, Tensor]], score: float, tokens: Tensor, K: int) -> None:
-    """Keep the K best (score, tokens) pairs, sorted best first."""
-    hyps.append((score, tokens.clone()))
+def _add_hypothesis(hyps: list[tuple[float, Tensor, float]], score: float, tokens: Tensor, raw: float, K: int) -> None:
+    """Keep the K best (rank score, tokens, raw log-likelihood), sorted best first."""
+    hyps.append((score, tokens.clone(), raw))
     hyps.sort(key=lambda h: h[0], reverse=True)
     del hyps[K:]

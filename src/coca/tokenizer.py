@@ -102,6 +102,12 @@ class Tokenizer:
             out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
+    def encode_ids(self, text: str) -> list[int]:
+        """The pieces of one text as ids, without EOS or padding (e.g. a caption start to continue)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._sp.encode(text.strip()[: 64 * self.context_length])
+
     def decode(self, ids) -> str | list[str]:
         """Inverse of encode for one row (1-D) or a batch (2-D); stops at EOS, skips pad/special ids."""
         if isinstance(ids, torch.Tensor):

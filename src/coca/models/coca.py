@@ -181,6 +181,12 @@ class CoCa(nn.Module):
         from ..generation import generate
         return generate(self, images, **kwargs)
 
+    @torch.no_grad()
+    def score(self, images: Tensor, tokens: Tensor, pairwise: bool = False, batch_size: int = 64):
+        """Caption log-likelihoods (sum and mean over tokens); see ``coca.scoring``."""
+        from ..scoring import score
+        return score(self, images, tokens, pairwise=pairwise, batch_size=batch_size)
+
     # --- persistence -------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> Path:
         """Write config.json, model.safetensors (and tokenizer.model) atomically into ``path``."""

@@ -266,12 +266,14 @@ class T5Decoder(nn.Module):
         return DecoderCache(layers, cross)
 
     def forward(self, tokens: Tensor, visual_tokens: Tensor | None = None, cache: DecoderCache | None = None,
-                inputs_embeds: Tensor | None = None, return_hidden: bool = False) -> Tensor:
+                inputs_embeds: Tensor | None = None, return_hidden: bool = False,
+                cross_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """tokens: [B, L] decoder inputs (start token = pad). visual_tokens: [B, N, d_model].
         Returns logits [B, L, V], or with ``return_hidden`` the states the LM head reads [B, L, D]
         (for a loss that applies the head in chunks).
 
-        With ``cache``, tokens are the new positions only and visual_tokens may be omitted.
+        With ``cache``, tokens are the new positions only and visual_tokens may be omitted; so may
+        they with ``cross_kv`` (keys/values from ``cross_kv()``, e.g. one image's shared by many captions).
         """
         B, L = tokens.shape
         x = self.dropout(self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds)
@@ -282,7 +284,7 @@ class T5Decoder(nn.Module):
         if L > 1:  # causal mask within the new positions; a single new token may see everything
             causal = torch.ones(L, total, dtype=torch.bool, device=x.device).tril(diagonal=offset)
             bias = bias.masked_fill(~causal, torch.finfo(bias_dtype).min)
-        cross = cache.cross if cache is not None else self.cross_kv(visual_tokens)
+        cross = cache.cross if cache is not None else cross_kv if cross_kv is not None else self.cross_kv(visual_tokens)
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             if i < self.grad_checkpointing and self.training and cache is None:
