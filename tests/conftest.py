@@ -20,3 +20,27 @@ def tiny():
     import coca
     torch.manual_seed(0)
     return coca.create_model("coca-tiny").eval()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A coca-tiny trained for a few steps, the same architecture with random weights, and the
+    held-out synthetic scenes written to disk (with one corrupt image in each set)."""
+    import coca
+    from coca.config import load_run_config
+    from coca.evaluate.synthetic import write_eval_sets
+    from coca.train import train
+    root = tmp_path_factory.mktemp("eval")
+    cfg = load_run_config(None, [
+        "model.text.vocab_size=64", "data.tokenizer_vocab_size=64", "data.tokenizer_model_type=bpe",
+        "data.tokenizer_train_captions=2000", "data.batch_size=16", "data.workers=0", "train.progress=false",
+        "train.val_every=0", "train.log_every=10", "train.tensorboard=false", "train.threads=2",
+        "optim.lr=2e-3", "train.steps=60", "train.checkpoint_every=60", f"train.run_dir={root / 'run'}"])
+    model_dir = train(cfg, log=lambda *a: None)["model_dir"]
+    trained_model = coca.load(model_dir)
+    torch.manual_seed(1)
+    random_dir = coca.create_model(trained_model.cfg).save_pretrained(root / "random", tokenizer=trained_model.tokenizer)
+    sets = write_eval_sets(root / "data", n_classify=72, n_caption=40)
+    (root / "data" / "classify" / "red_circle" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (root / "data" / "captions" / "00003.png").write_bytes(b"")
+    return {"model": model_dir, "random": str(random_dir), **sets, "root": root}

@@ -122,7 +122,7 @@ def test_caption_command(capsys, checkpoints, tmp_path):
     assert code == 2 and "nope.png" in err
     (tmp_path / "bad.png").write_bytes(b"not an image")
     code, _, err = run(capsys, "caption", str(tmp_path / "bad.png"), "--model", str(model_dir))
-    assert code == 2 and "could not be decoded" in err
+    assert code == 2 and "none of the 1 images could be read ({'decode_error': 1})" in err
 
 
 def test_tokenizer_train_command(capsys, tmp_path):

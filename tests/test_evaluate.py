@@ -2,6 +2,7 @@
 recall@K by hand, and every `coca eval` command end to end on synthetic data written to disk."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -9,10 +10,8 @@ import torch
 
 import coca
 from coca.cli import main
-from coca.config import load_run_config
 from coca.evaluate.captioning import coco_metrics, load_caption_annotations
 from coca.evaluate.retrieval import recall_at_k
-from coca.evaluate.synthetic import write_eval_sets
 from coca.evaluate.zeroshot import (
     IMAGENET_CLASSNAMES,
     IMAGENET_TEMPLATES,
@@ -149,27 +148,6 @@ def test_template_and_classname_file_errors(tmp_path, loader, content, match):
 
 # ------------------------------------------------------------------------ end to end on disk
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A coca-tiny trained for a few steps, the same architecture with random weights, and the
-    held-out synthetic scenes written to disk (with one corrupt image in each set)."""
-    from coca.train import train
-    root = tmp_path_factory.mktemp("eval")
-    cfg = load_run_config(None, [
-        "model.text.vocab_size=64", "data.tokenizer_vocab_size=64", "data.tokenizer_model_type=bpe",
-        "data.tokenizer_train_captions=2000", "data.batch_size=16", "data.workers=0", "train.progress=false",
-        "train.val_every=0", "train.log_every=10", "train.tensorboard=false", "train.threads=2",
-        "optim.lr=2e-3", "train.steps=60", "train.checkpoint_every=60", f"train.run_dir={root / 'run'}"])
-    model_dir = train(cfg, log=lambda *a: None)["model_dir"]
-    trained_model = coca.load(model_dir)
-    torch.manual_seed(1)
-    random_dir = coca.create_model(trained_model.cfg).save_pretrained(root / "random", tokenizer=trained_model.tokenizer)
-    sets = write_eval_sets(root / "data", n_classify=72, n_caption=40)
-    (root / "data" / "classify" / "red_circle" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    (root / "data" / "captions" / "00003.png").write_bytes(b"")
-    return {"model": model_dir, "random": str(random_dir), **sets, "root": root}
-
-
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
@@ -302,3 +280,56 @@ def test_image_batches_skip_and_count_missing_and_broken_files(tmp_path):
     assert [idx for idx, _ in batches] == [[0], [3]] and batches[0][1].shape == (1, 3, 32, 32)
     assert skip_counts(skipped) == {"missing_image": 1, "decode_error": 1}
     assert skipped[0]["path"].endswith("missing.png")
+
+
+@torch.no_grad()
+def test_zeroshot_by_caption_likelihood_and_ensemble(capsys, trained):
+    """--method likelihood ranks classes by the decoder's likelihood of their prompts: checked image
+    by image against an independent computation (full decoder logits, log-softmax, per-template sum,
+    log-mean-exp over templates); --method both reports each method and their ensemble."""
+    out_file = trained["root"] / "zs_lik.json"
+    common = ["--model", trained["model"], "--images", trained["classify"], "--classnames", trained["classnames"],
+              "--templates", trained["templates"], "--workers", 0, "--out", out_file]
+    code, out, err = run(capsys, "eval", "zeroshot", *common, "--method", "likelihood")
+    assert code == 0, err
+    res = json.loads(out_file.read_text())
+    assert res["method"] == "likelihood" and "top-1 (likelihood)" in out
+    model = coca.load(trained["model"])
+    names = open(trained["classnames"]).read().split("\n")[:18]
+    templates = open(trained["templates"]).read().strip().split("\n")
+    from coca.data import eval_transform, load_image
+    transform = eval_transform(model.cfg.vision.image_size)
+    pad = model.cfg.text.pad_id
+    for pred in res["predictions"][::9]:
+        image = transform(load_image(pred["image"]))[None]
+        _, visual = model.encode_image_tokens(image)
+        per_class = []
+        for name in names:
+            tokens = model.tokenizer.encode([t.format(name) for t in templates])
+            inputs = torch.cat([torch.full((len(templates), 1), pad), tokens[:, :-1]], 1)
+            logp = model.text_decoder(inputs, visual.expand(len(templates), -1, -1)).double().log_softmax(-1)
+            per_token = logp.gather(2, tokens[:, :, None])[:, :, 0] * (tokens != pad)
+            per_class.append(torch.logsumexp(per_token.sum(1), 0) - math.log(len(templates)))
+        expected = torch.stack(per_class).softmax(0)
+        got = {p["class"]: p["prob"] for p in pred["top5"]}
+        assert pred["top5"][0]["class"] == int(expected.argmax())
+        for c, p in got.items():
+            assert p == pytest.approx(float(expected[c]), abs=1e-4)
+    code, out, err = run(capsys, "eval", "zeroshot", *common, "--method", "both")
+    assert code == 0, err
+    both = json.loads(out_file.read_text())["metrics"]
+    assert both["likelihood_top1"] == pytest.approx(res["metrics"]["top1"])
+    assert "contrastive_top1" in both and "top-1 (ensemble)" in out and "top-1 (contrastive)" in out
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, "eval", "zeroshot", *common, "--method", "votes")
+    assert exit_info.value.code == 2 and "--method" in capsys.readouterr().err
+
+
+def test_classify_by_likelihood(capsys, trained):
+    image = next((trained["root"] / "data" / "classify" / "blue_square").iterdir())
+    for method in ("likelihood", "both"):
+        code, out, err = run(capsys, "classify", image, "--model", trained["model"], "--method", method,
+                             "--labels", "a small blue square,a large red circle", "--dtype", "int8")
+        assert code == 0, err
+        probs = [float(line.split("%")[0]) for line in out.splitlines()[1:]]
+        assert sum(probs) == pytest.approx(100, abs=0.1)

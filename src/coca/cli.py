@@ -69,25 +69,32 @@ def cmd_init(args) -> int:
 
 
 def cmd_caption(args) -> int:
-    import torch
+    from pathlib import Path
 
-    from .data import eval_transform, load_image
-    from .models.coca import load
-    model = load(args.model, device=args.device)
-    if model.tokenizer is None:
-        print(f"error: {args.model} has no tokenizer.model; save the model with its tokenizer "
-              "(model.save_pretrained(dir, tokenizer=tok))", file=sys.stderr)
-        return 2
-    transform = eval_transform(model.cfg.vision.image_size)
-    paths = list(args.images)
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
-        images = torch.stack([transform(load_image(p)) for p in chunk]).to(args.device)
-        ids = model.generate(images, max_new_tokens=args.max_new_tokens, strategy=args.strategy,
-                             num_beams=args.num_beams, top_k=args.top_k, top_p=args.top_p,
-                             temperature=args.temperature, seed=args.seed)
-        for path, text in zip(chunk, model.tokenizer.decode(ids)):
-            print(f"{path}\t{text}")
+    from .caption_files import caption_files, collect_image_paths
+    from .evaluate.common import load_model
+    from .generation import check_options
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} is a directory; give a .jsonl file path")
+    paths = collect_image_paths(args.images)  # bad inputs fail before the model loads
+    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, strategy=args.strategy,
+                   num_beams=args.num_beams, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                   length_penalty=1.0, repetition_penalty=args.repetition_penalty,
+                   no_repeat_ngram_size=args.no_repeat_ngram_size, num_return_sequences=args.num_return_sequences)
+    model = load_model(args.model, args.device, args.dtype)
+    n_prefix = len(model.tokenizer.encode_ids(args.prefix)) if args.prefix else 0
+    check_options(model.cfg.text.context_length, n_prefix, **options)
+    run = caption_files(model, paths, Path(args.out) if args.out else None, batch_size=args.batch_size,
+                        workers=args.workers, with_score=args.score, seed=args.seed, prefix=args.prefix or None,
+                        **options)
+    done = f"{run.captioned} images captioned in {run.seconds:.1f}s ({run.captioned / max(run.seconds, 1e-9):.1f} images/s)"
+    if run.already_done:
+        done += f"; {run.already_done} already in {args.out}"
+    if run.skipped:
+        done += f"; skipped unreadable images: {run.skipped}"
+    print(done + (f"; captions in {args.out}" if args.out else ""), file=sys.stderr)
+    if run.captioned == 0 and run.already_done == 0:
+        raise UserError(f"none of the {run.total} images could be read ({run.skipped})")
     return 0
 
 
@@ -128,14 +135,14 @@ def cmd_eval(args) -> int:
     options = {"images": args.images, "batch_size": args.batch_size, "workers": args.workers}
     if task == "zeroshot":
         options.update(dataset=args.dataset, classnames=args.classnames or "", templates=args.templates or "",
-                       labels_file=args.labels_file or "")
+                       labels_file=args.labels_file or "", method=args.method)
     else:
         options.update(annotations=args.annotations, split=args.split or "test", limit=args.limit or 0)
     if task == "caption":
         options.update(strategy=args.strategy, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                        spice=not args.no_spice)
     evaluation = Evaluation(EvalConfig(task=task, **options))  # reads the inputs: errors before the model loads
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, args.dtype)
     result = evaluation.run(model, model.tokenizer)
     results = {"task": task, "model": str(args.model), **result.details}
     path = write_results(args.out or f"eval_{task}.json", results)
@@ -164,11 +171,11 @@ def cmd_classify(args) -> int:
     elif args.template:
         check_template(args.template, "--template")
         templates = [args.template]
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, args.dtype)
     transform = eval_transform(model.cfg.vision.image_size)
     import torch
     images = torch.stack([transform(load_image(p)) for p in args.images])
-    probs = rank_labels(model, model.tokenizer, images, labels, templates)
+    probs = rank_labels(model, model.tokenizer, images, labels, templates, method=args.method)
     for path, row in zip(args.images, probs.tolist()):
         print(path)
         for p, label in sorted(zip(row, labels), reverse=True)[:args.top]:
@@ -203,6 +210,12 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def dtype_option(parser) -> None:
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                        help="inference precision: bf16 weights, or int8 dynamic quantisation of the Linear "
+                        "layers (CPU only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     p = argparse.ArgumentParser(prog="coca", description="CoCa-Large-v2: contrastive captioning (ViT + T5).")
@@ -225,18 +238,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output model directory")
     s.set_defaults(fn=cmd_init)
 
-    s = sub.add_parser("caption", help="print generated captions for images")
-    s.add_argument("images", nargs="+")
+    s = sub.add_parser("caption", help="caption images, folders, globs or path lists (resumable JSON lines with --out)")
+    s.add_argument("images", nargs="+", help="image files, folders (recursive), glob patterns ('photos/**/*.jpg'), "
+                   "or .txt/.lst files with one image path per line")
     s.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer.model)")
+    s.add_argument("--out", help="JSON lines file (path, caption[, score]); rerun with the same file to resume "
+                   "(default: print path<TAB>caption)")
+    s.add_argument("--score", action="store_true", help="add each caption's mean log-probability per token")
     s.add_argument("--strategy", choices=["greedy", "beam", "sample"], default="beam")
     s.add_argument("--num-beams", type=int, default=4)
+    s.add_argument("--num-return-sequences", type=int, default=1, help="captions per image (beam or sample)")
     s.add_argument("--max-new-tokens", type=int, default=30)
+    s.add_argument("--min-new-tokens", type=int, default=0)
+    s.add_argument("--prefix", help='caption start to continue, e.g. "a photo of"')
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens (HF semantics)")
+    s.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating any n-gram of this size")
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--seed", type=int)
     s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
     s.add_argument("--device", default="cpu")
+    dtype_option(s)
     s.set_defaults(fn=cmd_caption)
 
     s = sub.add_parser("classify", help="rank labels for images by zero-shot similarity")
@@ -246,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", help="one prompt template with {} for the label, e.g. 'a photo of {}.'")
     s.add_argument("--templates", help="file of prompt templates (one per line), averaged per label")
     s.add_argument("--top", type=int, default=5, help="how many labels to print per image")
+    s.add_argument("--method", choices=["contrastive", "likelihood", "both"], default="contrastive",
+                   help="contrastive similarity, caption likelihood under the decoder, or their ensemble")
     s.add_argument("--device", default="cpu")
+    dtype_option(s)
     s.set_defaults(fn=cmd_classify)
 
     s = sub.add_parser("eval", help="evaluate a model: zero-shot classification, captioning, retrieval")
@@ -260,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--batch-size", type=int, default=batch_size)
         e.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
         e.add_argument("--device", default="cpu")
+        dtype_option(e)
 
     e = esub.add_parser("zeroshot", help="zero-shot classification: top-1, top-5, per-class accuracy")
     common(e, 64)
@@ -269,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "when they agree (case and '_' ignored), else sorted folder i = line i")
     e.add_argument("--templates", help="prompt templates file, one per line with {} (default: CLIP's 80)")
     e.add_argument("--labels-file", help="CSV/TSV of image,label (index or name) instead of class folders")
+    e.add_argument("--method", choices=["contrastive", "likelihood", "both"], default="contrastive",
+                   help="contrastive: nearest class embedding; likelihood: the class whose prompts the decoder "
+                   "finds most likely (one decoder pass per image x prompt: use few templates); both: each, and "
+                   "their ensemble as the headline")
     e.set_defaults(fn=cmd_eval)
 
     for name, help_text in (("caption", "captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE"),

@@ -383,6 +383,7 @@ class LossConfig:
 
 
 EVAL_TASKS = ("zeroshot", "caption", "retrieval")
+ZEROSHOT_METHODS = ("contrastive", "likelihood", "both")
 # what each evaluation reports, i.e. what train.best_metric may name after "<eval name>."
 EVAL_METRICS = {
     "zeroshot": ("top1", "top5", "mean_per_class_top1"),
@@ -405,6 +406,7 @@ class EvalConfig:
     templates: str = ""            # zeroshot: prompt templates file (default: CLIP's 80)
     dataset: str = "folder"        # zeroshot: folder | imagenet (the shipped 1,000 class names)
     labels_file: str = ""          # zeroshot: CSV/TSV of image,label instead of class folders
+    method: str = "contrastive"    # zeroshot: contrastive | likelihood | both (+ their ensemble)
     strategy: str = "beam"         # caption: beam | greedy
     num_beams: int = 3
     max_new_tokens: int = 30
@@ -422,6 +424,8 @@ class EvalConfig:
             raise ConfigError(f"eval {self.name}: 'images' (an image folder) is required")
         if self.task in ("caption", "retrieval") and not self.annotations:
             raise ConfigError(f"eval {self.name}: 'annotations' (a captions file) is required for {self.task}")
+        if self.method not in ZEROSHOT_METHODS:
+            raise ConfigError(f"eval {self.name}: method must be one of {ZEROSHOT_METHODS}, got {self.method!r}")
         if self.dataset not in ("folder", "imagenet"):
             raise ConfigError(f"eval {self.name}: dataset must be 'folder' or 'imagenet', got {self.dataset!r}")
         if self.strategy not in ("beam", "greedy"):

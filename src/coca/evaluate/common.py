@@ -17,10 +17,12 @@ from ..errors import InputNotFound, UserError
 from ..io import atomic_write_text
 
 
-def load_model(model_dir: str | os.PathLike, device: str = "cpu"):
-    """A saved model with its tokenizer, in eval mode; a clear error when either is missing."""
+def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "fp32"):
+    """A saved model with its tokenizer, in eval mode, in ``dtype`` (fp32 | bf16 | int8); a clear
+    error when either file is missing or the device cannot run the dtype."""
     from ..models.coca import load
-    model = load(model_dir, device=device)
+    from ..precision import parse_precision
+    model = load(model_dir, device=device, dtype=parse_precision(dtype))
     if model.tokenizer is None:
         raise InputNotFound(f"{Path(model_dir) / 'tokenizer.model'} is missing: evaluation needs the model's "
                                 "tokenizer (save with model.save_pretrained(dir, tokenizer=tok))")

@@ -52,12 +52,16 @@ class Evaluation:
             from .zeroshot import evaluate_zeroshot
             li = self.labelled
             out = evaluate_zeroshot(model, tokenizer, li.paths, li.labels, li.classnames, self.templates,
-                                    batch_size=cfg.batch_size, workers=cfg.workers)
+                                    batch_size=cfg.batch_size, workers=cfg.workers, method=cfg.method)
             out["class_mapping"] = li.mapping
             m = out["metrics"]
-            rows = [("top-1", m["top1"]), ("top-5", m["top5"]), ("mean per-class top-1", m["mean_per_class_top1"]),
-                    ("images", m["n_images"]), ("classes", m["n_classes"]), ("templates", m["n_templates"]),
-                    ("chance top-1", m["chance_top1"]), ("class mapping", li.mapping)]
+            label = {"contrastive": "", "likelihood": " (likelihood)", "both": " (ensemble)"}[cfg.method]
+            rows = [(f"top-1{label}", m["top1"]), (f"top-5{label}", m["top5"]),
+                    (f"mean per-class top-1{label}", m["mean_per_class_top1"])]
+            if cfg.method == "both":
+                rows += [(f"top-1 ({name})", m[f"{name}_top1"]) for name in ("contrastive", "likelihood")]
+            rows += [("images", m["n_images"]), ("classes", m["n_classes"]), ("templates", m["n_templates"]),
+                     ("chance top-1", m["chance_top1"]), ("class mapping", li.mapping)]
         elif cfg.task == "caption":
             from .captioning import METRICS, evaluate_captions
             out = evaluate_captions(model, tokenizer, self.items, cfg.images, batch_size=cfg.batch_size,

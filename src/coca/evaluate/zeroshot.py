@@ -8,6 +8,7 @@ Ships the 1,000 ImageNet class names and the 80 prompt templates CLIP used
 from __future__ import annotations
 
 import csv
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..config import ZEROSHOT_METHODS as METHODS
 from ..errors import InputNotFound, UserError
 from .common import image_batches, read_text_list, skip_counts, to_model
 
@@ -140,50 +142,118 @@ def _read_labels_file(path: Path, root: Path, classnames: list[str]) -> tuple[li
     return paths, labels
 
 
+
+
+def prompt_tokens(tokenizer, class_names: list[str], templates: list[str]) -> torch.Tensor:
+    """[C * M, L] tokens of every class's prompts, class-major (row c * M + m)."""
+    return tokenizer.encode([t.format(name) for name in class_names for t in templates])
+
+
+@torch.no_grad()
+def likelihood_logits(model, images: torch.Tensor, prompts: torch.Tensor, n_classes: int,
+                      batch_size: int = 64) -> torch.Tensor:
+    """[B, C] generative zero-shot scores (CoCa): log p(prompt | image) under the decoder, each
+    class's templates pooled as a mixture, log(mean_m p(prompt_cm | image))."""
+    loglik = model.score(images, prompts.to(images.device), pairwise=True, batch_size=batch_size).sum
+    per_template = loglik.view(images.shape[0], n_classes, -1)
+    return per_template.logsumexp(-1) - math.log(per_template.shape[-1])
+
+
+class _Tally:
+    """Top-1 / top-5 / per-class counts of one scoring method."""
+
+    def __init__(self, n_classes: int):
+        self.total, self.correct1, self.correct5 = 0, 0, 0
+        self.per_class_total, self.per_class_correct = [0] * n_classes, [0] * n_classes
+
+    def add(self, probs: torch.Tensor, truth: list[int]) -> tuple[list, list]:
+        top_p, top_i = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        top_p, top_i = top_p.tolist(), top_i.tolist()
+        for t, cs in zip(truth, top_i):
+            self.total += 1
+            self.correct1 += cs[0] == t
+            self.correct5 += t in cs
+            self.per_class_total[t] += 1
+            self.per_class_correct[t] += cs[0] == t
+        return top_p, top_i
+
+    def per_class(self, classnames: list[str]) -> list[dict]:
+        return [{"class": c, "name": classnames[c], "n": self.per_class_total[c],
+                 "top1": self.per_class_correct[c] / self.per_class_total[c]}
+                for c in range(len(classnames)) if self.per_class_total[c]]
+
+    def metrics(self, classnames: list[str]) -> dict[str, float]:
+        per_class = self.per_class(classnames)
+        return {"top1": self.correct1 / self.total, "top5": self.correct5 / self.total,
+                "mean_per_class_top1": sum(r["top1"] for r in per_class) / len(per_class)}
+
+
 @torch.no_grad()
 def evaluate_zeroshot(model, tokenizer, paths: list[Path], labels: list[int], classnames: list[str],
-                      templates: list[str], batch_size: int = 64, workers: int = 0) -> dict:
-    """Top-1, top-5 and per-class accuracy, with each image's top-5 predictions."""
+                      templates: list[str], batch_size: int = 64, workers: int = 0,
+                      method: str = "contrastive") -> dict:
+    """Top-1, top-5 and per-class accuracy, with each image's top-5 predictions.
+
+    ``method``: ``contrastive`` (CLIP-style: nearest class embedding), ``likelihood`` (CoCa's
+    generative zero-shot: the class whose prompts the decoder finds most likely for the image; one
+    decoder pass per image x prompt, so keep the templates few) or ``both``: each of the two, plus
+    their ensemble (the mean of the two class distributions), which is the headline result."""
+    if method not in METHODS:
+        raise UserError(f"zero-shot method must be one of {METHODS}, got {method!r}")
     model.eval()
-    classifier = class_embeddings(model, tokenizer, classnames, templates)
+    use_contrastive, use_likelihood = method in ("contrastive", "both"), method in ("likelihood", "both")
+    classifier = class_embeddings(model, tokenizer, classnames, templates) if use_contrastive else None
+    prompts = prompt_tokens(tokenizer, classnames, templates) if use_likelihood else None
     scale = model.contrastive_scale()
-    k = min(5, len(classnames))
+    primary = "ensemble" if method == "both" else method
+    tallies = {name: _Tally(len(classnames)) for name in
+               (("contrastive", "likelihood", "ensemble") if method == "both" else (method,))}
     skipped, predictions = [], []
-    correct1 = correct5 = 0
-    per_class_total = [0] * len(classnames)
-    per_class_correct = [0] * len(classnames)
     for idx, images in image_batches(paths, model.cfg.vision.image_size, batch_size, workers, skipped, "zero-shot"):
-        probs = (scale * zero_shot_logits(model, to_model(model, images), classifier)).softmax(-1)
-        top_p, top_i = probs.topk(k, dim=-1)
-        for i, ps, cs in zip(idx, top_p.tolist(), top_i.tolist()):
-            truth = labels[i]
-            hit1, hit5 = cs[0] == truth, truth in cs
-            correct1 += hit1
-            correct5 += hit5
-            per_class_total[truth] += 1
-            per_class_correct[truth] += hit1
-            predictions.append({"image": str(paths[i]), "label": truth, "label_name": classnames[truth],
+        images = to_model(model, images)
+        probs = {}
+        if use_contrastive:
+            probs["contrastive"] = (scale * zero_shot_logits(model, images, classifier)).float().softmax(-1)
+        if use_likelihood:
+            probs["likelihood"] = likelihood_logits(model, images, prompts, len(classnames), batch_size).softmax(-1)
+        if method == "both":
+            probs["ensemble"] = (probs["contrastive"] + probs["likelihood"]) / 2
+        truth = [labels[i] for i in idx]
+        tops = {name: tally.add(probs[name], truth) for name, tally in tallies.items()}
+        top_p, top_i = tops[primary]
+        for i, t, ps, cs in zip(idx, truth, top_p, top_i):
+            predictions.append({"image": str(paths[i]), "label": t, "label_name": classnames[t],
                                 "top5": [{"class": c, "name": classnames[c], "prob": round(p, 6)}
                                          for c, p in zip(cs, ps)]})
     n = len(predictions)
     if n == 0:
         raise UserError(f"none of the {len(paths)} images could be read ({skip_counts(skipped)})")
-    per_class = [{"class": c, "name": classnames[c], "n": per_class_total[c],
-                  "top1": per_class_correct[c] / per_class_total[c]}
-                 for c in range(len(classnames)) if per_class_total[c]]
+    metrics = {**tallies[primary].metrics(classnames), "n_images": n, "n_classes": len(classnames),
+               "n_templates": len(templates), "chance_top1": 1 / len(classnames)}
+    if method == "both":
+        for name in ("contrastive", "likelihood"):
+            metrics.update({f"{name}_{k}": v for k, v in tallies[name].metrics(classnames).items()})
     return {
-        "metrics": {"top1": correct1 / n, "top5": correct5 / n,
-                    "mean_per_class_top1": sum(r["top1"] for r in per_class) / len(per_class),
-                    "n_images": n, "n_classes": len(classnames), "n_templates": len(templates),
-                    "chance_top1": 1 / len(classnames)},
+        "metrics": metrics, "method": method,
         "skipped": skip_counts(skipped), "skipped_files": skipped,
-        "per_class": per_class, "predictions": predictions,
+        "per_class": tallies[primary].per_class(classnames), "predictions": predictions,
     }
 
 
 @torch.no_grad()
-def rank_labels(model, tokenizer, images: torch.Tensor, labels: list[str], templates: list[str] | None = None):
-    """[B, L] probabilities of each label (softmax over the model's temperature-scaled cosines)."""
-    classifier = class_embeddings(model, tokenizer, labels, templates or ["{}"])
-    scale = model.contrastive_scale()
-    return (scale * zero_shot_logits(model, to_model(model, images), classifier)).softmax(-1)
+def rank_labels(model, tokenizer, images: torch.Tensor, labels: list[str], templates: list[str] | None = None,
+                method: str = "contrastive"):
+    """[B, L] probabilities of each label: softmax over the model's temperature-scaled cosines
+    (contrastive), over the prompts' log-likelihoods (likelihood), or the mean of the two (both)."""
+    if method not in METHODS:
+        raise UserError(f"method must be one of {METHODS}, got {method!r}")
+    templates = templates or ["{}"]
+    images = to_model(model, images)
+    probs = []
+    if method in ("contrastive", "both"):
+        classifier = class_embeddings(model, tokenizer, labels, templates)
+        probs.append((model.contrastive_scale() * zero_shot_logits(model, images, classifier)).float().softmax(-1))
+    if method in ("likelihood", "both"):
+        prompts = prompt_tokens(tokenizer, labels, templates)
+        probs.append(likelihood_logits(model, images, prompts, len(labels)).softmax(-1))
+    return sum(probs) / len(probs)

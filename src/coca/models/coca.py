@@ -230,8 +230,11 @@ def create_model(config: str | CoCaConfig | dict[str, Any] = "coca-tiny", device
     return model
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> CoCa:
-    """Load a directory written by ``save_pretrained``. Only safetensors are read: no pickle."""
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> CoCa:
+    """Load a directory written by ``save_pretrained``. Only safetensors are read: no pickle.
+
+    ``dtype``: "fp32" | "bf16" | "int8" (dynamic quantisation of the Linear layers, CPU only; see
+    ``coca.precision``) or a torch float dtype."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = Path(path)
@@ -255,7 +258,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         raise UserError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
     load_checked(model, state, source=str(path / WEIGHTS_FILE))
     if dtype is not None:
-        model.to(dtype)
+        if isinstance(dtype, torch.dtype) and dtype not in (torch.float32, torch.bfloat16):
+            model.to(dtype)  # e.g. float16 for a caller who knows their device
+        else:
+            from ..precision import apply_precision
+            apply_precision(model, dtype, device)
     if (path / TOKENIZER_FILE).is_file():
         from ..tokenizer import Tokenizer
         model.tokenizer = Tokenizer(path / TOKENIZER_FILE, context_length=cfg.text.context_length)
