@@ -41,7 +41,20 @@ import matched  # noqa: E402
 OC_SOT, OC_EOS, OC_PAD = 2, 1, -1
 
 
-def make_methods(ours, oc, images, n, beam_images, num_beams, with_uncached, with_beam):
+def reduced_copies(ours, dtypes: list[str]) -> dict:
+    """dtype -> our model converted (bf16 weights, or int8 Linear layers), fp32 is the model itself."""
+    import copy
+
+    from coca.precision import apply_precision
+    return {d: ours if d == "fp32" else apply_precision(copy.deepcopy(ours), d, "cpu") for d in dtypes}
+
+
+def in_dtype(model, images):
+    from coca.evaluate.common import to_model
+    return to_model(model, images)
+
+
+def make_methods(ours, oc, images, n, beam_images, num_beams, with_uncached, with_beam, reduced=None, oc_bf16=None):
     """name -> (callable, batch, expected output columns, kind)."""
     greedy = dict(strategy="greedy", max_new_tokens=n, min_new_tokens=n)
     beam = dict(strategy="beam", num_beams=num_beams, max_new_tokens=n, min_new_tokens=n)
@@ -51,6 +64,15 @@ def make_methods(ours, oc, images, n, beam_images, num_beams, with_uncached, wit
         "greedy/ours (KV cache)": (lambda: ours.generate(images, use_cache=True, **greedy), B, n, "greedy"),
         "greedy/open_clip": (lambda: oc.generate(images, generation_type="top_k", top_k=1, **oc_common), B, n + 1, "greedy"),
     }
+    for d, model in (reduced or {}).items():
+        if d != "fp32":
+            x = in_dtype(model, images)
+            methods[f"greedy/ours (KV cache, {d})"] = (
+                lambda model=model, x=x: model.generate(x, use_cache=True, **greedy), B, n, "greedy")
+    if oc_bf16 is not None:
+        xb = images.bfloat16()
+        methods["greedy/open_clip (bf16)"] = (
+            lambda: oc_bf16.generate(xb, generation_type="top_k", top_k=1, **oc_common), B, n + 1, "greedy")
     if with_uncached:
         methods["greedy/ours (no cache)"] = (lambda: ours.generate(images, use_cache=False, **greedy), B, n, "greedy")
     if with_beam:
@@ -74,6 +96,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (median reported)")
     p.add_argument("--no-beam", action="store_true", help="skip the beam-search rows")
     p.add_argument("--no-uncached", action="store_true", help="skip our use_cache=False reference rows")
+    p.add_argument("--dtypes", default="fp32", help="our precisions for the greedy rows, e.g. fp32,bf16,int8")
+    p.add_argument("--open-clip-bf16", action="store_true", help="add open_clip's greedy row with bf16 weights")
+    p.add_argument("--floor", action="store_true",
+                   help="batch-1 decode step time per precision against the memory-bandwidth floor")
     matched.add_size_args(p)
     args = p.parse_args(argv)
 
@@ -93,10 +119,16 @@ def main(argv=None) -> int:
 
     images = torch.randn(args.batch, 3, size.image_size, size.image_size)
     beam_images = torch.randn(args.beam_batch, 3, size.image_size, size.image_size)
-    methods = make_methods(ours, oc, images, n, beam_images, args.num_beams,
-                           with_uncached=not args.no_uncached, with_beam=not args.no_beam)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    reduced = reduced_copies(ours, dtypes)
+    oc_bf16 = None
+    if args.open_clip_bf16:
+        import copy
+        oc_bf16 = copy.deepcopy(oc).to(torch.bfloat16)
+    methods = make_methods(ours, oc, images, n, beam_images, args.num_beams, with_uncached=not args.no_uncached,
+                           with_beam=not args.no_beam, reduced=reduced, oc_bf16=oc_bf16)
 
-    print(f"# CoCa caption generation, {n} new tokens, fp32, {args.threads} threads")
+    print(f"# CoCa caption generation, {n} new tokens, {args.threads} threads")
     load_start = matched.print_setup(size, params)
 
     times: dict[str, list[float]] = {k: [] for k in methods}
@@ -147,9 +179,63 @@ def main(argv=None) -> int:
     print(f"total {time.perf_counter() - t_all:.0f}s; load average start {load_start[0]:.2f}, end {load_end[0]:.2f} "
           f"(other processes on the machine make absolute numbers noisy)")
 
+    floor = decode_floor(reduced, size, n, args.reps) if args.floor else None
     matched.write_results(args.json, "generation", args, size, oc_cfg, params, load_start, load_end,
-                          results=results)
+                          results=results, floor=floor)
     return 0
+
+
+def read_bandwidth_gbs(reps: int = 7) -> float:
+    """Memory read bandwidth: summing a 1 GiB fp32 tensor (far larger than any cache), median."""
+    x = torch.ones(256 * 1024 * 1024)
+    x.sum()
+    secs = [matched.timed(lambda: x.sum()) for _ in range(reps)]
+    return x.numel() * 4 / matched.median(secs) / 1e9
+
+
+def bytes_per_step(model, visual_tokens: int, new_tokens: int) -> int:
+    """What one cached decode step (batch 1) must read: every decoder weight except the cross-attention
+    key/value projections (applied once per image), the LM head, the image's cross keys/values, and
+    on average half of the grown self-attention cache."""
+    from coca.precision import Int8Linear
+    dec, t = model.text_decoder, model.cfg.text
+    total = 0
+    for name, module in dec.named_modules():
+        if ".cross_attn.kv" in f".{name}" or name == "embed_tokens":
+            continue
+        if isinstance(module, Int8Linear):
+            total += module.weight_int8.numel() + module.weight_scale.numel() * 4
+        else:
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    act = 2 if next(dec.parameters()).dtype == torch.bfloat16 else 4
+    kv = 2 * t.num_heads * t.d_kv * t.decoder_layers * act
+    return total + kv * visual_tokens + kv * new_tokens // 2
+
+
+def decode_floor(reduced: dict, size, n: int, reps: int) -> dict:
+    """Batch-1 cached decode step time, (t(n tokens) - t(1 token)) / (n - 1), against bytes read
+    per step / measured read bandwidth."""
+    bw = read_bandwidth_gbs()
+    image = torch.randn(1, 3, size.image_size, size.image_size)
+    rows, out = [], {"read_bandwidth_GBps": bw, "rows": []}
+    with torch.no_grad():
+        for d, model in reduced.items():
+            x = in_dtype(model, image)
+            gen = lambda k: model.generate(x, strategy="greedy", max_new_tokens=k, min_new_tokens=k)  # noqa: E731
+            gen(n)
+            t_n, t_1 = [], []
+            for _ in range(max(reps, 5)):
+                t_n.append(matched.timed(lambda: gen(n)))
+                t_1.append(matched.timed(lambda: gen(1)))
+            step = (matched.median(t_n) - matched.median(t_1)) / (n - 1)
+            nbytes = bytes_per_step(model, size.n_queries, n)
+            floor = nbytes / (bw * 1e9)
+            out["rows"].append({"dtype": d, "step_ms": step * 1e3, "bytes_per_step": nbytes, "floor_ms": floor * 1e3,
+                                "step_over_floor": step / floor})
+            rows.append([d, f"{nbytes / 1e6:.1f}", f"{floor * 1e3:.2f}", f"{step * 1e3:.2f}", f"{step / floor:.2f}x"])
+    print(f"\nbatch-1 decode step vs the memory floor (read bandwidth {bw:.1f} GB/s, summing 1 GiB):\n")
+    print(matched.markdown_table(["dtype", "MB read per step", "floor ms", "measured ms/step", "measured/floor"], rows))
+    return out
 
 
 if __name__ == "__main__":
