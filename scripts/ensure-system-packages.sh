@@ -2,6 +2,7 @@
 # System packages the tests use, installed with apt-get when missing (and apt-get can run):
 #   java      (default-jre-headless)  COCO captioning scorers: PTB tokenizer, METEOR, SPICE
 #   g++, ninja (g++, ninja-build)     DeepSpeed compiles a small C++ communication op on first use
+#   chromium                          the browser tests of `coca serve`'s page (driven by Playwright)
 # Without them the affected metrics report themselves unavailable / the DeepSpeed tests fail with
 # the compiler error, so say so here.
 set -u
@@ -9,6 +10,7 @@ need=()
 command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v ninja >/dev/null 2>&1 || need+=(ninja-build)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -24,6 +26,6 @@ if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" 
     exit 0
   fi
 fi
-echo "warning: could not install ${need[*]} (no apt-get or no root); Java metrics will be unavailable" \
-     "and the DeepSpeed tests need a C++ compiler and ninja" >&2
+echo "warning: could not install ${need[*]} (no apt-get or no root); Java metrics will be unavailable," \
+     "the DeepSpeed tests need a C++ compiler and ninja, and the browser tests need chromium" >&2
 exit 0

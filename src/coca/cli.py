@@ -98,6 +98,32 @@ def cmd_caption(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.app import serve
+    if not 1 <= args.max_batch <= 256:
+        raise UserError(f"--max-batch must be in [1, 256], got {args.max_batch}")
+    if not 0 <= args.max_wait_ms <= 1000:
+        raise UserError(f"--max-wait-ms must be in [0, 1000], got {args.max_wait_ms}")
+    serve(args.model, args.host, args.port, args.dtype, args.index, args.api_key, args.max_batch, args.max_wait_ms,
+          args.device)
+    return 0
+
+
+def cmd_index(args) -> int:
+    from .evaluate.common import load_model
+    from .serve.index import build_index
+    model = load_model(args.model, args.device, args.dtype)
+    run = build_index(model, args.images, args.out, model_dir=args.model, batch_size=args.batch_size,
+                      workers=args.workers)
+    msg = f"indexed {run.embedded} images into {args.out}"
+    if run.already_done:
+        msg += f"; {run.already_done} were already there"
+    if run.skipped:
+        msg += f"; skipped unreadable images: {run.skipped}"
+    print(msg)
+    return 0
+
+
 def cmd_tokenizer_train(args) -> int:
     from .tokenizer import Tokenizer
     t0 = time.time()
@@ -262,6 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     dtype_option(s)
     s.set_defaults(fn=cmd_caption)
+
+    s = sub.add_parser("serve", help="HTTP API (caption, classify, embed, search) with dynamic batching, and a web page")
+    s.add_argument("--model", required=True, help="model directory (with tokenizer.model)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--index", help="an index directory from `coca index` (enables search)")
+    s.add_argument("--api-key", help="require this key (X-API-Key header) on every endpoint but the page and "
+                   "/health; also read from COCA_API_KEY")
+    s.add_argument("--max-batch", type=int, default=16, help="caption requests per generate call")
+    s.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others to batch with")
+    s.add_argument("--device", default="cpu")
+    dtype_option(s)
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("index", help="embed every image under a folder into a search index (resumable)")
+    s.add_argument("images", help="image folder (searched recursively)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True, help="index directory (rerun to resume or add new images)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--device", default="cpu")
+    dtype_option(s)
+    s.set_defaults(fn=cmd_index)
 
     s = sub.add_parser("classify", help="rank labels for images by zero-shot similarity")
     s.add_argument("images", nargs="+")
