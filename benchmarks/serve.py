@@ -7,7 +7,7 @@ Run (from the repository root; ~6 minutes on 2 cores; the demo model needs `make
 
 Without ``--model`` the matched 103M model (``benchmarks/matched.py``, random weights, a small
 SentencePiece tokenizer) is saved to a temporary directory. For each server setting (``--max-batch
-16 --max-wait-ms 10`` and ``--max-batch 1``) a `coca serve` process is started on loopback, and for
+16 --max-wait-ms 30`` and ``--max-batch 1``) a `coca serve` process is started on loopback, and for
 1, 4, 16 and 32 concurrent clients each client posts greedy caption requests (exactly
 ``--new-tokens`` tokens, EOS masked, so every request costs the same) back to back: at most
 ``--requests`` per client and ``--seconds`` per setting, after one warm-up request per client.
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,28 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matched  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(model_dir: str, max_batch: int, wait_ms: float, threads: int):
-    import httpx
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "coca.cli", "serve", "--model", model_dir, "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-wait-ms", str(wait_ms)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    from coca.serve.process import spawn_server
+    return spawn_server(model_dir, "--max-batch", str(max_batch), "--max-wait-ms", str(wait_ms),
+                        env={"OMP_NUM_THREADS": str(threads)}, timeout=120, quiet=True)
 
 
 def metric(text: str, name: str) -> float:
@@ -67,7 +47,7 @@ def load(url: str, image: bytes, clients: int, per_client: int, seconds: float, 
     latencies: list[float] = []
     errors = []
     lock = threading.Lock()
-    stop_at = [0.0]
+    stop_at = [float("inf")]  # set when the clients are released
 
     def client():
         with httpx.Client(timeout=300) as c:
@@ -121,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=40.0, help="time limit per setting")
     p.add_argument("--new-tokens", type=int, default=20)
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--max-wait-ms", type=float, default=30.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
     args = p.parse_args(argv)

@@ -6,10 +6,8 @@ Chromium driven by Playwright."""
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -18,32 +16,13 @@ from PIL import Image
 
 import coca
 from coca.data import eval_transform, load_image
+from coca.serve.process import spawn_server
 
 httpx = pytest.importorskip("httpx")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model, *extra):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "coca.cli", "serve", "--model", str(model), "--port", str(port),
-                             "--max-wait-ms", "30", *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read().decode())
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not start within 60 s")
+    return spawn_server(model, "--max-wait-ms", "30", *extra)
 
 
 @pytest.fixture(scope="module")

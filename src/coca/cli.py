@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require this key (X-API-Key header) on every endpoint but the page and "
                    "/health; also read from COCA_API_KEY")
     s.add_argument("--max-batch", type=int, default=16, help="caption requests per generate call")
-    s.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others to batch with")
+    s.add_argument("--max-wait-ms", type=float, default=30.0,
+                   help="under load, how long a batch waits for more requests (a lone request never waits)")
     s.add_argument("--device", default="cpu")
     dtype_option(s)
     s.set_defaults(fn=cmd_serve)

@@ -86,7 +86,7 @@ def _float(form, name, default, lo, hi):
 class Server:
     """The model, the optional index, the batcher and the request handlers."""
 
-    def __init__(self, model, index=None, api_key: str | None = None, max_batch: int = 16, max_wait_ms: float = 10.0,
+    def __init__(self, model, index=None, api_key: str | None = None, max_batch: int = 16, max_wait_ms: float = 30.0,
                  max_queue: int = 256):
         from ..data import eval_transform
         self.model, self.index, self.api_key = model, index, api_key or None
@@ -186,6 +186,17 @@ class Server:
 
     # --- endpoints ----------------------------------------------------------------------------
     async def caption(self, request) -> dict:
+        self.batcher.expecting += 1  # lets the batcher wait for this request while it is parsed
+        try:
+            image, options = await self._caption_request(request)
+        finally:
+            self.batcher.expecting -= 1
+        try:
+            return await self.batcher.submit(image, options)
+        except Busy as e:
+            raise RequestError(503, "busy", str(e)) from None
+
+    async def _caption_request(self, request) -> tuple[torch.Tensor, tuple]:
         from ..generation import check_options
         form = await self.form(request, CAPTION_FIELDS)
         if form.get("path"):
@@ -215,10 +226,7 @@ class Server:
         if strategy == "sample":
             options["seed"] = _int(form, "seed", 0, 0, 2**31 - 1)
         options["prefix"] = prefix or None
-        try:
-            return await self.batcher.submit(image, tuple(sorted(options.items())))
-        except Busy as e:
-            raise RequestError(503, "busy", str(e)) from None
+        return image, tuple(sorted(options.items()))
 
     def _index_image(self, relative: str) -> torch.Tensor:
         path = self._resolve(relative)
@@ -393,7 +401,7 @@ def create_app(server: Server):
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fp32", index_dir: str | None = None,
-          api_key: str | None = None, max_batch: int = 16, max_wait_ms: float = 10.0, device: str = "cpu") -> None:
+          api_key: str | None = None, max_batch: int = 16, max_wait_ms: float = 30.0, device: str = "cpu") -> None:
     import uvicorn
 
     from ..evaluate.common import load_model

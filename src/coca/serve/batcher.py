@@ -1,7 +1,11 @@
 """Dynamic batching of caption requests.
 
 Requests wait in an asyncio queue. A collector takes the first one, then keeps taking requests for
-up to ``max_wait_ms`` or until ``max_batch`` are in hand; the batch is split into groups of
+up to ``max_wait_ms`` or until ``max_batch`` are in hand — but only when the server is busy (the
+last batch held several requests, or more are queued or being parsed): a lone client never
+waits for company. The wait matters under load: without it, clients settle into two half-size
+batches that alternate (the clients of the batch that just finished have not sent their next
+request yet when the other half is taken). Then the batch is split into groups of
 requests whose generation options match (strategy, beams, tokens, prefix, penalties, ...), and
 each group runs as one ``generate`` call — one pass through the image tower and the cached
 decoder. Model work runs in a single worker thread, so the event loop keeps serving health checks
@@ -39,6 +43,8 @@ class CaptionBatcher:
         self.metrics = metrics
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="coca-model")
         self.task: asyncio.Task | None = None
+        self.expecting = 0        # caption requests being parsed that will be submitted (event-loop thread only)
+        self.last_batch = 0
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._collect())
@@ -63,8 +69,12 @@ class CaptionBatcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait
+            busy = self.last_batch > 1 or not self.queue.empty() or self.expecting > 0
+            deadline = loop.time() + (self.max_wait if busy else 0.0)
             while len(jobs) < self.max_batch:
+                if not self.queue.empty():
+                    jobs.append(self.queue.get_nowait())
+                    continue
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
@@ -72,6 +82,7 @@ class CaptionBatcher:
                     jobs.append(await asyncio.wait_for(self.queue.get(), timeout))
                 except asyncio.TimeoutError:
                     break
+            self.last_batch = len(jobs)
             groups: dict[tuple, list[CaptionJob]] = {}
             for job in jobs:
                 groups.setdefault(job.options, []).append(job)
