@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -295,3 +296,25 @@ def test_page_caption_classify_search_and_errors(served, browser, tmp_path):
     page.screenshot(path=str(tmp_path / "error.png"))
     assert (tmp_path / "error.png").stat().st_size > 0
     page.close()
+
+
+def test_health_and_page_answer_during_a_long_batch(served):
+    """Model work runs off the event loop: while slow caption requests decode (4 images x 8 beams x
+    70 tokens in one batch), /health and the page are answered — seen finishing while the slow
+    requests are still running."""
+    url = served["url"]
+    image = png_bytes(image_paths(served)[0])
+    slow_options = {"strategy": "beam", "num_beams": "8", "num_return_sequences": "8", "max_new_tokens": "70",
+                    "min_new_tokens": "70"}
+    with ThreadPoolExecutor(4) as pool:
+        slow = [pool.submit(lambda: httpx.post(url + "/v1/caption", files={"image": image}, data=slow_options,
+                                               timeout=300)) for _ in range(4)]
+        time.sleep(0.2)
+        answered_meanwhile = 0
+        while not all(f.done() for f in slow):
+            ok = httpx.get(url + "/health", timeout=60).status_code == 200 and httpx.get(url + "/", timeout=60).is_success
+            answered_meanwhile += ok and not all(f.done() for f in slow)
+            time.sleep(0.02)
+        responses = [f.result() for f in slow]
+    assert all(r.status_code == 200 and len(r.json()["alternatives"]) == 8 for r in responses)
+    assert answered_meanwhile >= 1
