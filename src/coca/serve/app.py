@@ -173,7 +173,9 @@ class Server:
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise RequestError(400, "missing_image", "the form needs an 'image' file field")
-        return self.decode_upload(await upload.read())
+        data = await upload.read()
+        # decoding a large JPEG takes a while: off the event loop, and off the model thread
+        return await asyncio.to_thread(self.decode_upload, data)
 
     def _text(self, value, name: str, limit: int = MAX_TEXT_CHARS) -> str:
         if not isinstance(value, str):
@@ -202,7 +204,7 @@ class Server:
         if form.get("path"):
             if form.get("image") is not None:
                 raise RequestError(400, "bad_field", "give either 'image' or 'path', not both")
-            image = await self.in_worker(self._index_image, self._text(form["path"], "path", 1000))
+            image = await asyncio.to_thread(self._index_image, self._text(form["path"], "path", 1000))
         else:
             image = await self.image_from_form(form)
         context = self.model.cfg.text.context_length
