@@ -109,8 +109,13 @@ def test_torn_last_line_is_cut_and_the_rest_kept(tmp_path):
     out.write_text('{"path": "a", "caption": "x"}\n{"path": "b", "caption": "y"}\n{"path": "c", "capt')
     assert read_done(out) == {"a", "b"}
     assert out.read_text() == '{"path": "a", "caption": "x"}\n{"path": "b", "caption": "y"}\n'
-    out.write_text('{"path": "a", "caption": "x"}\n{"path": "c", "capt\n')  # torn, then a newline
-    assert read_done(out) == {"a"} and out.read_text().count("\n") == 1
+    # a complete line that is not a record: not ours, refused and left as it is (a one-line path
+    # list given as --out by mistake must not be emptied)
+    for text in ('{"path": "a", "caption": "x"}\n{"path": "c", "capt\n', "img1.jpg\n", '{"a": 1}\n'):
+        out.write_text(text)
+        with pytest.raises(UserError, match="not a caption record"):
+            read_done(out)
+        assert out.read_text() == text
 
 
 def test_sigkill_then_rerun_loses_and_duplicates_nothing(trained, collection, tmp_path):

@@ -113,6 +113,13 @@ def test_caption_classify_embed_search_equal_the_model(served):
     assert "coca_batch_size_bucket" in metrics and "coca_queue_wait_seconds_count" in metrics
 
 
+def chunked_upload(megabytes: int):
+    """A multipart file part streamed without a Content-Length (chunked), never closed."""
+    yield b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+    for _ in range(megabytes):
+        yield b"x" * 2**20
+
+
 def bad_requests(served):
     """(description, request kwargs, expected status, expected error kind)."""
     path = image_paths(served)[0]
@@ -150,6 +157,12 @@ def bad_requests(served):
         ("absolute thumbnail", dict(method="GET", url="/v1/thumbnail", params={"path": "/etc/passwd"}), 403, "bad_path"),
         ("traversal caption", dict(url="/v1/caption", data={"path": "../../captions/00000.png"}), 403, "bad_path"),
         ("unknown endpoint", dict(method="GET", url="/v2/caption"), 404, "not_found"),
+        ("chunked 23 MB upload", dict(url="/v1/caption", content=chunked_upload(23),
+                                      headers={"content-type": "multipart/form-data; boundary=x"}), 413, "too_large"),
+        ("bad template", dict(url="/v1/classify", files={"image": image},
+                              data={"labels": "a,b", "templates": "a photo of {}}"}), 400, "bad_field"),
+        ("strategy sent as a file", dict(url="/v1/caption", files={"image": image, "strategy": b"beam"}), 400,
+         "bad_field"),
     ]
 
 
@@ -221,9 +234,53 @@ def test_index_resumes_and_refuses_another_root(served, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     Image.new("RGB", (32, 32)).save(other / "x.png")
-    cmd[cmd.index("index") + 1] = str(other)
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    with_other_root = list(cmd)
+    with_other_root[cmd.index("index") + 1] = str(other)
+    out = subprocess.run(with_other_root, capture_output=True, text=True)
     assert out.returncode == 2 and "use a new --out" in out.stderr
+    # another model (the random weights) may neither extend nor serve this index
+    with_other_model = list(cmd)
+    with_other_model[cmd.index("--model") + 1] = served["random"]
+    out = subprocess.run(with_other_model, capture_output=True, text=True)
+    assert out.returncode == 2 and "different model" in out.stderr
+    with pytest.raises(RuntimeError, match="different model"):
+        spawn_server(served["random"], "--index", index)
+    # the same model in int8 is the same embedding space
+    assert subprocess.run(cmd + ["--dtype", "int8"], capture_output=True).returncode == 0
+
+
+def test_seeded_sampling_is_the_same_alone_and_under_load(served):
+    url = served["url"]
+    paths = image_paths(served)[:6]
+    options = {"strategy": "sample", "seed": "7", "max_new_tokens": "12"}
+    alone = httpx.post(url + "/v1/caption", files={"image": png_bytes(paths[0])}, data=options).json()["caption"]
+    with ThreadPoolExecutor(6) as pool:
+        loaded = list(pool.map(lambda p: httpx.post(url + "/v1/caption", files={"image": png_bytes(p)}, data=options,
+                                                    timeout=60).json()["caption"], paths))
+    assert loaded[0] == alone
+
+
+def test_an_image_gone_since_indexing_is_reported_not_a_crash(served, tmp_path):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for p in image_paths(served)[:3]:
+        shutil.copy(p, folder)
+    index = tmp_path / "few.index"
+    assert subprocess.run([sys.executable, "-m", "coca.cli", "index", str(folder), "--model", served["model_dir"],
+                           "--out", str(index), "--workers", "0"], capture_output=True).returncode == 0
+    proc, url = start_server(served["model_dir"], "--index", index)
+    try:
+        gone = sorted(os.listdir(folder))[0]
+        (folder / gone).unlink()
+        r = httpx.get(url + "/v1/thumbnail", params={"path": gone})
+        assert r.status_code == 410 and r.json()["error"]["kind"] == "gone"
+        r = httpx.post(url + "/v1/caption", data={"path": gone})
+        assert r.status_code == 410
+        hits = httpx.post(url + "/v1/search", json={"text": "a red circle", "k": 3}).json()["results"]
+        assert len(hits) == 3 and [h["thumbnail"] is None for h in hits].count(True) == 1
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_api_key_protects_everything_but_the_page_and_health(trained):

@@ -57,25 +57,24 @@ def collect_image_paths(inputs: list[str]) -> list[str]:
 
 
 def read_done(out: Path) -> set[str]:
-    """Paths already captioned in ``out``. A torn last line (a write cut by a crash: no newline, or
-    not valid JSON) is cut off the file; a bad line before the last means ``out`` is not ours."""
+    """Paths already captioned in ``out``. Every record is written with its newline, so only a
+    last line without one can be a write cut short: it is cut off the file. Any other line that
+    is not a caption record means ``out`` is not a file this command wrote: refused, untouched."""
     if not out.exists():
         return set()
     data = out.read_bytes()
-    lines = data.split(b"\n")  # the last element is b"" when the file ends with a newline
-    done, good_end = set(), 0
-    for n, line in enumerate(lines[:-1], 1):
+    complete, _, torn = data.rpartition(b"\n")
+    done = set()
+    for n, line in enumerate(complete.split(b"\n") if complete else [], 1):
         try:
-            done.add(json.loads(line)["path"])
+            record = json.loads(line)
+            done.add(record["path"])
         except (ValueError, KeyError, TypeError):
-            if n < len(lines) - 1:
-                raise UserError(f"{out}: line {n} is not a caption record; --out must be a file this command "
-                                "wrote (or a new path)") from None
-            break  # a corrupt final line: torn
-        good_end += len(line) + 1
-    if good_end < len(data):
+            raise UserError(f"{out}: line {n} is not a caption record; --out must be a file this command "
+                            "wrote (or a new path)") from None
+    if torn:
         with open(out, "r+b") as f:
-            f.truncate(good_end)
+            f.truncate(len(data) - len(torn))
             f.flush()
             os.fsync(f.fileno())
     return done

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import io
 import json
 import math
@@ -49,6 +50,32 @@ PAGE = Path(__file__).with_name("page.html")
 
 CAPTION_FIELDS = {"image", "path", "strategy", "num_beams", "max_new_tokens", "min_new_tokens", "num_return_sequences", "prefix",
                   "repetition_penalty", "no_repeat_ngram_size", "seed"}
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class LimitBody:
+    """ASGI middleware: a request body (chunked or not) is cut off at ``limit`` bytes while it is
+    read, so no upload is ever held or spooled beyond it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge()
+            return message
+        return await self.app(scope, limited, send)
 
 
 class RequestError(Exception):
@@ -103,6 +130,7 @@ class Server:
     # --- model work (in the worker thread) ----------------------------------------------------
     def _caption_batch(self, images: torch.Tensor, options: tuple) -> list[dict]:
         opts = dict(options)
+        opts.pop("request", None)  # only keeps a sampled request in a batch of its own
         with torch.no_grad():
             out = self.model.generate(images.to(self.device, self.dtype), return_dict=True, **opts)
         texts = self.tokenizer.decode(out.tokens)
@@ -137,6 +165,8 @@ class Server:
         self._check_length(request)
         try:
             form = await request.form(max_files=2, max_fields=len(allowed) + 2, max_part_size=MAX_UPLOAD_BYTES)
+        except BodyTooLarge:
+            raise RequestError(413, "too_large", f"the request is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB") from None
         except Exception as e:  # malformed multipart, too many parts, part too large
             raise RequestError(400, "bad_form", f"could not read the form: {e}") from None
         unknown = sorted(set(form.keys()) - allowed)
@@ -149,7 +179,10 @@ class Server:
         if not ctype.startswith("application/json"):
             raise RequestError(415, "unsupported_media_type", f"send application/json, not {ctype or 'no content type'}")
         self._check_length(request)
-        body = await request.body()
+        try:
+            body = await request.body()
+        except BodyTooLarge:
+            body = b"x" * (MAX_UPLOAD_BYTES + 1)
         if len(body) > MAX_UPLOAD_BYTES:
             raise RequestError(413, "too_large", f"the body is larger than {MAX_UPLOAD_BYTES} bytes")
         try:
@@ -176,6 +209,14 @@ class Server:
         data = await upload.read()
         # decoding a large JPEG takes a while: off the event loop, and off the model thread
         return await asyncio.to_thread(self.decode_upload, data)
+
+    @staticmethod
+    def _choice(form, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = form.get(name) or default
+        if not isinstance(value, str) or value not in allowed:
+            shown = value[:40] if isinstance(value, str) else "a file"
+            raise RequestError(400, "bad_field", f"{name} must be one of {', '.join(allowed)}, got {shown!r}")
+        return value
 
     def _text(self, value, name: str, limit: int = MAX_TEXT_CHARS) -> str:
         if not isinstance(value, str):
@@ -208,9 +249,7 @@ class Server:
         else:
             image = await self.image_from_form(form)
         context = self.model.cfg.text.context_length
-        strategy = form.get("strategy") or "beam"
-        if strategy not in ("greedy", "beam", "sample"):
-            raise RequestError(400, "bad_field", f"strategy must be greedy, beam or sample, got {strategy[:40]!r}")
+        strategy = self._choice(form, "strategy", "beam", ("greedy", "beam", "sample"))
         options = dict(strategy=strategy, num_beams=_int(form, "num_beams", 3, 1, 8),
                        max_new_tokens=_int(form, "max_new_tokens", 30, 1, context),
                        min_new_tokens=_int(form, "min_new_tokens", 0, 0, context),
@@ -226,13 +265,20 @@ class Server:
         except UserError as e:
             raise RequestError(400, "bad_field", str(e)) from None
         if strategy == "sample":
-            options["seed"] = _int(form, "seed", 0, 0, 2**31 - 1)
+            # a sampled request runs in a batch of its own: with a seed it is then reproducible
+            # whatever else is in flight (one generator per generate call)
+            options["seed"] = _int(form, "seed", None, 0, 2**31 - 1)
+            options["request"] = id(form)
         options["prefix"] = prefix or None
         return image, tuple(sorted(options.items()))
 
     def _index_image(self, relative: str) -> torch.Tensor:
         path = self._resolve(relative)
-        return self.decode_upload(path.read_bytes(), relative)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise RequestError(410, "gone", f"{relative!r} is in the index but no longer on disk") from None
+        return self.decode_upload(data, relative)
 
     def _resolve(self, relative: str) -> Path:
         if self.index is None:
@@ -256,11 +302,15 @@ class Server:
         templates = None
         if form.get("templates"):
             templates = [t.strip() for t in self._text(form["templates"], "templates", 20000).splitlines() if t.strip()]
-            if len(templates) > MAX_TEMPLATES or any(t.count("{}") != 1 for t in templates):
-                raise RequestError(400, "bad_field", f"templates: at most {MAX_TEMPLATES} lines, each with one '{{}}'")
-        method = form.get("method") or "contrastive"
-        if method not in ("contrastive", "likelihood", "both"):
-            raise RequestError(400, "bad_field", f"method must be contrastive, likelihood or both, got {method[:40]!r}")
+            if len(templates) > MAX_TEMPLATES:
+                raise RequestError(400, "bad_field", f"templates: at most {MAX_TEMPLATES} lines")
+            from ..evaluate.zeroshot import check_template
+            for t in templates:
+                try:
+                    check_template(t, "templates")
+                except UserError as e:
+                    raise RequestError(400, "bad_field", str(e)) from None
+        method = self._choice(form, "method", "contrastive", ("contrastive", "likelihood", "both"))
 
         def run():
             from ..evaluate.zeroshot import rank_labels
@@ -309,19 +359,29 @@ class Server:
             k = _int(form, "k", 8, 1, MAX_K)
             query = await self.in_worker(self._embed_image, await self.image_from_form(form))
         hits = self.index.search(query, k)
-        thumbs = await self.in_worker(lambda: [self._thumbnail_bytes(p) for p, _ in hits])
-        return {"results": [{"path": p, "score": round(s, 5),
-                             "thumbnail": "data:image/jpeg;base64," + base64.b64encode(t).decode()}
+        thumbs = await asyncio.to_thread(lambda: [self._thumbnail_or_none(p) for p, _ in hits])
+        return {"results": [{"path": p, "score": round(s, 5),  # thumbnail null: the file is gone since indexing
+                             "thumbnail": None if t is None else "data:image/jpeg;base64," + base64.b64encode(t).decode()}
                             for (p, s), t in zip(hits, thumbs)], "index_size": len(self.index)}
 
     def _thumbnail_bytes(self, relative: str) -> bytes:
         from PIL import Image
-        with Image.open(self._resolve(relative)) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=85)
-            return buf.getvalue()
+        path = self._resolve(relative)
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+                buf = io.BytesIO()
+                im.save(buf, "JPEG", quality=85)
+                return buf.getvalue()
+        except (OSError, ValueError, Image.DecompressionBombError):  # deleted, replaced or broken since indexing
+            raise RequestError(410, "gone", f"{relative!r} is in the index but can no longer be read") from None
+
+    def _thumbnail_or_none(self, relative: str) -> bytes | None:
+        try:
+            return self._thumbnail_bytes(relative)
+        except RequestError:
+            return None
 
 
 def create_app(server: Server):
@@ -344,7 +404,7 @@ def create_app(server: Server):
             try:
                 if server.api_key and request.url.path not in open_paths:
                     given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-                    if given != server.api_key:
+                    if not hmac.compare_digest(given.encode(), server.api_key.encode()):
                         raise RequestError(401, "unauthorized", "missing or wrong API key (X-API-Key header)")
                 result = await handler(request)
                 response = result if isinstance(result, Response) else JSONResponse(result)
@@ -374,7 +434,7 @@ def create_app(server: Server):
         relative = request.query_params.get("path", "")
         if not relative:
             raise RequestError(400, "bad_field", "give ?path= (an indexed image)")
-        data = await server.in_worker(server._thumbnail_bytes, relative)
+        data = await asyncio.to_thread(server._thumbnail_bytes, relative)
         return Response(data, media_type="image/jpeg")
 
     async def not_found(request, exc):
@@ -398,8 +458,9 @@ def create_app(server: Server):
         await server.batcher.stop()
 
     from contextlib import asynccontextmanager
-    return Starlette(routes=routes, lifespan=asynccontextmanager(lifespan),
-                     exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(routes=routes, lifespan=asynccontextmanager(lifespan),
+                    exception_handlers={404: not_found, 405: not_found})
+    return LimitBody(app, MAX_UPLOAD_BYTES + 1024 * 1024)
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fp32", index_dir: str | None = None,
@@ -411,6 +472,9 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
     api_key = api_key or os.environ.get("COCA_API_KEY") or None
     model = load_model(model_dir, device, dtype)
     index = ImageIndex(index_dir) if index_dir else None
+    if index is not None:
+        from .index import check_same_model
+        check_same_model(index.meta, model, f"index {index_dir}")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
               "(set --api-key or COCA_API_KEY)", flush=True)

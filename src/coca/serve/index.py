@@ -29,6 +29,28 @@ from ..errors import InputNotFound, UserError
 from ..io import atomic_write_bytes, atomic_write_text
 
 META = "meta.json"
+PROBE_MATCH = 0.98  # cosine between the probe embeddings of the same weights in fp32, bf16 or int8: > 0.99
+
+
+@torch.no_grad()
+def probe_embedding(model) -> list[float]:
+    """The model's embedding of a fixed pseudo-random image: a fingerprint of its image tower, so an
+    index is never extended or searched with another model (a different embedding space)."""
+    from ..evaluate.common import to_model
+    s = model.cfg.vision.image_size
+    image = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(1234)) * 2 - 1
+    return model.encode_image(to_model(model, image))[0].float().cpu().tolist()
+
+
+def check_same_model(meta: dict, model, where: str) -> None:
+    if int(meta["dim"]) != model.cfg.embed_dim:
+        raise UserError(f"{where} holds {meta['dim']}-d embeddings but the model makes {model.cfg.embed_dim}-d ones: "
+                        f"it was built with {meta.get('model') or 'another model'}")
+    probe = torch.tensor(probe_embedding(model))
+    cos = float(probe @ torch.tensor(meta["probe"]))
+    if cos < PROBE_MATCH:
+        raise UserError(f"{where} was built with a different model ({meta.get('model') or 'unknown'}; "
+                        f"probe similarity {cos:.3f}): its embeddings cannot be searched or extended with this one")
 
 
 @dataclass
@@ -57,9 +79,11 @@ def build_index(model, image_dir: str | os.PathLike, out: str | os.PathLike, mod
         meta = json.loads(meta_path.read_text())
         if meta["root"] != str(root):
             raise UserError(f"{out} indexes {meta['root']}, not {root}: use a new --out")
+        check_same_model(meta, model, str(out))
     else:
         atomic_write_text(meta_path, json.dumps({"root": str(root), "model": str(model_dir),
-                                                 "dim": model.cfg.embed_dim, "dtype": "float16"}, indent=2) + "\n")
+                                                 "dim": model.cfg.embed_dim, "dtype": "float16",
+                                                 "probe": probe_embedding(model)}) + "\n")
     paths = collect_image_paths([str(root)])
     done = set()
     for part in _parts(out):
