@@ -94,7 +94,7 @@ def caption_files(model, paths: list[str], out: Path | None, emit=print, batch_s
     """Caption ``paths``; with ``out`` append JSON lines (``path``, ``caption``[, ``score``]) there,
     else ``emit`` "path<TAB>caption" lines. ``score`` is the caption's mean log-probability per token.
     With ``num_return_sequences`` > 1 a record has ``captions`` (and ``scores``) lists instead."""
-    from .evaluate.common import image_batches, to_model
+    from .evaluate.common import image_batches, skip_counts, to_model
     run = CaptionRun(total=len(paths))
     done = read_done(out) if out is not None else set()
     todo = [p for p in paths if p not in done]
@@ -132,6 +132,5 @@ def caption_files(model, paths: list[str], out: Path | None, emit=print, batch_s
         if sink is not None:
             sink.close()
         run.seconds = time.perf_counter() - t0
-        for s in skipped:
-            run.skipped[s["reason"]] = run.skipped.get(s["reason"], 0) + 1
+        run.skipped = skip_counts(skipped)
     return run

@@ -25,7 +25,6 @@ import base64
 import hmac
 import io
 import json
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from .batcher import Busy, CaptionBatcher
 from .metrics import ServerMetrics
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + 1024 * 1024  # the upload plus the other form fields
 MAX_LABELS = 1000
 MAX_LABEL_CHARS = 200
 MAX_TEMPLATES = 100
@@ -66,10 +66,13 @@ class LimitBody:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        seen = 0
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        seen = int(declared) if declared.isdigit() and int(declared) > self.limit else 0  # refused at once
 
         async def limited():
             nonlocal seen
+            if seen > self.limit:
+                raise BodyTooLarge()
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
@@ -84,30 +87,31 @@ class RequestError(Exception):
         self.status, self.kind, self.message = status, kind, message
 
 
-def _int(form, name, default, lo, hi):
+def too_large() -> RequestError:
+    return RequestError(413, "too_large", f"the request is larger than {MAX_REQUEST_BYTES // (1024 * 1024)} MB")
+
+
+def _number(form, name, default, lo, hi, cast=int):
+    """A numeric form field in [lo, hi], or ``default`` when absent or empty."""
     raw = form.get(name)
     if raw in (None, ""):
         return default
     try:
-        value = int(str(raw))
+        value = cast(str(raw))
     except ValueError:
-        raise RequestError(400, "bad_field", f"{name} must be an integer, got {str(raw)[:40]!r}") from None
-    if not lo <= value <= hi:
+        kind = "an integer" if cast is int else "a number"
+        raise RequestError(400, "bad_field", f"{name} must be {kind}, got {str(raw)[:40]!r}") from None
+    if not lo <= value <= hi:  # also false for NaN
         raise RequestError(400, "bad_field", f"{name} must be in [{lo}, {hi}], got {value}")
     return value
+
+
+def _int(form, name, default, lo, hi):
+    return _number(form, name, default, lo, hi, int)
 
 
 def _float(form, name, default, lo, hi):
-    raw = form.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(str(raw))
-    except ValueError:
-        raise RequestError(400, "bad_field", f"{name} must be a number, got {str(raw)[:40]!r}") from None
-    if not (lo <= value <= hi) or math.isnan(value):
-        raise RequestError(400, "bad_field", f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
+    return _number(form, name, default, lo, hi, float)
 
 
 class Server:
@@ -123,7 +127,6 @@ class Server:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coca-model")
         self.batcher = CaptionBatcher(self._caption_batch, max_batch, max_wait_ms, max_queue, self.metrics,
                                       self.executor)
-        self.max_batch, self.max_wait_ms = max_batch, max_wait_ms
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 
@@ -162,11 +165,10 @@ class Server:
         if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             raise RequestError(415, "unsupported_media_type",
                                f"send multipart/form-data (an 'image' file field), not {ctype or 'no content type'}")
-        self._check_length(request)
         try:
             form = await request.form(max_files=2, max_fields=len(allowed) + 2, max_part_size=MAX_UPLOAD_BYTES)
         except BodyTooLarge:
-            raise RequestError(413, "too_large", f"the request is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB") from None
+            raise too_large() from None
         except Exception as e:  # malformed multipart, too many parts, part too large
             raise RequestError(400, "bad_form", f"could not read the form: {e}") from None
         unknown = sorted(set(form.keys()) - allowed)
@@ -178,13 +180,10 @@ class Server:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("application/json"):
             raise RequestError(415, "unsupported_media_type", f"send application/json, not {ctype or 'no content type'}")
-        self._check_length(request)
         try:
             body = await request.body()
         except BodyTooLarge:
-            body = b"x" * (MAX_UPLOAD_BYTES + 1)
-        if len(body) > MAX_UPLOAD_BYTES:
-            raise RequestError(413, "too_large", f"the body is larger than {MAX_UPLOAD_BYTES} bytes")
+            raise too_large() from None
         try:
             data = json.loads(body)
         except ValueError as e:
@@ -195,12 +194,6 @@ class Server:
         if unknown:
             raise RequestError(400, "unknown_field", f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
         return data
-
-    @staticmethod
-    def _check_length(request) -> None:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_UPLOAD_BYTES + 1024 * 1024:
-            raise RequestError(413, "too_large", f"the request is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
 
     async def image_from_form(self, form) -> torch.Tensor:
         upload = form.get("image")
@@ -424,7 +417,7 @@ def create_app(server: Server):
 
     async def health(request):
         return {"status": "ok", "model": server.model.cfg.name, "index_size": len(server.index) if server.index else 0,
-                "queue": server.batcher.queue.qsize(), "max_batch": server.max_batch,
+                "queue": server.batcher.queue.qsize(), "max_batch": server.batcher.max_batch,
                 "needs_key": bool(server.api_key)}
 
     async def metrics(request):
@@ -460,7 +453,7 @@ def create_app(server: Server):
     from contextlib import asynccontextmanager
     app = Starlette(routes=routes, lifespan=asynccontextmanager(lifespan),
                     exception_handlers={404: not_found, 405: not_found})
-    return LimitBody(app, MAX_UPLOAD_BYTES + 1024 * 1024)
+    return LimitBody(app, MAX_REQUEST_BYTES)
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fp32", index_dir: str | None = None,

@@ -17,6 +17,7 @@ images; beyond that an approximate index (FAISS IVF-PQ or HNSW) is the step up.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ def _parts(out: Path) -> list[Path]:
 def build_index(model, image_dir: str | os.PathLike, out: str | os.PathLike, model_dir: str = "",
                 batch_size: int = 64, workers: int = 2) -> IndexRun:
     from ..caption_files import collect_image_paths
-    from ..evaluate.common import image_batches, to_model
+    from ..evaluate.common import image_batches, skip_counts, to_model
     root = Path(image_dir).resolve()
     if not root.is_dir():
         raise InputNotFound(f"image folder {str(image_dir)!r} not found")
@@ -96,7 +97,6 @@ def build_index(model, image_dir: str | os.PathLike, out: str | os.PathLike, mod
         for idx, images in image_batches(todo, model.cfg.vision.image_size, batch_size, workers, skipped, "index"):
             embeds = model.encode_image(to_model(model, images)).float().cpu().numpy().astype(np.float16)
             stem = out / f"part-{part_no:05d}"
-            import io
             buf = io.BytesIO()
             np.save(buf, embeds)
             atomic_write_bytes(stem.with_suffix(".npy"), buf.getvalue())
@@ -104,8 +104,7 @@ def build_index(model, image_dir: str | os.PathLike, out: str | os.PathLike, mod
                 json.dumps({"path": os.path.relpath(todo[i], root)}) + "\n" for i in idx))
             part_no += 1
             run.embedded += len(idx)
-    for s in skipped:
-        run.skipped[s["reason"]] = run.skipped.get(s["reason"], 0) + 1
+    run.skipped = skip_counts(skipped)
     return run
 
 
