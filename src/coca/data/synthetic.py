@@ -67,11 +67,14 @@ def class_names() -> list[str]:
 
 
 def all_objects() -> list[Obj]:
-    return [Obj(*t) for t in itertools.product(SIZES, COLOURS, SHAPES)]
+    return list(_OBJECTS)
+
+
+_OBJECTS = tuple(Obj(*t) for t in itertools.product(SIZES, COLOURS, SHAPES))
 
 
 def sample_objects(rng: np.random.Generator, max_objects: int = 2) -> tuple[Obj, ...]:
-    objects = all_objects()
+    objects = _OBJECTS
     n = int(rng.integers(1, max_objects + 1))
     first = objects[rng.integers(len(objects))]
     if n == 1:
@@ -88,7 +91,7 @@ def render(objects: tuple[Obj, ...], image_size: int, rng: np.random.Generator) 
     base = rng.integers(200, 246)
     noise = rng.integers(-8, 9, size=(s, s, 1))
     bg = np.clip(base + noise + rng.integers(-6, 7, size=(1, 1, 3)), 0, 255).astype(np.uint8)
-    img = Image.fromarray(np.broadcast_to(bg, (s, s, 3)).copy())
+    img = Image.fromarray(bg)  # noise [s, s, 1] + tint [1, 1, 3]: already [s, s, 3]
     draw = ImageDraw.Draw(img)
     n = len(objects)
     for i, obj in enumerate(objects):
@@ -101,7 +104,7 @@ def render(objects: tuple[Obj, ...], image_size: int, rng: np.random.Generator) 
         cx = slot * (i + 0.5) + rng.uniform(-0.06, 0.06) * s
         cy = s / 2 + rng.uniform(-0.08, 0.08) * s
         box = (cx - half, cy - half, cx + half, cy + half)
-        colour = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[obj.colour])
+        colour = tuple(min(max(c + int(d), 0), 255) for c, d in zip(COLOURS[obj.colour], rng.integers(-12, 13, size=3)))
         if obj.shape == "circle":
             draw.ellipse(box, fill=colour)
         elif obj.shape == "square":
