@@ -86,11 +86,13 @@ def _coerce(value, hint, path):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{path}' must be {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):  # ".inf" and ".nan" are YAML floats; no setting wants one
+        raise ConfigError(f"config key '{path}' must be a finite number, got {value!r}")
     return value
 
 
@@ -559,7 +561,11 @@ def parse_overrides(items: list[str]) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:  # a malformed value or a tag safe_load refuses (never executed)
+            reason = str(getattr(e, "problem", None) or e).strip()
+            raise ConfigError(f"--set {key.strip()}: cannot read the value {value!r}: {reason}") from None
     return out
 
 
@@ -567,6 +573,11 @@ def run_config_from_dict(data: dict) -> RunConfig:
     data = dict(data or {})
     spec = data.pop("model", None)
     cfg = from_dict(RunConfig, data)
+    if cfg.loss.contrastive_weight > 0 and cfg.data.batch_size * cfg.train.accum_steps < 2:
+        # one pair has no negatives: its contrastive loss is 0 and every step would be skipped
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} with train.accum_steps={cfg.train.accum_steps}: "
+                          "contrastive training needs at least 2 pairs per step; raise data.batch_size or set "
+                          "loss.contrastive_weight=0 (captioning only)")
     if cfg.train.init_from:
         cfg.model = init_model_config(cfg.train, spec)
     else:

@@ -10,6 +10,7 @@ then EOS, then padding.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -74,6 +75,11 @@ class Tokenizer:
         sentences = (s for s in (str(x).strip() for x in sentences) if s)
         if vocab_size < 8:
             raise UserError(f"vocab_size must be at least 8, got {vocab_size}")
+        first = next(sentences, None)
+        if first is None:  # SentencePiece's own message for this is an internal assertion
+            raise UserError("no caption to train a tokenizer on: every caption given is empty (or no sample "
+                            "could be read)")
+        sentences = itertools.chain([first], sentences)
         buf = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(

@@ -130,6 +130,7 @@ class WebDatasetStream(IterableDataset):
                 samples = self.source.iter_samples(epoch, exact_order=order.tolist())
             else:
                 samples = self.source.iter_samples(epoch, shards)
+            count = -1
             for count, sample in enumerate(samples):
                 if produced < skip:  # only count samples towards skipped batches; no decode work
                     batch.append(None)
@@ -142,6 +143,11 @@ class WebDatasetStream(IterableDataset):
                     if produced >= skip:
                         yield self.collate(batch)
                     produced, batch = produced + 1, []
+            if count < 0:  # a pass over the shards with no sample at all would repeat forever
+                listed = [str(self.source.shards[i]) for i in (order.tolist() if self.resampled else shards)]
+                names = ", ".join(listed[:3]) + (f" and {len(listed) - 3} more" if len(listed) > 3 else "")
+                raise UserError(f"data worker {worker}: epoch {epoch} over {names} yielded no sample: the shards "
+                                "are empty or not tar files")
 
 
 class TrimmingCollator(Collator):

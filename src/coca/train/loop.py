@@ -26,6 +26,7 @@ import yaml
 
 from ..config import ConfigError, RunConfig
 from ..data.loader import train_batches, training_captions, val_batches
+from ..errors import UserError
 from ..evaluate.tasks import Evaluation
 from ..io import atomic_write_bytes, atomic_write_text
 from ..losses import CoCaLoss, contrastive_accuracy
@@ -41,6 +42,10 @@ from .step import StepResult, train_step
 from .warmstart import init_tokenizer, load_init_weights
 
 MAX_NONFINITE_IN_A_ROW = 20
+# Steps in a row whose batches hold too few valid samples before the run stops: data that is
+# all bad must end with a clear error, never loop forever. A stream with some bad samples
+# recovers long before (at half the samples bad, 2 pairs short 50 times in a row is ~1e-15).
+MAX_SHORT_STEPS_IN_A_ROW = 50
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,9 +70,12 @@ def prepare_tokenizer(cfg: RunConfig, run_dir: Path, log) -> Tokenizer:
         log(f"tokenizer from {source} ({tok.vocab_size} pieces)")
     else:
         t0 = time.time()
-        tok = Tokenizer.train(training_captions(cfg.data, cfg.data.tokenizer_train_captions),
-                              vocab_size=cfg.data.tokenizer_vocab_size, out_dir=run_dir, context_length=ctx,
-                              model_type=cfg.data.tokenizer_model_type)
+        try:
+            tok = Tokenizer.train(training_captions(cfg.data, cfg.data.tokenizer_train_captions),
+                                  vocab_size=cfg.data.tokenizer_vocab_size, out_dir=run_dir, context_length=ctx,
+                                  model_type=cfg.data.tokenizer_model_type)
+        except UserError as e:
+            raise UserError(f"tokenizer training on data.train={cfg.data.train!r} ({cfg.data.kind}): {e}") from None
         log(f"trained a {tok.vocab_size}-piece SentencePiece tokenizer in {time.time() - t0:.1f}s -> {tok.path}")
     t = cfg.model.text
     if tok.vocab_size > t.vocab_size:
@@ -139,6 +147,7 @@ class Trainer:
         self._log = log
         self.progress = Progress()
         self.stop_signal = None
+        self.short_steps = 0  # steps in a row with too few valid samples
 
     # --- build ---------------------------------------------------------------------------------
     def say(self, *args) -> None:
@@ -227,8 +236,16 @@ class Trainer:
     def train_step(self, micro) -> tuple[StepResult, torch.Tensor | None] | None:
         """One optimiser step; None when it was skipped (too few pairs, or a non-finite loss)."""
         rows = sum(images.shape[0] for images, _ in micro)
-        if global_sum(rows, self.world, self.device) < 2:  # contrastive learning needs at least two pairs
+        # contrastive learning needs two pairs; a caption-only run, one
+        needed = 2 if self.cfg.loss.contrastive_weight > 0 else 1
+        if global_sum(rows, self.world, self.device) < needed:
+            self.short_steps += 1
+            if self.short_steps >= MAX_SHORT_STEPS_IN_A_ROW:
+                raise UserError(f"{self.short_steps} steps in a row had fewer than {needed} valid samples "
+                                f"(data.kind={self.cfg.data.kind}, data.train={self.cfg.data.train!r}); samples "
+                                f"skipped so far by reason: {dict(self.progress.skipped) or 'none'}")
             return None
+        self.short_steps = 0
         result = train_step(self.engine, micro, self.loss_fn)
         if isinstance(result.finite, torch.Tensor):  # decided on the device: the step counts, its update may not
             grad_norm, applied = self.engine.step_unless_nonfinite(self.cfg.optim.grad_clip, result.finite)
