@@ -93,3 +93,102 @@ def test_no_valid_caption_for_the_tokenizer_is_a_clear_error(tmp_path):
     cfg = run_config(tmp_path, "data.kind=csv", f"data.train={tmp_path / 'data.csv'}")
     with pytest.raises(UserError, match=r"tokenizer training on data.train=.*data.csv.*no caption"):
         train(cfg, log=lambda *a: None)
+
+
+# -------------------------------------------------------------------------- silent wrong results
+
+def gradient_16bit_png() -> bytes:
+    """A left-to-right 16-bit greyscale gradient over the full range: its 8-bit mean is ~128."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    a = np.tile(np.linspace(0, 65535, 96).astype(np.uint16), (96, 1))
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_high_bit_depth_images_keep_their_brightness(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from coca.data.samples import decode_image, to_rgb
+    from coca.data.transforms import load_image
+    data = gradient_16bit_png()
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode.startswith("I;16") and np.asarray(im.convert("RGB")).mean() > 240  # PIL alone: near white
+    (tmp_path / "g.png").write_bytes(data)
+    for image in (decode_image(data), load_image(tmp_path / "g.png")):
+        rgb = np.asarray(image)
+        assert image.mode == "RGB" and abs(rgb.mean() - 127.5) < 1
+        assert rgb[:, 0].max() == 0 and rgb[:, -1].min() == 255  # the ends of the range map to black and white
+    # 32-bit integer and float images: by their range unless already 8-bit / unit range
+    ramp = np.tile(np.arange(96, dtype=np.int32), (8, 1))
+    assert np.asarray(to_rgb(Image.fromarray(ramp))).max() == 95  # values 0-95: already 8-bit
+    assert np.asarray(to_rgb(Image.fromarray(ramp * 1000))).max() == 255
+    assert abs(np.asarray(to_rgb(Image.fromarray(ramp.astype(np.float32) / 95))).mean() - 127.5) < 1
+    assert np.asarray(to_rgb(Image.fromarray(np.full((4, 4), 7, np.int32) * 1000))).max() == 0  # constant
+
+
+def test_prepare_writes_a_16bit_png_at_its_real_brightness(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from coca.cli import main
+    write_tar(tmp_path / "in.tar", [("g.png", gradient_16bit_png()), ("g.txt", b"a grey gradient from left to right")])
+    assert main(["data", "prepare", "--input", str(tmp_path / "in.tar"), "--output", str(tmp_path / "out"),
+                 "--set", "filters.min_side=64", "--set", "workers=1"]) == 0
+    (shard,) = sorted((tmp_path / "out").glob("*.tar"))
+    with tarfile.open(shard) as tf:
+        (jpg,) = [tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")]
+    assert abs(np.asarray(Image.open(io.BytesIO(jpg))).mean() - 127.5) < 3
+
+
+def write_tar(path, members, links=()):
+    """Regular members (name, bytes), then symbolic links (name, target)."""
+    import io
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, target in links:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tf.addfile(info)
+    return path
+
+
+def test_samples_made_of_links_are_rejected_not_lost(tmp_path):
+    import pyarrow.parquet as pq
+
+    from coca.cli import main
+    from coca.data.readers import read_tar_groups
+    from coca.data.samples import Skipped
+    from coca.prepare.planted import jpeg, random_photo
+    photo = jpeg(random_photo(3, 96))
+    tar = write_tar(tmp_path / "in.tar", [("ok.jpg", photo), ("ok.txt", b"a photo of a garden in spring")],
+                    links=[("linked.jpg", "/etc/passwd"), ("linked.txt", "/etc/hostname")])
+    with tarfile.open(tar, "a") as tf:  # a sample with a real caption and a linked image
+        import io
+        info = tarfile.TarInfo("half.txt")
+        info.size = 12
+        tf.addfile(info, io.BytesIO(b"half a photo"))
+        link = tarfile.TarInfo("half.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "ok.jpg"
+        tf.addfile(link)
+    read = list(read_tar_groups(str(tar)))
+    assert [r.key for r in read] == ["ok", "linked", "half"]
+    assert [r.reason for r in read if isinstance(r, Skipped)] == ["unsupported_member"] * 2
+    out = tmp_path / "out"
+    assert main(["data", "prepare", "--input", str(tar), "--output", str(out), "--set", "filters.min_side=64",
+                 "--set", "workers=1"]) == 0
+    rejects = {r["key"]: r["reason"] for r in pq.read_table(out / "rejects.parquet").to_pylist()}
+    assert rejects == {"linked": "unsupported_member", "half": "unsupported_member"}
+    stats = __import__("json").loads((out / "stats.json").read_text())
+    assert stats["input_samples"] == 3 == stats["output_samples"] + sum(stats["rejected_by_reason"].values())

@@ -96,6 +96,18 @@ def test_train_transform_flip_swaps_caption_and_is_seeded():
     assert torch.equal(state, torch.get_rng_state())  # augmentation never touches the global RNG
 
 
+@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation"])
+def test_colour_jitter_equals_torchvision(name):
+    from torchvision.transforms import v2
+
+    from coca.data import transforms
+    g = torch.Generator().manual_seed(0)
+    for factor in (0.5, 0.83, 1.0, 1.2, 1.9):
+        x = torch.rand(3, 17, 23, generator=g)
+        ours = getattr(transforms, f"adjust_{name}")(x, factor)
+        torch.testing.assert_close(ours, getattr(v2.functional, f"adjust_{name}")(x, factor), atol=2e-6, rtol=0)
+
+
 def test_train_transform_crop_boxes_follow_scale_and_ratio():
     aug = TrainTransform(64, crop_scale_min=0.5)
     for seed in range(300):

@@ -369,10 +369,11 @@ def _split_member_name(name: str) -> tuple[str, str]:
 class _Group:
     """Members of one sample as read from a tar: raw bytes, decoded only when the sample is emitted."""
 
-    __slots__ = ("key", "image", "caption")
+    __slots__ = ("key", "image", "caption", "unsupported")
 
     def __init__(self, key: str):
         self.key, self.image, self.caption = key, None, None
+        self.unsupported = False  # a member that is a link or a device, not a regular file
 
     def add(self, ext: str, data: bytes) -> None:
         if ext in WDS_IMAGE_EXTENSIONS:
@@ -385,6 +386,10 @@ class _Group:
     @property
     def complete(self) -> bool:
         return self.image is not None and self.caption is not None
+
+    def finished(self) -> "_Group | Skipped":
+        """The group as read, or why it cannot be a sample when a link stood for a missing part."""
+        return Skipped("unsupported_member", self.key) if self.unsupported and not self.complete else self
 
 
 _TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
@@ -496,17 +501,19 @@ def read_tar_groups(shard: str) -> Iterator[_Group | Skipped]:
                 if member is None:
                     break
                 tf.members = []  # streaming mode keeps every header read: do not let that grow
-                if not member.isfile():
+                if member.isdir():
                     continue
                 member_key, ext = _split_member_name(member.name)
-                f = tf.extractfile(member)
-                data = f.read() if f is not None else b""
                 if pending is not None and pending.key != member_key:
-                    yield pending
+                    yield pending.finished()
                     pending = None
                 if pending is None:
                     pending = _Group(member_key)
-                pending.add(ext, data)
+                if not member.isfile():  # symlinks, hard links, devices: never followed
+                    pending.unsupported = True
+                    continue
+                f = tf.extractfile(member)
+                pending.add(ext, f.read() if f is not None else b"")
     except _TAR_ERRORS:
         # Blame the member being read; for a bad header, the open sample if it is still
         # incomplete (its next member is the likely victim), else the shard itself.
@@ -515,8 +522,8 @@ def read_tar_groups(shard: str) -> Iterator[_Group | Skipped]:
         else:
             key = pending.key if pending is not None and not pending.complete else shard
         if pending is not None and (pending.key != key or pending.complete):
-            yield pending  # finished before the corruption: keep it
+            yield pending.finished()  # finished before the corruption: keep it
         yield Skipped("corrupt_tar_member", key)
         return
     if pending is not None:
-        yield pending
+        yield pending.finished()

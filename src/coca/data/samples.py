@@ -24,6 +24,7 @@ SKIP_REASONS = (
     "bad_utf8",            # caption bytes are not UTF-8
     "empty_caption",       # caption empty after stripping whitespace
     "corrupt_tar_member",  # a tar member or header that cannot be read
+    "unsupported_member",  # a sample whose image or caption is a link or device in the tar, not a file
 )
 
 
@@ -37,6 +38,30 @@ class Skipped:
             raise ValueError(f"unknown skip reason {self.reason!r}")
 
 
+_HIGH_BIT_MODES = {"I", "F"}  # and every "I;16..." mode
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. Greyscale with more than 8 bits (16-bit PNG and TIFF, 32-bit integer or float
+    images) is scaled from its range to 0-255 first: PIL's own conversion clips every value above
+    255, which turns a 16-bit photograph nearly white. 16-bit integers map by their full range
+    (x / 257, as PIL reduces 16-bit RGB); other integer and float images by their min-max range
+    unless they already lie in 0-255 (integers) or 0-1 (floats)."""
+    if image.mode not in _HIGH_BIT_MODES and not image.mode.startswith("I;16"):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    import numpy as np
+    a = np.asarray(image, dtype=np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        a = a / 257.0
+    elif image.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    elif not (image.mode == "I" and lo >= 0 and hi <= 255):
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return grey.convert("RGB")
+
+
 def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS, key: str = "") -> Image.Image | Skipped:
     """Fully decode image bytes to RGB, or say why not."""
     if data is None:
@@ -47,7 +72,8 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS, key: str = ""
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > max_pixels:  # checked from the header, before decoding pixels
                 return Skipped("too_many_pixels", key)
-            return im.convert("RGB")  # forces the full decode, so truncation shows up here
+            im.load()  # the full decode, so truncation shows up here
+            return to_rgb(im)
     except Image.DecompressionBombError:
         return Skipped("too_many_pixels", key)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):

@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 
 from ..config import MAX_PIXELS
 from ..errors import InputNotFound, UserError
+from .samples import to_rgb
 
 # CLIP's normalisation statistics, so CLIP ViT weights see the inputs they were trained on.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -40,7 +41,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
         with Image.open(path) as im:
             if im.width * im.height > max_pixels:
                 raise UserError(f"image {path} has {im.width}x{im.height} pixels, above the limit of {max_pixels}")
-            return im.convert("RGB")
+            im.load()
+            return to_rgb(im)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise UserError(f"image {path} could not be decoded: {e}") from None
 
@@ -153,8 +155,7 @@ class TrainTransform:
 
     def __call__(self, image: Image.Image, caption: str, seed: int) -> tuple[torch.Tensor, str]:
         g = torch.Generator().manual_seed(seed)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # uint8 [3, H, W]
         top, left, h, w = self.crop_box(x.shape[-2], x.shape[-1], g)
         x = v2.functional.resized_crop(x, top, left, h, w, [self.size, self.size],

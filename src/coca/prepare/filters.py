@@ -14,7 +14,7 @@ from .hashing import caption_hash, minhash, phash_variants, pixel_hash
 REJECT_REASONS = (
     # from reading and decoding (shared with the training readers)
     "missing_image", "decode_error", "too_many_pixels", "missing_caption", "bad_utf8", "empty_caption",
-    "corrupt_tar_member",
+    "corrupt_tar_member", "unsupported_member",
     # filters
     "too_small", "bad_aspect", "caption_too_short", "caption_too_long", "boilerplate_caption", "script",
     "low_similarity",

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..config import MAX_PIXELS
+from ..data.samples import to_rgb
 from ..errors import UserError
 from .batcher import Busy, CaptionBatcher
 from .metrics import ServerMetrics
@@ -362,7 +363,7 @@ class Server:
         path = self._resolve(relative)
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                im = to_rgb(im)
                 im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
                 buf = io.BytesIO()
                 im.save(buf, "JPEG", quality=85)
