@@ -6,6 +6,7 @@ import sys
 import tarfile
 
 import pytest
+import torch
 
 from coca.config import ConfigError, load_run_config
 from coca.errors import UserError
@@ -192,3 +193,72 @@ def test_samples_made_of_links_are_rejected_not_lost(tmp_path):
     assert rejects == {"linked": "unsupported_member", "half": "unsupported_member"}
     stats = __import__("json").loads((out / "stats.json").read_text())
     assert stats["input_samples"] == 3 == stats["output_samples"] + sum(stats["rejected_by_reason"].values())
+
+
+# ------------------------------------------------------------------------------------- recovery
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run of 4 steps with checkpoints at steps 2 and 4."""
+    root = tmp_path_factory.mktemp("finished")
+    cfg = run_config(root, "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+                     "data.tokenizer_train_captions=500")
+    train(cfg, log=lambda *a: None)
+    return root / "run"
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGE = {
+    "truncated safetensors": lambda step: _truncate(step / "model.safetensors"),
+    "garbled safetensors header": lambda step: (step / "model.safetensors").write_bytes(
+        b"\x13\x37" * 64 + (step / "model.safetensors").read_bytes()[128:]),
+    "truncated state": lambda step: _truncate(step / "state.pt"),
+    "missing state": lambda step: (step / "state.pt").unlink(),
+    "empty step folder": lambda step: [p.unlink() for p in step.iterdir()],
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+        finished_run, tmp_path, damage):
+    import shutil
+
+    from safetensors.torch import load_file
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "model")
+    DAMAGE[damage](run / "checkpoints" / "step_00000004")
+    lines = []
+    cfg = load_run_config(str(run / "config.yaml"), [f"train.run_dir={run}"])
+    summary = train(cfg, log=lines.append)
+    assert any("step_00000004 does not load" in line and "moved aside" in line for line in lines), lines
+    assert any("resumed from" in line and "step_00000002" in line for line in lines)
+    assert summary["step"] == 4
+    assert (run / "checkpoints" / "step_00000004.damaged").is_dir()  # kept for a post-mortem, not deleted
+    assert (run / "checkpoints" / "step_00000004" / "model.safetensors").is_file()  # saved again
+    # steps 3-4 redone from step 2 give exactly the uninterrupted run's model
+    redone, reference = load_file(run / "model" / "model.safetensors"), load_file(finished_run / "model" / "model.safetensors")
+    assert redone.keys() == reference.keys() and all(torch.equal(redone[k], reference[k]) for k in reference)
+
+
+def test_no_loadable_checkpoint_is_an_error_and_a_config_mismatch_moves_nothing(finished_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for step in (run / "checkpoints").glob("step_*"):
+        (step / "state.pt").unlink()
+    cfg = load_run_config(str(run / "config.yaml"), [f"train.run_dir={run}"])
+    with pytest.raises(UserError, match="no checkpoint in .* loads; the damaged ones were moved aside"):
+        train(cfg, log=lambda *a: None)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002.damaged", "step_00000004.damaged"]
+    # a checkpoint that is fine but does not fit changed settings stays where it is
+    run2 = tmp_path / "run2"
+    shutil.copytree(finished_run, run2)
+    cfg = load_run_config(str(run2 / "config.yaml"), [f"train.run_dir={run2}", "optim.freeze=visual", "train.steps=6"])
+    with pytest.raises(UserError, match="parameter groups differ"):
+        train(cfg, log=lambda *a: None)
+    assert sorted(p.name for p in (run2 / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]

@@ -10,6 +10,7 @@ loaded with ``weights_only=True``.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
+from ..errors import UserError
 from ..io import _fsync_dir, atomic_write_bytes
 from ..models.coca import load_checked, unique_state
 
@@ -76,6 +78,29 @@ def load_checkpoint(path: Path, model, device) -> dict:
     """Load weights into ``model`` and return the training state dict."""
     load_checked(model, load_file(str(path / "model.safetensors"), device=str(device)), str(path))
     return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
+# What a truncated, garbled or half-deleted checkpoint raises while loading: safetensors' own error
+# (a subclass of Exception only), a missing file, a cut zip archive or pickle in state.pt, a key the
+# state lacks. A UserError (the checkpoint does not fit the run's config) is not among them: that
+# checkpoint is fine and the settings are wrong, so it is never moved aside.
+def is_damage(error: BaseException) -> bool:
+    if isinstance(error, UserError) and not isinstance(error, FileNotFoundError):
+        return False
+    return isinstance(error, (OSError, EOFError, RuntimeError, KeyError, ValueError, TypeError,
+                              pickle.UnpicklingError)) or type(error).__name__ == "SafetensorError"
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the resume order (``step_N.damaged``); nothing is deleted."""
+    target = path.with_name(f"{path.name}.damaged")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged{n}")
+    os.replace(path, target)
+    _fsync_dir(path.parent)
+    return target
 
 
 def clean_temporaries(root: Path) -> None:

@@ -215,7 +215,9 @@ class DeepSpeedEngine:
         return save_deepspeed_checkpoint(root, step, self.wrapped, state, keep, self.world)
 
     def load(self, path: Path) -> dict:
-        _, state = self.wrapped.load_checkpoint(str(path), tag=DS_TAG)
+        loaded, state = self.wrapped.load_checkpoint(str(path), tag=DS_TAG)
+        if loaded is None:  # DeepSpeed only warns when the files are not there
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint {DS_TAG!r} in it")
         return state
 
     def export(self, model_dir: Path, tokenizer, checkpoint_root: Path, model_cfg) -> Path:

@@ -33,7 +33,13 @@ from ..losses import CoCaLoss, contrastive_accuracy
 from ..models.coca import create_model
 from ..tokenizer import Tokenizer
 from .best import BestModel
-from .checkpoint import clean_temporaries, latest_checkpoint
+from .checkpoint import (
+    checkpoint_dirs,
+    clean_temporaries,
+    is_damage,
+    latest_checkpoint,
+    set_aside,
+)
 from .distributed import barrier, deepspeed_config, global_sum, init_world, shutdown
 from .engines import build_engine
 from .metrics import MetricsLog, TensorBoard
@@ -208,19 +214,48 @@ class Trainer:
         if self.world.is_main:
             clean_temporaries(self.ckpt_root)
         barrier(self.world)
-        latest = latest_checkpoint(self.ckpt_root)
+        latest = self.load_newest_checkpoint()
         if latest is not None:
-            state = self.engine.load(latest)
-            torch.set_rng_state(state["rng_cpu"])
-            if self.device.type == "cuda" and "rng_cuda" in state:
-                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-            self.progress = Progress(state["step"], state["batches_done"], Counter(state["skipped"]),
-                                     state.get("nonfinite_steps", 0))
             self.say(f"resumed from {latest} at step {self.progress.step}")
         self.nonfinite_streak = torch.tensor(self.progress.nonfinite, device=self.device)  # read at log steps
         main = self.world.is_main
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.progress.step) if main else None
         self.tb = TensorBoard(self.run_dir / "tb", self.tc.tensorboard and main)
+
+    def load_newest_checkpoint(self) -> Path | None:
+        """Restore the newest checkpoint that loads. A damaged one (truncated, garbled, a file
+        missing) is set aside with a warning and the one before it is tried; every rank takes the
+        same decision. None when there is no checkpoint; an error when none of them loads."""
+        candidates = checkpoint_dirs(self.ckpt_root)[::-1]
+        set_aside_to = []
+        for path in candidates:
+            try:
+                state = self.engine.load(path)
+                rng = state["rng_cpu"]
+                progress = Progress(state["step"], state["batches_done"], Counter(state["skipped"]),
+                                    state.get("nonfinite_steps", 0))
+                error = None
+            except Exception as e:  # noqa: BLE001 - sorted by is_damage below
+                if not is_damage(e):
+                    raise
+                error = e
+            if global_sum(0 if error is None else 1, self.world, self.device) == 0:
+                torch.set_rng_state(rng)
+                if self.device.type == "cuda" and "rng_cuda" in state:
+                    torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+                self.progress = progress
+                return path
+            barrier(self.world)  # every rank is done reading it before it moves
+            if self.world.is_main:
+                moved = set_aside(path)
+                set_aside_to.append(str(moved))
+                reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
+                self.say(f"warning: checkpoint {path} does not load ({str(reason)[:300]}); moved aside to {moved}")
+            barrier(self.world)
+        if candidates:
+            raise UserError(f"no checkpoint in {self.ckpt_root} loads; the damaged ones were moved aside "
+                            f"({', '.join(set_aside_to) or 'on rank 0'}); a rerun starts the run from step 0")
+        return None
 
     # --- one step ------------------------------------------------------------------------------
     def next_micro_batches(self, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
