@@ -262,3 +262,67 @@ def test_no_loadable_checkpoint_is_an_error_and_a_config_mismatch_moves_nothing(
     with pytest.raises(UserError, match="parameter groups differ"):
         train(cfg, log=lambda *a: None)
     assert sorted(p.name for p in (run2 / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def _no_space(*args, **kwargs):
+    import errno
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_checkpointing_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import coca.train.checkpoint as checkpoint
+    cfg = run_config(tmp_path, "train.steps=4", "train.checkpoint_every=2", "data.tokenizer_train_captions=500")
+    real_save, saves = torch.save, []
+
+    def save_once(*args, **kwargs):  # the first checkpoint is written; the disk is full at the second
+        saves.append(1)
+        return real_save(*args, **kwargs) if len(saves) == 1 else _no_space()
+    monkeypatch.setattr(checkpoint.torch, "save", save_once)
+    with pytest.raises(UserError, match=r"no space left on the device writing .*checkpoints/step_00000004$"):
+        train(cfg, log=lambda *a: None)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]  # no half-written or hidden leftovers
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    lines = []
+    assert train(cfg, log=lines.append)["step"] == 4  # space again: the run resumes from the intact one
+    assert any("resumed from" in line and "step_00000002" in line for line in lines)
+
+
+def test_a_full_disk_while_exporting_or_logging_is_one_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    import coca.io
+    cfg = run_config(tmp_path, "train.steps=2", "train.checkpoint_every=2", "data.tokenizer_train_captions=500")
+    monkeypatch.setattr(coca.io.os, "fdopen", _no_space)  # every atomic write: here the exported model
+    train_dir = tmp_path / "run"
+    with pytest.raises(UserError, match=r"no space left on the device writing .*(model|tokenizer|config)"):
+        train(cfg, log=lambda *a: None)
+    assert not [p for p in train_dir.rglob("*.tmp")]
+    monkeypatch.undo()
+    real_open = builtins.open
+
+    def open_metrics(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            _no_space()
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", open_metrics)
+    cfg = run_config(tmp_path / "again", "train.steps=2", "data.tokenizer_train_captions=500")
+    with pytest.raises(UserError, match=r"no space left on the device writing .*metrics.jsonl$"):
+        train(cfg, log=lambda *a: None)
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_warning(finished_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    shutil.rmtree(run / "model")
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "loss": 0.12')  # the append a crash cut short
+    lines = []
+    cfg = load_run_config(str(run / "config.yaml"), [f"train.run_dir={run}"])
+    assert train(cfg, log=lines.append)["step"] == 4
+    assert any(f"dropped 1 unreadable line(s) of {metrics}" in line for line in lines), lines
+    records = [__import__("json").loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if "split" not in r] == [1, 2, 3, 4]

@@ -17,3 +17,7 @@ class InputNotFound(UserError, FileNotFoundError):
 
 class NotADirectory(UserError, NotADirectoryError):
     """A path the user named should be a directory."""
+
+
+class DiskFull(UserError, OSError):
+    """No space left on the device (or over quota) while writing the named file."""

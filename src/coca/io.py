@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+from .errors import DiskFull
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(error: OSError, path) -> DiskFull | None:
+    """A one-line error naming ``path`` when ``error`` is a full disk (or quota), else None."""
+    if isinstance(error, OSError) and error.errno in NO_SPACE:
+        return DiskFull(f"no space left on the device writing {path}")
+    return None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -18,11 +30,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        full = disk_full(e, path) if isinstance(e, OSError) else None
+        if full is not None:
+            raise full from None
         raise
     _fsync_dir(path.parent)
     return path

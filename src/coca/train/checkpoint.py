@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from ..errors import UserError
-from ..io import _fsync_dir, atomic_write_bytes
+from ..io import _fsync_dir, atomic_write_bytes, disk_full
 from ..models.coca import load_checked, unique_state
 
 NAME = re.compile(r"^step_(\d{8})$")
@@ -50,8 +50,11 @@ def save_checkpoint(root: Path, step: int, model, state: dict, keep: int) -> Pat
             f.flush()
             os.fsync(f.fileno())
         _replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(e, final) if isinstance(e, OSError) else None
+        if full is not None:  # the previous checkpoints are untouched
+            raise full from None
         raise
     for old in checkpoint_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

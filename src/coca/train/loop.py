@@ -219,7 +219,7 @@ class Trainer:
             self.say(f"resumed from {latest} at step {self.progress.step}")
         self.nonfinite_streak = torch.tensor(self.progress.nonfinite, device=self.device)  # read at log steps
         main = self.world.is_main
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.progress.step) if main else None
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.progress.step, self.say) if main else None
         self.tb = TensorBoard(self.run_dir / "tb", self.tc.tensorboard and main)
 
     def load_newest_checkpoint(self) -> Path | None:

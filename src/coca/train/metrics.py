@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..errors import UserError
+from ..io import atomic_write_text, disk_full
 
 
 def _parse(line: str) -> dict | None:
@@ -19,18 +20,32 @@ def _parse(line: str) -> dict | None:
 
 
 class MetricsLog:
-    """Appends JSON lines; on resume drops lines beyond the checkpoint so the file has no repeats."""
+    """Appends JSON lines; on resume drops lines beyond the checkpoint so the file has no repeats,
+    and lines that are not JSON records (a torn append after a crash or a full disk), with a warning."""
 
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, warn=print):
         self.path = path
         if path.exists():
-            keep = [line for line in path.read_text(errors="replace").splitlines()
-                    if (record := _parse(line)) is not None and record.get("step", 0) <= resume_step]
+            try:
+                lines = path.read_text(errors="replace").splitlines()
+            except OSError as e:
+                raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+            records = [(line, _parse(line)) for line in lines if line.strip()]
+            torn = sum(record is None for _, record in records)
+            if torn:
+                warn(f"warning: dropped {torn} unreadable line(s) of {path} (a write cut short by a crash or a full disk)")
+            keep = [line for line, record in records if record is not None and record.get("step", 0) <= resume_step]
             atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            full = disk_full(e, self.path)
+            if full is not None:
+                raise full from None
+            raise
 
 
 class TensorBoard:
