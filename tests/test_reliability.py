@@ -326,3 +326,60 @@ def test_a_torn_metrics_line_is_dropped_with_a_warning(finished_run, tmp_path):
     assert any(f"dropped 1 unreadable line(s) of {metrics}" in line for line in lines), lines
     records = [__import__("json").loads(x) for x in metrics.read_text().splitlines()]
     assert [r["step"] for r in records if "split" not in r] == [1, 2, 3, 4]
+
+
+# -------------------------------------------------------------------------------------- signals
+
+def _train_in_own_group(run, *extra):
+    import os
+    args = [sys.executable, "-m", "coca.cli", "train"]
+    for o in FAST + [f"train.run_dir={run}", "train.steps=1000", "train.checkpoint_every=500", "data.workers=1",
+                     "data.tokenizer_train_captions=500", *extra]:
+        args += ["--set", o]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env)
+
+
+def _wait_for_steps(run, proc, step=3, timeout=120):
+    import json
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= step
+                                    for x in metrics.read_text().splitlines() if x.endswith("}")):
+            return
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_the_whole_group_checkpoints_and_exits_0(tmp_path, signame):
+    """What `timeout`, `scancel` and Ctrl-C do: the signal reaches the data workers too."""
+    import os
+    import signal
+    run = tmp_path / "run"
+    proc = _train_in_own_group(run)
+    _wait_for_steps(run, proc)
+    os.killpg(proc.pid, getattr(signal, signame))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert f"stopped by signal ({signame}) at step".encode() in out + err
+    (saved,) = (run / "checkpoints").iterdir()
+    assert int(saved.name.split("_")[1]) >= 3 and "Traceback" not in err.decode()
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    import os
+    import signal
+    import time
+    run = tmp_path / "run"
+    proc = _train_in_own_group(run, "data.batch_size=256")  # steps of about a second: both arrive in one
+    _wait_for_steps(run, proc, step=2)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.3)  # the first one handled (two pending ones would merge into one)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.decode().rstrip().endswith("interrupted"), err.decode()[-2000:]
+    assert b"stopped by signal" not in out + err and "Traceback" not in err.decode()

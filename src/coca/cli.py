@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # bad input: one line naming what is wrong; anything else is a bug (traceback)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (training: the second one; the first checkpoints and stops)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

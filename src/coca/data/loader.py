@@ -11,6 +11,7 @@ trimmed to the batch's longest caption.
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -160,13 +161,21 @@ class TrimmingCollator(Collator):
         return batch
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """In a data worker: SIGTERM and SIGINT sent to the whole process group (``timeout``, Slurm,
+    Ctrl-C) are for the main process, which checkpoints and then stops its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def train_batches(cfg: DataConfig, image_size: int, tokenizer, seed: int, start: int = 0,
                   rank: int = 0, world_size: int = 1) -> Iterator[dict]:
     """Endless training batches, starting at batch index ``start`` (the resume position)."""
     source = build_source(cfg, "train", image_size)
     transform = TrainTransform.from_config(image_size, cfg.augment)
     collate = TrimmingCollator(tokenizer)
-    common = dict(num_workers=cfg.workers, persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+    common = dict(num_workers=cfg.workers, persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
+                  worker_init_fn=ignore_stop_signals if cfg.workers else None)
     if isinstance(source, WebDatasetSource):
         stream = WebDatasetStream(source, transform, collate, cfg.batch_size, seed, start, rank, world_size,
                                   cfg.resampled)

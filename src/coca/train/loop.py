@@ -371,10 +371,13 @@ class Trainer:
         self.build()
         self.resume()
 
-        def on_sigterm(signum, frame):  # finish the current step, checkpoint, exit cleanly
+        def on_stop(signum, frame):  # finish the current step, checkpoint, exit cleanly
+            # (nothing printed here: a handler that interrupts a print and prints itself can fail)
+            if signum == signal.SIGINT and self.stop_signal is not None:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop at once, no checkpoint
             self.stop_signal = signum
 
-        previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+        previous_handlers = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         p, main = self.progress, self.world.is_main
         batches = train_batches(self.cfg.data, self.cfg.model.vision.image_size, self.tokenizer, tc.seed,
                                 start=p.batches_done, rank=self.world.rank, world_size=self.world.world_size)
@@ -416,9 +419,11 @@ class Trainer:
             if p.step < tc.steps:  # stopped early (agreed by all ranks): save where it stopped
                 latest = latest_checkpoint(self.ckpt_root)
                 path = latest if latest is not None and latest.name == f"step_{p.step:08d}" else self.checkpoint()
-                self.say(f"stopped by signal at step {p.step}; checkpoint {path}")
+                name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal on another rank"
+                self.say(f"stopped by signal ({name}) at step {p.step}; checkpoint {path}")
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
             if bar is not None:
                 bar.close()
             self.tb.close()
