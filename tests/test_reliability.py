@@ -383,3 +383,43 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.decode().rstrip().endswith("interrupted"), err.decode()[-2000:]
     assert b"stopped by signal" not in out + err and "Traceback" not in err.decode()
+
+
+# ------------------------------------------------------------------------------ long csv fields
+
+def test_a_csv_with_a_huge_field_is_read_and_the_long_caption_skipped(tmp_path):
+    from PIL import Image
+
+    from coca.data.readers import CsvSource
+    from coca.data.samples import Skipped
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(tmp_path / "a.png")
+    (tmp_path / "data.csv").write_text("filepath,caption\n"
+                                       f"a.png,{'word ' * 40_000}\n"  # 200 KB: over the csv module's 128 KB
+                                       "a.png,a short caption\n")
+    source = CsvSource(tmp_path / "data.csv")
+    first, second = source.load(0), source.load(1)
+    assert isinstance(first, Skipped) and first.reason == "caption_too_long"
+    assert second[1] == "a short caption"
+
+
+def test_an_image_that_decodes_but_fails_its_transform_skips_only_itself(tmp_path):
+    from PIL import Image
+
+    from coca.evaluate.common import ImageFiles, image_batches
+    for i in range(5):
+        Image.new("RGB", (40 + i, 40), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    paths = [tmp_path / f"{i}.png" for i in range(5)]
+    original = ImageFiles.__init__
+
+    def fragile(self, *args, **kwargs):  # the transform fails on the 42-pixel-wide image alone
+        original(self, *args, **kwargs)
+        transform = self.transform
+        self.transform = lambda im: (_ for _ in ()).throw(ValueError("bad")) if im.width == 42 else transform(im)
+    ImageFiles.__init__ = fragile
+    try:
+        skipped = []
+        batches = list(image_batches(paths, 32, batch_size=4, skipped=skipped))
+    finally:
+        ImageFiles.__init__ = original
+    assert [i for positions, _ in batches for i in positions] == [0, 1, 3, 4]
+    assert skipped == [{"path": str(paths[2]), "reason": "decode_error"}]

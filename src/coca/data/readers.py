@@ -87,6 +87,9 @@ class CsvSource:
             raise UserError(f"CSV file {str(self.path)!r} is empty (no header row)")
         self.sep = sep if sep is not None else self._infer_sep(text)
 
+        # the csv module refuses a field over 128 KB, which would refuse the whole file for one
+        # runaway caption; a field is bounded by the file (already in memory) instead
+        csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=self.sep)
         try:
             header = [h.strip() for h in next(reader)]

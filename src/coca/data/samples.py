@@ -16,6 +16,10 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import MAX_PIXELS  # noqa: F401 (the one pixel limit; imported from here by readers)
 
+# Far beyond what a 77-token context keeps (web alt-texts are rarely over 1,000 characters):
+# longer "captions" are page text or a broken scrape, not a description of the image.
+MAX_CAPTION_CHARS = 10_000
+
 SKIP_REASONS = (
     "missing_image",       # caption without an image (or a file that does not exist)
     "decode_error",        # undecodable, truncated or zero-byte image
@@ -23,6 +27,7 @@ SKIP_REASONS = (
     "missing_caption",     # image without a caption
     "bad_utf8",            # caption bytes are not UTF-8
     "empty_caption",       # caption empty after stripping whitespace
+    "caption_too_long",    # caption over MAX_CAPTION_CHARS characters
     "corrupt_tar_member",  # a tar member or header that cannot be read
     "unsupported_member",  # a sample whose image or caption is a link or device in the tar, not a file
 )
@@ -97,6 +102,8 @@ def decode_caption(data: bytes | str | None, key: str = "") -> str | Skipped:
             data = data.decode("utf-8")
         except UnicodeDecodeError:
             return Skipped("bad_utf8", key)
+    if len(data) > MAX_CAPTION_CHARS:
+        return Skipped("caption_too_long", key)
     text = " ".join(data.split())
     return text if text else Skipped("empty_caption", key)
 

@@ -53,7 +53,12 @@ class ImageFiles(torch.utils.data.Dataset):
         except OSError:
             return i, Skipped("missing_image", str(path))
         image = decode_image(data, self.max_pixels, str(path))
-        return i, image if isinstance(image, Skipped) else self.transform(image)
+        if isinstance(image, Skipped):
+            return i, image
+        try:
+            return i, self.transform(image)
+        except (OSError, ValueError, RuntimeError):  # decodes but cannot be resized: this file only
+            return i, Skipped("decode_error", str(path))
 
 
 def _collate(items):
