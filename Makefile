@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install system-packages clean
+.PHONY: demo test test-all faults install system-packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ system-packages:
 
 test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q
+	$(BIN)/python scripts/faults.py
+
+# Bad inputs and injected faults against every command; one table, every count but inputs 0.
+faults: $(STAMP)
+	$(BIN)/python scripts/faults.py
 
 # Includes the tests marked slow.
 test-all: $(STAMP) system-packages

@@ -4,6 +4,7 @@ traceback or a silently wrong result."""
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ from coca.config import ConfigError, load_run_config
 from coca.errors import UserError
 from coca.tokenizer import Tokenizer
 from coca.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from faults import write_tar  # noqa: E402
 
 FAST = ["model.text.vocab_size=64", "data.tokenizer_vocab_size=64", "data.tokenizer_model_type=bpe",
         "data.batch_size=4", "data.workers=0", "train.progress=false", "train.val_every=0", "train.log_every=1",
@@ -148,21 +152,6 @@ def test_prepare_writes_a_16bit_png_at_its_real_brightness(tmp_path):
     with tarfile.open(shard) as tf:
         (jpg,) = [tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")]
     assert abs(np.asarray(Image.open(io.BytesIO(jpg))).mean() - 127.5) < 3
-
-
-def write_tar(path, members, links=()):
-    """Regular members (name, bytes), then symbolic links (name, target)."""
-    import io
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for name, target in links:
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            tf.addfile(info)
-    return path
 
 
 def test_samples_made_of_links_are_rejected_not_lost(tmp_path):

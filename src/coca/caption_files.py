@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data.readers import IMAGE_EXTENSIONS
 from .errors import InputNotFound, UserError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = set(IMAGE_EXTENSIONS)
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
 

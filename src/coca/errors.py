@@ -21,3 +21,7 @@ class NotADirectory(UserError, NotADirectoryError):
 
 class DiskFull(UserError, OSError):
     """No space left on the device (or over quota) while writing the named file."""
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """Too many non-finite losses in a row: the settings (learning rate) or the data need a change."""

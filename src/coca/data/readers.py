@@ -34,7 +34,7 @@ __all__ = [
     "IMAGE_EXTENSIONS", "WDS_IMAGE_EXTENSIONS",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # files any folder reader takes
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # image members of a webdataset sample
 
 

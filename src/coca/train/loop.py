@@ -26,7 +26,7 @@ import yaml
 
 from ..config import ConfigError, RunConfig
 from ..data.loader import train_batches, training_captions, val_batches
-from ..errors import UserError
+from ..errors import TrainingDiverged, UserError
 from ..evaluate.tasks import Evaluation
 from ..io import atomic_write_bytes, atomic_write_text
 from ..losses import CoCaLoss, contrastive_accuracy
@@ -290,7 +290,7 @@ class Trainer:
         if not result.finite:
             self.progress.nonfinite += 1
             if self.progress.nonfinite >= MAX_NONFINITE_IN_A_ROW:
-                raise FloatingPointError(f"{self.progress.nonfinite} non-finite losses in a row at step "
+                raise TrainingDiverged(f"{self.progress.nonfinite} non-finite losses in a row at step "
                                          f"{self.progress.step}; lower optim.lr or check the data")
             self.engine.zero_grad()
             return None
@@ -320,7 +320,7 @@ class Trainer:
         if self.engine.skips_on_device:
             self.progress.nonfinite = int(self.nonfinite_streak)
             if self.progress.nonfinite >= MAX_NONFINITE_IN_A_ROW:
-                raise FloatingPointError(f"{self.progress.nonfinite} non-finite losses in a row before step "
+                raise TrainingDiverged(f"{self.progress.nonfinite} non-finite losses in a row before step "
                                          f"{self.progress.step}; lower optim.lr or check the data")
 
     def write(self, record: dict) -> None:
