@@ -59,6 +59,14 @@ def single_process_initial():
     return _initial
 
 
+def needs_deepspeed() -> None:
+    """DeepSpeed and the compiler its C++ op needs (a skip locally, a failure under CI=true)."""
+    from conftest import require_program
+    pytest.importorskip("deepspeed")
+    require_program("g++", why="DeepSpeed compiles a C++ op on first use")
+    require_program("ninja", why="DeepSpeed compiles a C++ op on first use")
+
+
 @pytest.mark.parametrize("accum, split", [(1, "4,4"), (1, "5,3"), (2, "4,4")])
 def test_ddp_step_equals_single_process(tmp_path, accum, split):
     check_matches_single_process(launch("ddp", accum, split, tmp_path / "out.pt"))
@@ -66,7 +74,7 @@ def test_ddp_step_equals_single_process(tmp_path, accum, split):
 
 @pytest.mark.parametrize("accum, split", [(1, "4,4"), (2, "4,4")])
 def test_deepspeed_zero2_step_equals_single_process(tmp_path, accum, split):
-    pytest.importorskip("deepspeed")
+    needs_deepspeed()
     check_matches_single_process(launch("deepspeed", accum, split, tmp_path / "out.pt"))
 
 
@@ -77,7 +85,7 @@ def test_a_nonfinite_loss_with_accumulation_is_skipped_before_any_update(tmp_pat
     BF16 with DeepSpeed's own overflow check off, so only ours protects the weights. Under DDP the
     next, clean step equals the single-process step from the initial weights."""
     if engine == "deepspeed":
-        pytest.importorskip("deepspeed")
+        needs_deepspeed()
     result = launch(engine, 2, "4,4", tmp_path / "out.pt", nan_rank=1)
     assert result["first_step_finite"] is False and result["unchanged_after_skip"]
     if engine == "ddp":  # fp32: the next step equals the reference bitwise-close
@@ -129,7 +137,7 @@ def test_train_command_resumes_after_sigkill_on_two_ranks(tmp_path, engine):
     import signal
     import time
     if engine == "deepspeed":
-        pytest.importorskip("deepspeed")
+        needs_deepspeed()
     extra = [f"train.engine={engine}", "train.accum_steps=2"]
     full = torchrun(tmp_path / "full", *extra)
     out = full.communicate(timeout=300)[0].decode(errors="replace")
@@ -219,7 +227,7 @@ def test_deepspeed_bf16_with_accumulation_checkpointing_and_validation(tmp_path)
     """The recipe's switches together (BF16 weights with fp32 master copies, GradCache, activation
     checkpointing, validation and evaluation on rank 0 while the other rank waits, a frozen tower,
     the best model kept) run, and the merged model holds the fp32 master weights."""
-    pytest.importorskip("deepspeed")
+    needs_deepspeed()
     import json
 
     import coca
@@ -276,7 +284,7 @@ def test_plan_finds_the_fewest_checkpointed_blocks_that_fit():
 def test_bf16_losses_of_the_single_and_deepspeed_engines_agree(tmp_path):
     """BF16 means autocast over fp32 weights in one process and bf16 weights under DeepSpeed; norms
     and the temperature are computed in fp32 in both, so the first steps' losses agree to 5e-4."""
-    pytest.importorskip("deepspeed")
+    needs_deepspeed()
     import json
 
     from coca.config import load_run_config
@@ -300,7 +308,7 @@ def test_bf16_losses_of_the_single_and_deepspeed_engines_agree(tmp_path):
 
 def test_deepspeed_run_of_zero_steps_exports_the_loaded_model(tmp_path):
     """No checkpoint exists to merge: the module's weights (whole on every rank at ZeRO <= 2) are saved."""
-    pytest.importorskip("deepspeed")
+    needs_deepspeed()
     from safetensors.torch import load_file
 
     import coca

@@ -145,11 +145,15 @@ def planted(tmp_path_factory):
     return root, samples, truth
 
 
+def prepare_planted(root, out, *extra):
+    assert main(["data", "prepare", "--input", str(root / "in" / "{00000..00003}.tar"), "--output", str(out),
+                 *sum((["--set", s] for s in [*SMALL, *extra]), [])]) == 0
+    return out
+
+
 def test_planted_duplicates_are_removed_and_recorded(planted, capsys):
     root, samples, truth = planted
-    out = root / "out"
-    assert main(["data", "prepare", "--input", str(root / "in" / "{00000..00003}.tar"), "--output", str(out),
-                 *sum((["--set", s] for s in SMALL), [])]) == 0
+    out = prepare_planted(root, root / "out")
     assert "shards" in capsys.readouterr().out
     stats = json.loads((out / "stats.json").read_text())
     kept, sizes = read_output(out)
@@ -295,11 +299,9 @@ def test_similarity_filter_with_a_coca_checkpoint(tmp_path):
 def test_ray_local_mode_gives_the_same_shards(planted, tmp_path):
     pytest.importorskip("ray")
     root, _, _ = planted
-    local = root / "out"  # written by test_planted_duplicates_are_removed_and_recorded
-    if not (local / "stats.json").exists():
-        pytest.skip("needs the local-engine output of the planted test")
-    out = tmp_path / "ray"
-    assert main(["data", "prepare", "--input", str(root / "in" / "{00000..00003}.tar"), "--output", str(out),
-                 *sum((["--set", s] for s in [*SMALL, "engine=ray"]), [])]) == 0
+    local = root / "out"  # written by test_planted_duplicates_are_removed_and_recorded when it ran
+    if not (local / "stats.json").exists():  # run alone: make the local-engine output here
+        local = prepare_planted(root, tmp_path / "local")
+    out = prepare_planted(root, tmp_path / "ray", "engine=ray")
     for shard in sorted(local.glob("*.tar")):
         assert (out / shard.name).read_bytes() == shard.read_bytes()

@@ -412,3 +412,33 @@ def test_an_image_that_decodes_but_fails_its_transform_skips_only_itself(tmp_pat
         ImageFiles.__init__ = original
     assert [i for positions, _ in batches for i in positions] == [0, 1, 3, 4]
     assert skipped == [{"path": str(paths[2]), "reason": "decode_error"}]
+
+
+# ---------------------------------------------------------------------- the test machine's tools
+
+def test_a_missing_program_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    import shutil
+
+    from conftest import require_program
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="needs java"):
+        require_program("java", why="the COCO caption scorers")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="needs java"):
+        require_program("java", why="the COCO caption scorers")
+
+
+def test_system_packages_that_cannot_be_installed_are_an_error(tmp_path):
+    import os
+    import shutil
+    bin_dir = tmp_path / "bin"  # a PATH with none of the packages and no apt-get
+    bin_dir.mkdir()
+    os.symlink(shutil.which("id"), bin_dir / "id")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ensure-system-packages.sh"
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+    proc = subprocess.run(["/bin/bash", str(script)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and "could not install default-jre-headless g++ ninja-build chromium" in proc.stderr
+    allowed = subprocess.run(["/bin/bash", str(script)], env={**env, "COCA_ALLOW_MISSING_SYSTEM_PACKAGES": "1"},
+                             capture_output=True, text=True)
+    assert allowed.returncode == 0 and "error: could not install" in allowed.stderr

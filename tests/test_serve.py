@@ -305,9 +305,8 @@ def test_api_key_protects_everything_but_the_page_and_health(trained):
 @pytest.fixture(scope="module")
 def browser():
     playwright = pytest.importorskip("playwright.sync_api")
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        pytest.skip("chromium is not installed (make test installs it with apt-get)")
+    from conftest import require_program
+    executable = require_program("chromium", "chromium-browser", why="the browser tests of the serving page")
     with playwright.sync_playwright() as p:
         b = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
         yield b
