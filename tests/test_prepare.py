@@ -286,14 +286,29 @@ def test_similarity_filter_with_a_coca_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = coca.create_model("coca-tiny")
     model_dir = model.save_pretrained(tmp_path / "model", tokenizer=tok)
-    samples = [(f"s{i}", jpeg(random_photo(i, 96)), f"a photo of a garden {i}") for i in range(5)]
+    captions = ["a photo of a garden", "a red square", "a garden", "a red photo", "a square garden", "a photo"]
+    samples = [(f"s{i}", jpeg(random_photo(i, 96)), captions[i]) for i in range(6)]
     write_shards(samples, tmp_path / "in", 10)
-    for threshold, expected in ((-1.0, 0), (1.01, 5)):
-        out = tmp_path / f"out{threshold}"
+    # the cosines computed here, independently: decode, resize + crop, both towers, cosine
+    from coca.data.transforms import eval_transform
+    model = coca.load(model_dir).eval()
+    transform = eval_transform(model.cfg.vision.image_size)
+    with torch.no_grad():
+        images = torch.stack([transform(Image.open(io.BytesIO(data)).convert("RGB")) for _, data, _ in samples])
+        cos = torch.nn.functional.cosine_similarity(model.encode_image(images),
+                                                    model.encode_text(model.tokenizer.encode(captions)), dim=-1)
+    ranked = sorted(zip(cos.tolist(), [key for key, _, _ in samples]))
+    gaps = [(ranked[i + 1][0] - ranked[i][0], i) for i in range(1, len(ranked) - 2)]
+    gap, cut = max(gaps)
+    assert gap > 1e-4  # a threshold between two cosines, far from both in float32
+    threshold = (ranked[cut][0] + ranked[cut + 1][0]) / 2
+    expected = {key for _, key in ranked[:cut + 1]}
+    for t, want in ((threshold, expected), (ranked[0][0] - 1e-3, set()), (ranked[-1][0] + 1e-3, {k for _, k in ranked})):
+        out = tmp_path / f"out{t}"
         assert main(["data", "prepare", "--input", str(tmp_path / "in"), "--output", str(out), "--set",
                      "filters.min_side=64", "--set", "workers=1", "--set", f"filters.similarity_model={model_dir}",
-                     "--set", f"filters.similarity_threshold={threshold}"]) == 0
-        assert sum(r["reason"] == "low_similarity" for r in rejects_of(out)) == expected
+                     "--set", f"filters.similarity_threshold={t}"]) == 0
+        assert {r["key"] for r in rejects_of(out) if r["reason"] == "low_similarity"} == want
 
 
 def test_ray_local_mode_gives_the_same_shards(planted, tmp_path):
