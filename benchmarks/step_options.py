@@ -1,6 +1,7 @@
 """Training-step options against the plain step: a frozen vision tower (``optim.freeze:
-[visual]``) and the caption cross-entropy in chunks (``loss.caption_chunk_tokens``): time, the
-bytes autograd keeps for backward, gradients + AdamW state, and peak RSS.
+[visual]``), the caption cross-entropy in chunks (``loss.caption_chunk_tokens``) and the model
+under ``torch.compile`` (``train.compile``): time, the bytes autograd keeps for backward,
+gradients + AdamW state, and peak RSS.
 
 Run (from the repository root; about 3 minutes on 2 CPU cores):
 
@@ -17,6 +18,12 @@ Memory: "saved for backward" counts the bytes of the tensors autograd saves duri
 loss (``torch.autograd.graph.saved_tensors_hooks``; parameters excluded), exact and noise-free;
 "grads + AdamW" is 3 x 4 bytes per trainable parameter; peak RSS is measured in a fresh process
 (VmHWM) over two steps, minus the RSS before the model was built.
+
+The compiled row wraps the model in ``torch.compile`` (default mode, as ``train.compile`` does);
+its first step, which compiles forward and backward, is timed separately ("first step s") and
+is not in the median. The compiler's caches go to a fresh temporary directory, so that first
+step is a cold compile, as in a new training run on a new machine. Its "saved for backward" is not measured (the compiled graph saves what
+its own partitioner chooses, outside the hooks); its peak RSS includes the compiler's own memory.
 """
 
 from __future__ import annotations
@@ -26,9 +33,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
-import torch
+# a cold compile for the compiled row (the memory child, started with this environment, reuses it)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="step_options_inductor_"))
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matched  # noqa: E402
@@ -39,25 +50,27 @@ from coca.losses import CoCaLoss  # noqa: E402
 from coca.tokenizer import trim_padding  # noqa: E402
 from coca.train.optim import freeze, param_groups  # noqa: E402
 
-ROWS = {  # name -> (frozen components, caption chunk)
-    "all components trained": ([], 0),
-    "vision tower frozen": (["visual"], 0),
-    "caption CE in chunks of 1024 tokens": ([], 1024),
+ROWS = {  # name -> (frozen components, caption chunk, torch.compile)
+    "all components trained": ([], 0, False),
+    "vision tower frozen": (["visual"], 0, False),
+    "caption CE in chunks of 1024 tokens": ([], 1024, False),
+    "torch.compile (train.compile)": ([], 0, True),
 }
 
 
 def build_step(size, row, images, tokens, lr: float):
-    frozen, chunk = row
+    frozen, chunk, compiled = row
     torch.manual_seed(0)
     model, _ = matched.build_ours(size)
     model.train()
     freeze(model, frozen)
     opt = torch.optim.AdamW(param_groups(model, OptimConfig(lr=lr, weight_decay=0.1)), lr=lr)
     loss_fn = CoCaLoss(1.0, 1.0, 0, caption_chunk_tokens=chunk, lm_head_weight=model.text_decoder.lm_head.weight)
+    forward = torch.compile(model) if compiled else model
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images, tokens, return_logits=loss_fn.wants_logits), tokens).loss
+        loss = loss_fn(forward(images, tokens, return_logits=loss_fn.wants_logits), tokens).loss
         loss.backward()
         opt.step()
         return loss.item()
@@ -111,8 +124,11 @@ def main(argv=None) -> int:
     for name, row in ROWS.items():
         model, loss_fn, step = build_step(size, row, images, tokens, args.lr)
         trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
-        rows[name] = {"step": step, "times": [], "trainable": trainable,
-                      "saved_bytes": saved_bytes(model, loss_fn, images, tokens), "loss": step()}
+        saved = None if row[2] else saved_bytes(model, loss_fn, images, tokens)
+        start = time.perf_counter()
+        loss = step()  # warm-up: allocates the AdamW state; compiles the compiled row
+        rows[name] = {"step": step, "times": [], "trainable": trainable, "saved_bytes": saved, "loss": loss,
+                      "first_step_s": time.perf_counter() - start}
     names = list(rows)
     load_start = os.getloadavg()
     for r in range(args.reps):
@@ -129,14 +145,18 @@ def main(argv=None) -> int:
         rss = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         med = matched.median(row["times"])
         res = {"row": name, "median_s": med, "times_s": row["times"], "speedup": full / med,
-               "trainable_params": row["trainable"], "saved_for_backward_mb": row["saved_bytes"] / 2 ** 20,
+               "first_step_s": row["first_step_s"], "trainable_params": row["trainable"],
+               "saved_for_backward_mb": None if row["saved_bytes"] is None else row["saved_bytes"] / 2 ** 20,
                "grads_and_adamw_mb": 12 * row["trainable"] / 2 ** 20, "peak_rss_delta_mb": rss["peak_delta_kb"] / 1024,
                "first_loss": row["loss"]}
         results.append(res)
+        saved_mb = "-" if res["saved_for_backward_mb"] is None else f"{res['saved_for_backward_mb']:.0f}"
         table.append([name, f"{row['trainable'] / 1e6:.1f}M", f"{med:.3f}", f"{res['speedup']:.2f}x",
-                      f"{res['saved_for_backward_mb']:.0f}", f"{res['grads_and_adamw_mb']:.0f}", f"{res['peak_rss_delta_mb']:.0f}"])
+                      f"{row['first_step_s']:.1f}", saved_mb, f"{res['grads_and_adamw_mb']:.0f}",
+                      f"{res['peak_rss_delta_mb']:.0f}"])
     print()
-    print(matched.markdown_table(["row", "trainable", "median s/step", "speed vs all trained", "saved for backward MB",
+    print(matched.markdown_table(["row", "trainable", "median s/step", "speed vs all trained", "first step s",
+                                  "saved for backward MB",
                                   "grads + AdamW MB", "peak RSS delta MB"], table))
     print(f"load average start {load_start[0]:.2f}, end {load_end[0]:.2f}")
     matched.write_json(args.json, {"benchmark": "step_options", "args": vars(args), "size": vars(size),
