@@ -153,6 +153,39 @@ def test_generation_matches_hf_generate(num_beams, length_penalty):
     assert _until_eos(ours) == _until_eos(ref)
 
 
+@pytest.fixture(scope="module")
+def varied_decoder():
+    """An HF T5 whose outputs are long and varied: a 24-token vocabulary, no EOS bias and no
+    sharpening, so EOS ends rows at many different steps and beam search often disagrees with
+    greedy; 16 rows of visual tokens."""
+    from types import SimpleNamespace
+    hf = make_hf_t5(seed=11, vocab_size=24)
+    _, decoder = from_hf_t5(hf)
+    shim = SimpleNamespace(cfg=SimpleNamespace(text=decoder.cfg), text_decoder=decoder)
+    return hf, shim, torch.randn(16, 11, 64, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("num_beams", [2, 3, 5])
+@torch.no_grad()
+def test_beam_search_matches_hf_on_long_varied_outputs(varied_decoder, num_beams):
+    """Beam search against HF ``generate`` where it is hard to get right: rows of many lengths,
+    beam != greedy in several rows, length penalties that favour short and long hypotheses, and a
+    minimum length. (It fails without the early-stopping check, and when finished hypotheses are
+    taken from all 2K candidates instead of the top K.)"""
+    from coca.generation import decode
+    hf, shim, visual = varied_decoder
+    greedy = _until_eos(decode(shim, visual, strategy="greedy", max_new_tokens=24))
+    for length_penalty in (0.6, 1.0, 2.0):
+        for min_new in (0, 6):
+            kw = dict(num_beams=num_beams, max_new_tokens=24, min_new_tokens=min_new, length_penalty=length_penalty)
+            ref = _until_eos(_hf_generate(hf, visual, **kw))
+            ours = _until_eos(decode(shim, visual, strategy="beam", **kw))
+            assert ours == ref, kw
+            assert len({len(r) for r in ref}) >= 2 and min(len(r) for r in ref) >= min_new  # varied, min length held
+            if min_new == 0:
+                assert sum(a != b for a, b in zip(ref, greedy)) >= 2, kw  # beam search is not greedy here
+
+
 @pytest.mark.parametrize("controls", [dict(repetition_penalty=1.8), dict(repetition_penalty=0.7),
                                       dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=1),
                                       dict(repetition_penalty=1.3, no_repeat_ngram_size=3)])
