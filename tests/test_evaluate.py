@@ -4,6 +4,7 @@ recall@K by hand, and every `coca eval` command end to end on synthetic data wri
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -333,3 +334,77 @@ def test_classify_by_likelihood(capsys, trained):
         assert code == 0, err
         probs = [float(line.split("%")[0]) for line in out.splitlines()[1:]]
         assert sum(probs) == pytest.approx(100, abs=0.1)
+
+
+@torch.no_grad()
+def test_eval_and_classify_numbers_equal_a_computation_by_hand(capsys, trained):
+    """Each command's numbers against the same quantities computed here from the model's two
+    towers and ``generate``: zero-shot predictions and top-1, captions, retrieval ranks and
+    recall@K, and ``coca classify``'s probabilities."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from coca.data.transforms import eval_transform
+    model = coca.load(trained["model"]).eval()
+    transform = eval_transform(model.cfg.vision.image_size)
+
+    def pixels(paths):
+        return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+
+    def embed_texts(texts):
+        return F.normalize(model.encode_text(model.tokenizer.encode(texts)), dim=-1)
+
+    # zero-shot: the class embedding is the renormalised mean of its normalised prompt embeddings
+    names = [n for n in open(trained["classnames"]).read().splitlines() if n.strip()]
+    templates = [t for t in open(trained["templates"]).read().splitlines() if t.strip()]
+    classifier = F.normalize(torch.stack([embed_texts([t.format(n) for t in templates]).mean(0) for n in names]), dim=-1)
+    root = Path(trained["classify"])
+    files = sorted(p for p in root.glob("*/*.png") if p.name != "zz_corrupt.png")
+    truth = [names.index(p.parent.name.replace("_", " ")) for p in files]
+    predicted = (F.normalize(model.encode_image(pixels(files)), dim=-1) @ classifier.T).argmax(-1).tolist()
+    out_file = trained["root"] / "zs_by_hand.json"
+    assert run(capsys, "eval", "zeroshot", "--model", trained["model"], "--images", root, "--classnames",
+               trained["classnames"], "--templates", trained["templates"], "--workers", 0, "--out", out_file)[0] == 0
+    res = json.loads(out_file.read_text())
+    assert {Path(p["image"]).resolve(): p["top5"][0]["class"] for p in res["predictions"]} == \
+        {p.resolve(): c for p, c in zip(files, predicted)}
+    assert res["metrics"]["top1"] == pytest.approx(sum(p == t for p, t in zip(predicted, truth)) / len(files))
+
+    # captions: greedy model.generate, decoded
+    annotations = json.loads(Path(trained["annotations"]).read_text())
+    by_id = {a["image_id"]: a["caption"] for a in annotations["annotations"]}
+    images = [(im["id"], Path(trained["captions"]) / im["file_name"]) for im in annotations["images"]]
+    images = [(i, p) for i, p in images if p.stat().st_size > 0]  # the test set has one empty file
+    generated = model.tokenizer.decode(model.generate(pixels([p for _, p in images]), strategy="greedy",
+                                                      max_new_tokens=30))
+    out_file = trained["root"] / "cap_by_hand.json"
+    assert run(capsys, "eval", "caption", "--model", trained["model"], "--images", trained["captions"], "--annotations",
+               trained["annotations"], "--strategy", "greedy", "--no-spice", "--workers", 0, "--out", out_file)[0] == 0
+    res = json.loads(out_file.read_text())
+    assert {p["image_id"]: p["caption"] for p in res["predictions"]} == {i: g for (i, _), g in zip(images, generated)}
+
+    # retrieval: one caption per image; ranks and recall@K from the cosine matrix
+    sims = F.normalize(model.encode_image(pixels([p for _, p in images])), dim=-1) @ embed_texts(
+        [by_id[i] for i, _ in images]).T
+    i2t_rank = [(row > row[k]).sum().item() for k, row in enumerate(sims)]       # texts scoring above the match
+    t2i_rank = [(col > col[k]).sum().item() for k, col in enumerate(sims.T)]
+    out_file = trained["root"] / "ret_by_hand.json"
+    assert run(capsys, "eval", "retrieval", "--model", trained["model"], "--images", trained["captions"],
+               "--annotations", trained["annotations"], "--workers", 0, "--out", out_file)[0] == 0
+    res = json.loads(out_file.read_text())
+    assert [p["rank_of_first_match"] for p in res["predictions"]["image_to_text"]] == i2t_rank
+    assert [p["rank_of_image"] for p in res["predictions"]["text_to_image"]] == t2i_rank
+    for k in (1, 5, 10):
+        assert res["metrics"][f"i2t_R@{k}"] == pytest.approx(sum(r < k for r in i2t_rank) / len(images))
+        assert res["metrics"][f"t2i_R@{k}"] == pytest.approx(sum(r < k for r in t2i_rank) / len(images))
+
+    # classify: the softmax of the temperature-scaled cosines
+    labels = ["a small blue square", "a large red circle", "a small green triangle"]
+    image = files[0]
+    logits = model.contrastive_scale() * F.normalize(model.encode_image(pixels([image])), dim=-1) @ embed_texts(labels).T
+    expected = sorted(zip(logits.softmax(-1)[0].tolist(), labels), reverse=True)
+    code, out, _ = run(capsys, "classify", image, "--model", trained["model"], "--labels", ",".join(labels), "--top", 3)
+    assert code == 0
+    shown = [(float(line.split("%")[0]) / 100, line.split("%", 1)[1].strip()) for line in out.splitlines()[1:]]
+    assert [label for _, label in shown] == [label for _, label in expected]
+    assert [p for p, _ in shown] == pytest.approx([p for p, _ in expected], abs=6e-4)  # printed to 0.1%
