@@ -240,11 +240,11 @@ def train_rows(args, device, peak_tflops: float) -> tuple[list[dict], dict]:
 
 def forward_flops_at(meta_model, text_len: int) -> float:
     """Forward FLOPs per sample with captions of ``text_len`` tokens (flop counter, meta device)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from coca.summary import flop_counter
     cfg = meta_model.cfg
     images = torch.zeros(1, 3, cfg.vision.image_size, cfg.vision.image_size, device="meta")
     tokens = torch.ones(1, text_len, dtype=torch.long, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         meta_model(images, tokens)
     return float(counter.get_total_flops())
 

@@ -160,3 +160,42 @@ def test_user_errors_exit_2_and_bugs_show_their_traceback(capsys, monkeypatch):
     with pytest.raises(ValueError, match="internal bug"):
         cli.main(["list"])
     assert issubclass(InputNotFound, FileNotFoundError) and issubclass(UserError, ValueError)
+
+
+def analytic_forward_flops(cfg) -> dict[str, int]:
+    """The matmul FLOPs (2 per multiply-add) of one forward pass at batch 1 and full context,
+    written out block by block from the config alone."""
+    v, t = cfg.vision, cfg.text
+    n = (v.image_size // v.patch_size) ** 2 + 1          # patches + class token
+    w, d, inner, L, q = v.width, t.d_model, t.num_heads * t.d_kv, t.context_length, cfg.n_gen_queries
+
+    def mm(m, k, n_):
+        return 2 * m * k * n_
+
+    def attention(lq, lk, width):                          # scores and the weighted sum, all heads
+        return mm(lq, width, lk) + mm(lq, lk, width)
+    vision = mm((n - 1), 3 * v.patch_size ** 2, w) + v.layers * (
+        mm(n, w, 3 * w) + attention(n, n, w) + mm(n, w, w) + mm(n, w, v.mlp_dim) + mm(n, v.mlp_dim, w))
+
+    def pooler(n_queries, context, context_dim):
+        return mm(n_queries, d, d) + mm(context, context_dim, 2 * d) + attention(n_queries, context, d) + mm(n_queries, d, d)
+    poolers = pooler(q, n, w) + pooler(1, q, d)
+    ffn = mm(L, d, t.d_ff) * 2 + mm(L, t.d_ff, d)          # gated GELU: wi_0, wi_1, wo
+    self_attn = mm(L, d, 3 * inner) + attention(L, L, inner) + mm(L, inner, d)
+    encoder = t.encoder_layers * (self_attn + ffn)
+    cross = mm(L, d, inner) + mm(q, d, 2 * inner) + attention(L, q, inner) + mm(L, inner, d)
+    decoder = t.decoder_layers * (self_attn + cross + ffn) + mm(L, d, t.vocab_size)
+    projections = 2 * mm(1, d, cfg.embed_dim)
+    return {"visual": vision, "poolers": poolers, "text_encoder": encoder, "text_decoder": decoder,
+            "total": vision + poolers + encoder + decoder + projections}
+
+
+@pytest.mark.parametrize("preset, device", [("coca-tiny", "meta"), ("coca-base", "meta"), ("coca-large-v2", "meta"),
+                                            ("coca-tiny", "cpu"), ("coca-base", "cpu")])
+def test_forward_flops_equal_an_analytic_count(preset, device):
+    """`coca info` and `coca plan` count on the meta device; on the CPU, attention dispatches to
+    a kernel PyTorch's counter does not know, which once left every attention out."""
+    import coca
+    from coca.summary import forward_flops
+    model = coca.create_model(preset, device=device)
+    assert forward_flops(model) == analytic_forward_flops(model.cfg)

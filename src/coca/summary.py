@@ -6,7 +6,7 @@ Both work on a model built on the meta device, so the 1.1B-parameter preset cost
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .models.coca import COMPONENTS, VISUAL_COMPONENTS, CoCa, component_of  # noqa: F401 (re-exported)
 
@@ -25,13 +25,28 @@ def branch_totals(counts: dict[str, int]) -> tuple[int, int]:
     return visual, counts["total"] - visual
 
 
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# PyTorch's counter knows the CUDA attention kernels but not the CPU flash kernel that
+# scaled_dot_product_attention dispatches to here (and on the meta device): without this, every
+# attention's QK^T and AV were left out of the count.
+_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
+def flop_counter() -> FlopCounterMode:
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts CPU attention."""
+    return FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+
+
 def forward_flops(model: CoCa, batch: int = 1) -> dict[str, float]:
     """FLOPs of one ``model(images, tokens)`` call at full context length, per component and total."""
     cfg = model.cfg
     device = next(model.parameters()).device
     images = torch.zeros(batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
     tokens = torch.ones(batch, cfg.text.context_length, dtype=torch.long, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         model(images, tokens)
     per_module = counter.get_flop_counts()
     name = type(model).__name__
