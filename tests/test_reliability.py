@@ -442,3 +442,22 @@ def test_system_packages_that_cannot_be_installed_are_an_error(tmp_path):
     allowed = subprocess.run(["/bin/bash", str(script)], env={**env, "COCA_ALLOW_MISSING_SYSTEM_PACKAGES": "1"},
                              capture_output=True, text=True)
     assert allowed.returncode == 0 and "error: could not install" in allowed.stderr
+
+
+def test_a_run_that_ends_with_its_data_workers_alive_still_exits(tmp_path):
+    """Workers ignore a SIGTERM sent to the process group, but not the one their own main process
+    sends (DataLoader / multiprocessing ``terminate()``): an interpreter that exits while a loader
+    is still alive (held by a traceback, say) must not wait for its workers forever."""
+    script = tmp_path / "leak.py"
+    script.write_text(f"""
+from coca.config import load_run_config
+from coca.data.loader import train_batches
+from coca.tokenizer import Tokenizer
+tok = Tokenizer.train(["a red circle", "a blue square"] * 20, vocab_size=16, out_dir={str(tmp_path)!r},
+                      model_type="bpe")
+batches = train_batches(load_run_config(None, ["data.workers=2", "data.batch_size=4"]).data, 64, tok, seed=0)
+next(batches)
+print("exiting with the loader alive", flush=True)
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-2000:]

@@ -11,7 +11,9 @@ trimmed to the batch's longest caption.
 from __future__ import annotations
 
 import itertools
+import os
 import signal
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -163,9 +165,21 @@ class TrimmingCollator(Collator):
 
 def ignore_stop_signals(_worker_id: int) -> None:
     """In a data worker: SIGTERM and SIGINT sent to the whole process group (``timeout``, Slurm,
-    Ctrl-C) are for the main process, which checkpoints and then stops its workers itself."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Ctrl-C) are for the main process, which checkpoints and then stops its workers itself.
+
+    A SIGTERM from the main process itself (``terminate()``, which DataLoader and multiprocessing
+    use on a worker that did not stop when asked, e.g. at interpreter exit) still ends the worker:
+    the signal is blocked and a thread reads each one with its sender's pid."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="sigterm-from-parent", daemon=True).start()
 
 
 def train_batches(cfg: DataConfig, image_size: int, tokenizer, seed: int, start: int = 0,
