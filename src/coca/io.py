@@ -12,7 +12,7 @@ from .errors import DiskFull
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def disk_full(error: OSError, path) -> DiskFull | None:
+def disk_full(error: BaseException, path) -> DiskFull | None:
     """A one-line error naming ``path`` when ``error`` is a full disk (or quota), else None."""
     if isinstance(error, OSError) and error.errno in NO_SPACE:
         return DiskFull(f"no space left on the device writing {path}")
@@ -35,7 +35,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        full = disk_full(e, path) if isinstance(e, OSError) else None
+        full = disk_full(e, path)
         if full is not None:
             raise full from None
         raise

@@ -52,7 +52,7 @@ def save_checkpoint(root: Path, step: int, model, state: dict, keep: int) -> Pat
         _replace_dir(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = disk_full(e, final) if isinstance(e, OSError) else None
+        full = disk_full(e, final)
         if full is not None:  # the previous checkpoints are untouched
             raise full from None
         raise

@@ -250,7 +250,7 @@ class Trainer:
                 moved = set_aside(path)
                 set_aside_to.append(str(moved))
                 reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
-                self.say(f"warning: checkpoint {path} does not load ({str(reason)[:300]}); moved aside to {moved}")
+                self.say(f"warning: checkpoint {path} does not load ({reason[:300]}); moved aside to {moved}")
             barrier(self.world)
         if candidates:
             raise UserError(f"no checkpoint in {self.ckpt_root} loads; the damaged ones were moved aside "
