@@ -63,3 +63,13 @@ def trained(tmp_path_factory):
     (root / "data" / "classify" / "red_circle" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (root / "data" / "captions" / "00003.png").write_bytes(b"")
     return {"model": model_dir, "random": str(random_dir), **sets, "root": root}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """160 img2dataset-layout samples in 4 tar shards: 120 distinct pictures and 40 planted copies."""
+    from coca.prepare.planted import planted_samples, write_shards
+    root = tmp_path_factory.mktemp("planted")
+    samples, truth = planted_samples(120, 40, seed=3, size=128)
+    write_shards(samples, root / "in", 40)
+    return root, samples, truth

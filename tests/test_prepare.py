@@ -1,5 +1,6 @@
 """`coca data prepare`: hashes, filters with reasons, planted duplicates, bad input, resume after
-SIGKILL, CSV/Parquet input, and the same output under Ray in local mode."""
+SIGKILL, CSV/Parquet input, and the similarity filter (the Ray engine and the partitioned
+deduplication: test_dedup.py)."""
 
 import io
 import json
@@ -30,7 +31,6 @@ from coca.prepare.planted import (
     COPY_KINDS,
     copy_of,
     jpeg,
-    planted_samples,
     random_photo,
     score,
     write_shards,
@@ -136,14 +136,6 @@ def test_caption_filters():
 
 
 # --------------------------------------------------------------------------------- end to end
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("planted")
-    samples, truth = planted_samples(120, 40, seed=3, size=128)
-    write_shards(samples, root / "in", 40)
-    return root, samples, truth
-
 
 def prepare_planted(root, out, *extra):
     assert main(["data", "prepare", "--input", str(root / "in" / "{00000..00003}.tar"), "--output", str(out),
@@ -309,14 +301,3 @@ def test_similarity_filter_with_a_coca_checkpoint(tmp_path):
                      "filters.min_side=64", "--set", "workers=1", "--set", f"filters.similarity_model={model_dir}",
                      "--set", f"filters.similarity_threshold={t}"]) == 0
         assert {r["key"] for r in rejects_of(out) if r["reason"] == "low_similarity"} == want
-
-
-def test_ray_local_mode_gives_the_same_shards(planted, tmp_path):
-    pytest.importorskip("ray")
-    root, _, _ = planted
-    local = root / "out"  # written by test_planted_duplicates_are_removed_and_recorded when it ran
-    if not (local / "stats.json").exists():  # run alone: make the local-engine output here
-        local = prepare_planted(root, tmp_path / "local")
-    out = prepare_planted(root, tmp_path / "ray", "engine=ray")
-    for shard in sorted(local.glob("*.tar")):
-        assert (out / shard.name).read_bytes() == shard.read_bytes()

@@ -53,12 +53,20 @@ class DedupConfig:
     captions: bool = False          # near-duplicate captions ("duplicate_caption"): off by default, as
                                     # short generic captions ("a photo of a dog") recur on distinct images
     caption_jaccard: float = 0.8    # MinHash-estimated Jaccard of character 5-grams
+    partitioned: bool | None = None  # partitioned over workers (default: with engine ray) or in one process
+    partition_samples: int = 100_000  # partitioned: samples per partition, which bounds each task's memory
+    against: list = field(default_factory=list)  # evaluation images (folders, globs, list files): training
+                                    # samples matching one are rejected ("eval_overlap")
 
     def __post_init__(self):
         if not 0 <= self.phash_max_distance <= 16:
             raise ConfigError(f"dedup.phash_max_distance must be in [0, 16], got {self.phash_max_distance}")
         if not 0 < self.caption_jaccard <= 1:
             raise ConfigError(f"dedup.caption_jaccard must be in (0, 1], got {self.caption_jaccard}")
+        if self.partition_samples < 1:
+            raise ConfigError(f"dedup.partition_samples must be >= 1, got {self.partition_samples}")
+        if isinstance(self.against, str):  # --set dedup.against=a/,b.txt
+            self.against = [x.strip() for x in self.against.split(",") if x.strip()]
 
 
 @dataclass

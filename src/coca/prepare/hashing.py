@@ -12,10 +12,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
-from collections import defaultdict
-from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
@@ -91,41 +90,99 @@ def hash_tables(n_entries: int, k: int, recall: float = 0.99, seed: int = 0) -> 
     return masks, "sampled"
 
 
+def lsh_keys(hashes: np.ndarray, mask: int) -> np.ndarray:
+    """One LSH table's key of every hash (any shape): the bits the table keeps."""
+    return hashes & np.uint64(mask)
+
+
 def near_pairs(hashes: np.ndarray, k: int, recall: float = 0.99) -> tuple[np.ndarray, np.ndarray, str]:
-    """Item pairs (i < j) whose hash sets are within Hamming distance k (min over their variants).
+    """Edges (i < j) between items whose hash sets are within Hamming distance k (min over their
+    variants), enough to give the same connected components as all such pairs.
 
     ``hashes``: [N, V] uint64 (V variants per item). Candidates come from LSH tables
-    (``hash_tables``), found by sorting each table's keys, so nothing is compared all-pairs."""
+    (``hash_tables``), found by sorting each table's keys, so nothing is compared all-pairs; items
+    with identical hash sets are linked in a star rather than pairwise (``verified_edges``)."""
     n, v = hashes.shape
-    flat = hashes.reshape(-1)
     owner = np.repeat(np.arange(n, dtype=np.int64), v)
-    masks, scheme = hash_tables(flat.size, k, recall)
-    codes = []
-    for mask in masks:
-        keys = flat & np.uint64(mask)
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        lengths = np.diff(np.r_[starts, sorted_keys.size])
-        two = starts[lengths == 2]  # most shared buckets hold two entries: pair them without a loop
-        a, b = owner[order[two]], owner[order[two + 1]]
-        a, b = np.minimum(a, b), np.maximum(a, b)
-        codes.append((a * n + b)[a != b])
-        for start, length in zip(starts[lengths > 2], lengths[lengths > 2]):
-            members = np.unique(owner[order[start:start + length]])
-            if members.size > 1:
-                a, b = np.triu_indices(members.size, 1)
-                codes.append(members[a] * n + members[b])
-    if not codes:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, scheme
-    pairs = np.unique(np.concatenate(codes))
-    i, j = pairs // n, pairs % n
-    keep = np.zeros(pairs.size, dtype=bool)
-    for s in range(0, pairs.size, 1_000_000):  # verify in chunks: min distance over variant pairs
-        x = hashes[i[s:s + 1_000_000], :, None] ^ hashes[j[s:s + 1_000_000], None, :]
-        keep[s:s + 1_000_000] = _popcount(x).reshape(x.shape[0], -1).min(1) <= k
-    return i[keep], j[keep], scheme
+    masks, scheme = hash_tables(n * v, k, recall)
+    edges = [verified_edges([lsh_keys(hashes.reshape(-1), mask)], owner, lambda idx: hashes[owner[idx]],
+                            functools.partial(within_distance, k=k)) for mask in masks]
+    i, j = unique_edges(np.concatenate([e[0] for e in edges] or [np.zeros(0, np.int64)]),
+                        np.concatenate([e[1] for e in edges] or [np.zeros(0, np.int64)]))
+    return i, j, scheme
+
+
+def within_distance(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """[M] bool: the hash sets a[m] and b[m] ([M, V] each) have a variant pair within distance k."""
+    x = a[:, :, None] ^ b[:, None, :]
+    return _popcount(x).reshape(x.shape[0], x.shape[1] * x.shape[2]).min(1, initial=64) <= k
+
+
+# --------------------------------------------------------------------------------- buckets
+
+def _runs(columns: list[np.ndarray], owner: np.ndarray):
+    """Record order sorted by (columns..., owner), and the start and length of each bucket (a run of
+    records equal in every column)."""
+    order = np.lexsort([owner, *reversed(columns)])
+    change = np.zeros(owner.size, dtype=bool)
+    change[:1] = True
+    for column in columns:
+        s = column[order]
+        change[1:] |= s[1:] != s[:-1]
+    starts = np.flatnonzero(change)
+    return order, starts, np.diff(np.r_[starts, owner.size])
+
+
+def star_edges(columns: list[np.ndarray], owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact groups: an edge from the smallest owner of each bucket to every other owner in it."""
+    order, starts, lengths = _runs(columns, owner)
+    first = np.repeat(owner[order[starts]], lengths)
+    other = owner[order]
+    keep = other != first
+    return unique_edges(first[keep], other[keep])
+
+
+def verified_edges(columns: list[np.ndarray], owner: np.ndarray, signature, close) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (a < b) between owners that share a bucket and whose signatures are ``close``.
+
+    ``signature(record indices)`` gives the records' signatures ([M, ...]); ``close(sa, sb)`` -> [M]
+    bool. Within a bucket, owners with identical signatures are linked in a star to the smallest
+    of them and only one per distinct signature is compared pairwise: a picture copied 100,000
+    times makes one bucket of 100,000 in every table, which pairwise would be 5e9 comparisons.
+    The components are the same as with every close pair."""
+    order, starts, lengths = _runs(columns, owner)
+    out_a, out_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    first, second = order[starts[lengths == 2]], order[starts[lengths == 2] + 1]  # most buckets: no loop
+    distinct = owner[first] != owner[second]
+    first, second = first[distinct], second[distinct]
+    ok = close(signature(first), signature(second))
+    out_a.append(owner[first[ok]])
+    out_b.append(owner[second[ok]])
+    for start, length in zip(starts[lengths > 2], lengths[lengths > 2]):
+        idx = order[start:start + length]  # owners ascending
+        sig = signature(idx)
+        _, rep, inverse = np.unique(sig.reshape(length, -1), axis=0, return_index=True, return_inverse=True)
+        leader = idx[rep[inverse.reshape(-1)]]
+        linked = owner[leader] != owner[idx]
+        out_a.append(owner[leader[linked]])
+        out_b.append(owner[idx[linked]])
+        if rep.size > 1:
+            x, y = np.triu_indices(rep.size, 1)
+            ok = close(sig[rep[x]], sig[rep[y]])
+            out_a.append(owner[idx[rep[x[ok]]]])
+            out_b.append(owner[idx[rep[y[ok]]]])
+    return unique_edges(np.concatenate(out_a), np.concatenate(out_b))
+
+
+def unique_edges(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each undirected edge once, as (smaller, larger), sorted."""
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    if lo.size == 0:
+        return lo.astype(np.int64), hi.astype(np.int64)
+    order = np.lexsort([hi, lo])
+    lo, hi = lo[order], hi[order]
+    keep = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
+    return lo[keep], hi[keep]
 
 
 # ---------------------------------------------------------------------------------- captions
@@ -151,9 +208,23 @@ def minhash(text: str, n: int = 5) -> np.ndarray:
     return ((h[:, None] * _A[None, :] + _B[None, :]) % _PRIME).min(axis=0).astype(np.uint32)
 
 
-def minhash_bands(signature: np.ndarray) -> list[tuple[int, bytes]]:
-    rows = len(signature) // MINHASH_BANDS
-    return [(b, signature[b * rows:(b + 1) * rows].tobytes()) for b in range(MINHASH_BANDS)]
+def minhash_band_keys(signatures: np.ndarray) -> np.ndarray:
+    """[N, MINHASH_BANDS] band keys (16 bytes each) of [N, 64] signatures."""
+    rows = signatures.shape[1] // MINHASH_BANDS
+    return np.ascontiguousarray(signatures).view(f"S{4 * rows}").reshape(len(signatures), MINHASH_BANDS)
+
+
+def near_captions(signatures: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (i < j) between captions whose estimated Jaccard is >= threshold, from LSH bands."""
+    n = len(signatures)
+    owner = np.repeat(np.arange(n, dtype=np.int64), MINHASH_BANDS)
+    band = np.tile(np.arange(MINHASH_BANDS, dtype=np.uint8), n)
+    return verified_edges([band, minhash_band_keys(signatures).reshape(-1)], owner, lambda idx: signatures[owner[idx]],
+                          functools.partial(similar_captions, threshold=threshold))
+
+
+def similar_captions(a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:
+    return (a == b).sum(1) / a.shape[1] >= threshold if len(a) else np.zeros(0, dtype=bool)
 
 
 def jaccard_estimate(a: np.ndarray, b: np.ndarray) -> float:
@@ -182,18 +253,3 @@ class UnionFind:
         keep, drop = min(ra, rb), max(ra, rb)
         self.parent[drop] = keep
         self.reason[drop] = reason  # every item that stops being a root is dropped exactly once
-
-
-def candidate_pairs(keys: Iterable[tuple[int, object]]) -> Iterable[tuple[int, int]]:
-    """Pairs (i, j), i < j, of items that share a bucket; ``keys`` yields (item, bucket key)."""
-    buckets: dict[object, list[int]] = defaultdict(list)
-    for item, key in keys:
-        buckets[key].append(item)
-    seen = set()
-    for members in buckets.values():
-        for x in range(len(members)):
-            for y in range(x + 1, len(members)):
-                pair = (members[x], members[y]) if members[x] < members[y] else (members[y], members[x])
-                if pair not in seen:
-                    seen.add(pair)
-                    yield pair

@@ -39,14 +39,9 @@ from ..data.samples import Skipped
 from ..errors import InputNotFound, UserError
 from ..io import _fsync_dir, atomic_write_bytes, atomic_write_text
 from .config import PrepareConfig
+from .dedup import partitioned_duplicates, single_process_duplicates
+from .engine import parallel_map
 from .filters import process_sample
-from .hashing import (
-    UnionFind,
-    candidate_pairs,
-    jaccard_estimate,
-    minhash_bands,
-    near_pairs,
-)
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 REJECT_COLUMNS = ("uid", "key", "source", "reason", "duplicate_of")
@@ -259,58 +254,28 @@ def _fsync_tree(root: Path) -> None:
 
 # ------------------------------------------------------------------------------ stage 2: dedup
 
-def find_duplicates(meta, cfg: PrepareConfig) -> tuple[list[int | None], list[str | None]]:
-    """For rows in input order: (index of the kept row each duplicate belongs to, or None; reason)."""
-    d = cfg.dedup
-    n = len(meta["uid"])
-    uf = UnionFind(n)
-    if d.exact_images:
-        first: dict[str, int] = {}
-        for i, h in enumerate(meta["pixel_sha1"]):
-            if h in first:
-                uf.union(first[h], i, "duplicate_exact")
-            else:
-                first[h] = i
-    if d.near_images and n:
-        hashes = np.asarray(meta["phash"], dtype=np.int64).view(np.uint64)  # stored as signed int64
-        for i, j in zip(*near_pairs(hashes, d.phash_max_distance)[:2]):
-            uf.union(int(i), int(j), "duplicate_near_image")
-    if d.captions:
-        first = {}
-        for i, h in enumerate(meta["caption_sha1"]):
-            if h in first:
-                uf.union(first[h], i, "duplicate_caption")
-            else:
-                first[h] = i
-        sigs = [np.asarray(m, dtype=np.uint32) for m in meta["minhash"]]
-        keys = ((i, band) for i, s in enumerate(sigs) for band in minhash_bands(s))
-        for i, j in candidate_pairs(keys):
-            if uf.find(i) != uf.find(j) and jaccard_estimate(sigs[i], sigs[j]) >= d.caption_jaccard:
-                uf.union(i, j, "duplicate_caption")
-    rep = [uf.find(i) for i in range(n)]
-    return ([r if r != i else None for i, r in enumerate(rep)],
-            [uf.reason.get(i) if rep[i] != i else None for i in range(n)])
-
-
 def dedup_stage(work: Path, tasks: list[Task], cfg: PrepareConfig, log) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """``work/dedup.parquet`` (skipped if already written), in one process or partitioned
+    (``dedup.partitioned``; by default with the Ray engine). Both give the same file."""
     out = work / "dedup.parquet"
     if out.is_file():
         return out
     t0 = time.time()
-    columns = ["uid", "key", "source", "pixel_sha1", "phash"] + (["caption_sha1", "minhash"] if cfg.dedup.captions else [])
-    tables = [pq.read_table(work / "filter" / f"task_{t.index:06d}" / "meta.parquet", columns=columns) for t in tasks]
-    meta = pa.concat_tables(tables).to_pydict() if tables else {c: [] for c in columns}
-    dup_of, reasons = find_duplicates(meta, cfg)
-    rows = {"uid": meta["uid"], "key": meta["key"], "source": meta["source"],
-            "duplicate_of": [None if d is None else meta["uid"][d] for d in dup_of], "reason": reasons}
-    buf = io.BytesIO()
-    pq.write_table(pa.table(rows, schema=pa.schema([(c, pa.string()) for c in rows])), buf)
-    atomic_write_bytes(out, buf.getvalue())
-    log(f"dedup: {sum(d is not None for d in dup_of)} duplicates among {len(dup_of)} samples "
-        f"({time.time() - t0:.1f}s)")
+    if _partitioned(cfg):
+        run = functools.partial(_run_tasks, cfg=cfg)
+        partitioned_duplicates(work, len(tasks), cfg, run, log)
+    else:
+        single_process_duplicates(work, len(tasks), cfg)
+        log(f"dedup: {time.time() - t0:.1f}s")
     return out
+
+
+def _partitioned(cfg: PrepareConfig) -> bool:
+    return cfg.engine == "ray" if cfg.dedup.partitioned is None else cfg.dedup.partitioned
+
+
+def _run_tasks(fn, items, desc, cfg: PrepareConfig):
+    return parallel_map(fn, items, cfg.engine, cfg.workers, cfg.ray_address, desc)
 
 
 # ------------------------------------------------------------------------------ stage 3: shard
@@ -344,43 +309,9 @@ def shard_task(job: tuple[int, list[str]], work: str, out: str) -> int:
 
 # ---------------------------------------------------------------------------------- execution
 
-def _call(fn, item):  # a plain function for ray.remote, which does not take partials
-    return fn(item)
-
-
-def parallel_map(fn, items: list, cfg: PrepareConfig, desc: str, log) -> list:
-    """Run ``fn`` over ``items`` on this machine's processes (engine local) or a Ray cluster."""
-    from tqdm import tqdm
-    if not items:
-        return []
-    if cfg.engine == "ray":
-        import ray
-        if not ray.is_initialized():
-            if cfg.ray_address:
-                ray.init(address=cfg.ray_address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=cfg.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        remote = ray.remote(_call)
-        pending = [remote.remote(fn, x) for x in items]
-        order = {ref: i for i, ref in enumerate(pending)}
-        results = [None] * len(items)
-        with tqdm(total=len(items), desc=desc, leave=False) as bar:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                results[order[done[0]]] = ray.get(done[0])
-                bar.update(1)
-        return results
-    workers = min(cfg.workers or os.cpu_count() or 1, len(items))
-    if workers == 1:
-        return [fn(x) for x in tqdm(items, desc=desc, leave=False)]
-    import multiprocessing
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(fn, items), total=len(items), desc=desc, leave=False))
-
-
 def _remove_temporaries(out: Path, work: Path) -> None:
     """Half-written task directories and shards of a crashed run (one driver per output directory)."""
-    for p in [*(work / "filter").glob(".task_*"), *out.glob(".*.tar.tmp*")]:
+    for p in [*(work / "filter").glob(".task_*"), *out.glob(".*.tar.tmp*"), *(work / "dedup").rglob(".*.tmp*")]:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -407,7 +338,7 @@ def run_prepare(inputs: list[str], output: str, cfg: PrepareConfig, log=print) -
     done = sum((work / "filter" / f"task_{t.index:06d}").is_dir() for t in tasks)
     log(f"{len(tasks)} input tasks ({done} already done), engine {cfg.engine}")
     counts = Counter()
-    for c in parallel_map(functools.partial(filter_task, cfg=cfg, work=str(work)), tasks, cfg, "filter", log):
+    for c in _run_tasks(functools.partial(filter_task, cfg=cfg, work=str(work)), tasks, "filter", cfg):
         counts.update(c)
     dedup_file = dedup_stage(work, tasks, cfg, log)
 
@@ -416,7 +347,7 @@ def run_prepare(inputs: list[str], output: str, cfg: PrepareConfig, log=print) -
     order = np.random.default_rng(cfg.seed).permutation(len(kept))
     kept = [kept[i] for i in order]
     jobs = [(i, kept[s:s + cfg.samples_per_shard]) for i, s in enumerate(range(0, len(kept), cfg.samples_per_shard))]
-    written = parallel_map(functools.partial(shard_task, work=str(work), out=str(out)), jobs, cfg, "shard", log)
+    written = _run_tasks(functools.partial(shard_task, work=str(work), out=str(out)), jobs, "shard", cfg)
 
     # every rejection, with its reason: filter rejects of all tasks, then duplicates
     tables = [pq.read_table(work / "filter" / f"task_{t.index:06d}" / "rejects.parquet") for t in tasks]

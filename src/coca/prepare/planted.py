@@ -113,3 +113,70 @@ def score(rejects: list[dict], uid_to_key: dict[str, str], truth: dict[str, str]
     tp = sum(1 for key, of in removed if truth.get(key, key) == truth.get(of, of))
     return {"planted": len(truth), "removed": len(removed), "true_positives": tp,
             "recall": tp / max(1, len(truth)), "precision": tp / max(1, len(removed))}
+
+
+def synthetic_hash_records(work, n: int, n_tasks: int, seed: int = 0, variants: int = 3, captions: bool = False,
+                           chain_length: int = 4) -> dict:
+    """Filter-stage output (``work/filter/task_N/meta.parquet``) of ``n`` samples with random hashes
+    and planted duplicates, to measure and test stage 2 without images. Of every 20 samples: one
+    exact copy (same pixel hash and pHashes) of one of the first n/40 samples, two near copies (each variant 1-3 bits away) and one
+    link of a chain — a run of ``chain_length`` samples, each 3 bits from the previous, so that
+    its ends are farther apart than the threshold and only connected components join them. With
+    ``captions``, one in 20 captions is a near copy (8 of 64 MinHash values changed) of another.
+    Returns counts of what was planted."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2 ** 63, (n, variants), dtype=np.int64).view(np.uint64) * np.uint64(2) + \
+        rng.integers(0, 2, (n, variants)).astype(np.uint64)
+    sha = rng.integers(0, 256, (n, 20), dtype=np.uint8)
+    slot = np.arange(n) % 20
+    source = rng.integers(0, n, n)
+
+    def flip(rows, bits):
+        out = hashes[rows].copy()
+        for _ in range(bits):
+            out ^= np.uint64(1) << rng.integers(0, 64, out.shape).astype(np.uint64)
+        return out
+
+    exact = np.flatnonzero(slot == 0)  # copies of a few popular pictures: groups of 2-4 copies
+    popular = source[exact] % max(1, n // 40)
+    hashes[exact], sha[exact] = hashes[popular], sha[popular]
+    near = np.flatnonzero((slot == 1) | (slot == 2))
+    hashes[near] = flip(source[near], int(rng.integers(1, 4)))
+    links = np.flatnonzero(slot == 3)
+    for c in range(0, links.size - chain_length + 1, chain_length):  # chain: each link 3 bits from the last
+        for a, b in zip(links[c:c + chain_length - 1], links[c + 1:c + chain_length]):
+            hashes[b] = hashes[a]
+            for v in range(variants):
+                for bit in rng.choice(64, 3, replace=False):
+                    hashes[b, v] ^= np.uint64(1) << np.uint64(bit)
+    signed = hashes.view(np.int64)
+    sigs = rng.integers(0, 2 ** 32, (n, 64), dtype=np.uint64).astype(np.uint32) if captions else None
+    cap_sha = rng.integers(0, 256, (n, 20), dtype=np.uint8)
+    if captions:
+        copies = np.flatnonzero(slot == 5)
+        sigs[copies] = sigs[source[copies]]
+        sigs[copies, :8] = rng.integers(0, 2 ** 32, (copies.size, 8), dtype=np.uint64).astype(np.uint32)
+    bounds = np.linspace(0, n, n_tasks + 1).astype(int)
+    for t in range(n_tasks):
+        lo, hi = bounds[t], bounds[t + 1]
+        rows = hi - lo
+        uid = [f"{t:06d}{r:07d}" for r in range(rows)]
+        table = pa.table({
+            "uid": uid, "key": [f"s{lo + r}" for r in range(rows)], "source": [f"synthetic:{lo + r}" for r in range(rows)],
+            "width": pa.array(np.full(rows, 224, np.int32)), "height": pa.array(np.full(rows, 224, np.int32)),
+            "caption": [""] * rows, "pixel_sha1": [bytes(x).hex() for x in sha[lo:hi]],
+            "phash": pa.ListArray.from_arrays(np.arange(0, rows * variants + 1, variants, dtype=np.int32),
+                                              pa.array(signed[lo:hi].reshape(-1))),
+            "caption_sha1": [bytes(x).hex() for x in cap_sha[lo:hi]],
+            "minhash": pa.ListArray.from_arrays(
+                np.arange(0, rows * 64 + 1, 64, dtype=np.int32) if captions else np.zeros(rows + 1, np.int32),
+                pa.array(sigs[lo:hi].reshape(-1) if captions else np.zeros(0, np.uint32), pa.uint32())),
+        })
+        d = Path(work) / "filter" / f"task_{t:06d}"
+        d.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, d / "meta.parquet")
+    return {"samples": n, "exact_copies": int(exact.size), "near_copies": int(near.size), "chain_links": int(links.size)}

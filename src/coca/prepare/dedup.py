@@ -1,0 +1,457 @@
+"""Stage 2 of `coca data prepare`: duplicate groups, in one process or partitioned over workers.
+
+Both paths give the same result, defined so that it does not depend on the order in which pairs
+are found. Sample ids are the uids, in input order. Edges join duplicates:
+
+- exact: samples with the same pixel hash, as a star around the first of them;
+- near images: pHash sets within ``phash_max_distance`` that share a bucket of an LSH table;
+- captions (optional): the same normalised caption, or MinHash Jaccard >= ``caption_jaccard``
+  within a shared LSH band.
+
+Each connected component keeps its smallest id (first in input order); every other member is
+recorded with that id as ``duplicate_of`` and the reason of the first kind of edge that joined it:
+``duplicate_exact`` if it is not first in its exact group, else ``duplicate_near_image`` if it is
+not the smallest of its component under exact and near edges, else ``duplicate_caption``.
+
+The partitioned path (``engine: ray``, or ``dedup.partitioned: true``) never holds all samples in
+one process. Each pass is a set of tasks that write files and finish with a rename, so a rerun
+redoes only unfinished tasks (``OUT/_work/dedup/``):
+
+1. emit, one task per filter task: each sample's keys (pixel hash; one LSH key per table and hash
+   variant, carrying the sample's hashes for verification; caption hash; MinHash bands) go to P
+   key partitions, as one file sorted by partition plus offsets;
+2. buckets, one task per key partition: star edges of exact groups, verified edges of LSH and
+   MinHash buckets (``hashing.verified_edges``). Edges go to node partitions — a node's partition
+   is that of its filter task's range, so a task's labels end up in one file — in both directions;
+3. connected components, one task per node partition and round: alternating large-star and
+   small-star rounds (Kiveris et al., "Connected Components in MapReduce and Beyond", 2014) until
+   every component is a star around its smallest node, which each task checks on its own nodes;
+   O(log^2 n) rounds, each task holding only its partition's edges;
+4. labels, one task per node partition: ``duplicate_of`` and the reason of each duplicate.
+
+The driver then writes ``dedup.parquet`` exactly as the single-process path does.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..io import _fsync_dir, atomic_write_bytes
+from .config import PrepareConfig
+from .hashing import (
+    MINHASH_BANDS,
+    UnionFind,
+    hash_tables,
+    lsh_keys,
+    minhash_band_keys,
+    near_captions,
+    near_pairs,
+    similar_captions,
+    star_edges,
+    unique_edges,
+    verified_edges,
+    within_distance,
+)
+
+REASONS = ("duplicate_exact", "duplicate_near_image", "duplicate_caption")
+UID_TASK = 10 ** 7  # uid = f"{task:06d}{row:07d}": the id's task is id // UID_TASK
+MAX_CC_ROUNDS = 200
+
+
+def meta_columns(cfg: PrepareConfig) -> list[str]:
+    return ["uid", "key", "source", "pixel_sha1", "phash"] + (["caption_sha1", "minhash"] if cfg.dedup.captions else [])
+
+
+# ------------------------------------------------------------------------ single process
+
+def find_duplicates(meta, cfg: PrepareConfig) -> tuple[list[int | None], list[str | None]]:
+    """For rows in input order: (index of the kept row each duplicate belongs to, or None; reason)."""
+    d = cfg.dedup
+    n = len(meta["uid"])
+    uf = UnionFind(n)
+    stages = []
+    if d.exact_images and n:
+        keys = np.array([bytes.fromhex(h) for h in meta["pixel_sha1"]], dtype="S20")
+        stages.append(("duplicate_exact", star_edges([keys], np.arange(n))))
+    if d.near_images and n:
+        hashes = np.asarray(meta["phash"]).view(np.uint64)  # stored as signed int64
+        stages.append(("duplicate_near_image", near_pairs(hashes, d.phash_max_distance)[:2]))
+    if d.captions and n:
+        keys = np.array([bytes.fromhex(h) for h in meta["caption_sha1"]], dtype="S20")
+        exact = star_edges([keys], np.arange(n))
+        near = near_captions(np.asarray(meta["minhash"], dtype=np.uint32), d.caption_jaccard)
+        stages.append(("duplicate_caption", unique_edges(np.r_[exact[0], near[0]], np.r_[exact[1], near[1]])))
+    for reason, (a, b) in stages:
+        for i, j in zip(a.tolist(), b.tolist()):
+            uf.union(i, j, reason)
+    rep = [uf.find(i) for i in range(n)]
+    return ([r if r != i else None for i, r in enumerate(rep)],
+            [uf.reason.get(i) if rep[i] != i else None for i in range(n)])
+
+
+def read_meta(path, columns: list[str]) -> dict:
+    """Columns of a filter task's ``meta.parquet``: ``phash`` as [n, V] uint64 and ``minhash`` as
+    [n, 64] uint32 arrays, ``uid`` as fixed-width bytes, the others as lists."""
+    import pyarrow.parquet as pq
+    table = pq.read_table(path, columns=columns)
+    out = {}
+    for name in columns:
+        column = table.column(name).combine_chunks()
+        if name in ("phash", "minhash"):
+            values = column.flatten().to_numpy(zero_copy_only=False)
+            dtype = np.uint64 if name == "phash" else np.uint32
+            out[name] = values.view(dtype) if name == "phash" else values.astype(dtype)
+            out[name] = out[name].reshape(len(table), -1) if len(table) else out[name].reshape(0, 1)
+        elif name == "uid":
+            out[name] = np.array(column.to_pylist(), dtype="S13")
+        else:
+            out[name] = column.to_pylist()
+    return out
+
+
+def write_dedup_table(path: Path, uid: list, key: list, source: list, duplicate_of: list, reason: list) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = {"uid": uid, "key": key, "source": source, "duplicate_of": duplicate_of, "reason": reason}
+    buf = io.BytesIO()
+    pq.write_table(pa.table(rows, schema=pa.schema([(c, pa.string()) for c in rows])), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------ partitioned
+
+@dataclass(frozen=True)
+class DedupPlan:
+    work: str                 # OUT/_work
+    n_tasks: int              # filter tasks, ids 0..n_tasks-1 in input order
+    parts: int                # key partitions = node partitions
+    masks: tuple              # LSH tables (the same as the single path's for this many samples)
+    variants: int             # pHash variants per sample
+    k: int
+    exact: bool
+    near: bool
+    captions: bool
+    caption_jaccard: float
+
+    @property
+    def root(self) -> Path:
+        return Path(self.work) / "dedup"
+
+    def node_part(self, ids: np.ndarray) -> np.ndarray:
+        return (ids // UID_TASK) * self.parts // self.n_tasks
+
+    def meta_file(self, task: int) -> Path:
+        return Path(self.work) / "filter" / f"task_{task:06d}" / "meta.parquet"
+
+
+EXACT = np.dtype([("key", "S20"), ("id", "<i8")])
+EDGE = np.dtype([("src", "<i8"), ("dst", "<i8")])
+
+
+def _near_dtype(variants: int) -> np.dtype:
+    return np.dtype([("table", "<u2"), ("key", "<u8"), ("id", "<i8"), ("hashes", "<u8", (variants,))])
+
+
+MINHASH = np.dtype([("band", "u1"), ("key", f"S{4 * 64 // MINHASH_BANDS}"), ("id", "<i8"), ("sig", "<u4", (64,))])
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads keys evenly over partitions."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def _bytes_part(keys: np.ndarray, parts: int) -> np.ndarray:
+    raw = np.frombuffer(keys.tobytes(), np.uint8).reshape(len(keys), keys.dtype.itemsize)
+    words = np.ascontiguousarray(raw[:, :keys.dtype.itemsize // 8 * 8]).view("<u8")
+    h = np.zeros(len(keys), np.uint64)
+    for column in words.T:
+        h = _mix(h ^ column)
+    return (h % np.uint64(parts)).astype(np.int64)
+
+
+def write_partitioned(directory: Path, name: str, records: np.ndarray, part: np.ndarray, parts: int) -> int:
+    """``records`` sorted by partition into ``name.npy``, with ``name.offsets.npy`` ([parts + 1])."""
+    order = np.argsort(part, kind="stable")
+    np.save(directory / f"{name}.npy", records[order])
+    np.save(directory / f"{name}.offsets.npy", np.searchsorted(part[order], np.arange(parts + 1)))
+    return records.nbytes
+
+
+def read_partition(directories, name: str, p: int, dtype: np.dtype) -> np.ndarray:
+    """Partition ``p`` of ``name`` from every directory that has it (memory-mapped, sliced)."""
+    chunks = [np.zeros(0, dtype)]
+    for d in directories:
+        f = Path(d) / f"{name}.npy"
+        if f.is_file():
+            offsets = np.load(Path(d) / f"{name}.offsets.npy")
+            chunks.append(np.array(np.load(f, mmap_mode="r")[offsets[p]:offsets[p + 1]]))
+    return np.concatenate(chunks)
+
+
+def _write_edges(directory: Path, name: str, a: np.ndarray, b: np.ndarray, plan: DedupPlan) -> int:
+    """Undirected edges, stored in both directions, each at its source node's partition."""
+    edges = np.empty(2 * a.size, EDGE)
+    edges["src"], edges["dst"] = np.r_[a, b], np.r_[b, a]
+    return write_partitioned(directory, name, edges, plan.node_part(edges["src"]), plan.parts)
+
+
+def _task_dir(final: Path):
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, final: Path, info: dict) -> dict:
+    (tmp / "done.json").write_text(json.dumps(info))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp, final)  # the task is done exactly when this directory exists
+    _fsync_dir(final.parent)
+    return info
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def emit_task(task: int, plan: DedupPlan) -> dict:
+    """Pass 1: one filter task's keys, by key partition."""
+    final = plan.root / "emit" / f"task_{task:06d}"
+    if final.is_dir():
+        return json.loads((final / "done.json").read_text())
+    columns = ["uid", "pixel_sha1", "phash"] + (["caption_sha1", "minhash"] if plan.captions else [])
+    meta = read_meta(plan.meta_file(task), columns)
+    ids = meta["uid"].astype(np.int64)
+    tmp, written = _task_dir(final), 0
+    if plan.exact:
+        rec = np.empty(ids.size, EXACT)
+        rec["key"], rec["id"] = [bytes.fromhex(h) for h in meta["pixel_sha1"]], ids
+        written += write_partitioned(tmp, "exact", rec, _bytes_part(rec["key"], plan.parts), plan.parts)
+    if plan.near and ids.size:
+        hashes = meta["phash"]
+        n, v = hashes.shape
+        rec = np.empty(n * v * len(plan.masks), _near_dtype(v))
+        for t, mask in enumerate(plan.masks):  # table-major, like the single path's loop over tables
+            chunk = rec[t * n * v:(t + 1) * n * v]
+            chunk["table"], chunk["key"] = t, lsh_keys(hashes.reshape(-1), mask)
+            chunk["id"], chunk["hashes"] = np.repeat(ids, v), np.repeat(hashes, v, axis=0)
+        part = (_mix(rec["key"] ^ _mix(rec["table"].astype(np.uint64))) % np.uint64(plan.parts)).astype(np.int64)
+        written += write_partitioned(tmp, "near", rec, part, plan.parts)
+    if plan.captions:
+        rec = np.empty(ids.size, EXACT)
+        rec["key"], rec["id"] = [bytes.fromhex(h) for h in meta["caption_sha1"]], ids
+        written += write_partitioned(tmp, "caption", rec, _bytes_part(rec["key"], plan.parts), plan.parts)
+        sigs = meta["minhash"]
+        rec = np.empty(ids.size * MINHASH_BANDS, MINHASH)
+        rec["band"] = np.tile(np.arange(MINHASH_BANDS, dtype=np.uint8), ids.size)
+        rec["key"] = minhash_band_keys(sigs).reshape(-1)
+        rec["id"], rec["sig"] = np.repeat(ids, MINHASH_BANDS), np.repeat(sigs, MINHASH_BANDS, axis=0)
+        band_key = np.empty(rec.size, np.dtype([("band", "u1"), ("pad", "S7"), ("key", rec.dtype["key"])]))
+        band_key["band"], band_key["pad"], band_key["key"] = rec["band"], b"", rec["key"]
+        written += write_partitioned(tmp, "minhash", rec, _bytes_part(band_key, plan.parts), plan.parts)
+    return _commit(tmp, final, {"bytes": written, "peak_rss_mb": _peak_rss_mb()})
+
+
+def bucket_task(q: int, plan: DedupPlan) -> dict:
+    """Pass 2: the edges of key partition ``q``, by node partition."""
+    final = plan.root / "buckets" / f"part_{q:06d}"
+    if final.is_dir():
+        return json.loads((final / "done.json").read_text())
+    sources = [plan.root / "emit" / f"task_{t:06d}" for t in range(plan.n_tasks)]
+    empty = np.zeros(0, np.int64)
+    image, caption, written = [(empty, empty)], [(empty, empty)], 0
+    exact_dups = empty
+    if plan.exact:
+        rec = read_partition(sources, "exact", q, EXACT)
+        image.append(star_edges([rec["key"]], rec["id"]))
+        exact_dups = np.unique(image[-1][1])  # every member of an exact group but its first
+    if plan.near:
+        rec = read_partition(sources, "near", q, _near_dtype(plan.variants))
+        image.append(verified_edges([rec["table"], rec["key"]], rec["id"], lambda idx: rec["hashes"][idx],
+                                    functools.partial(within_distance, k=plan.k)))
+    if plan.captions:
+        rec = read_partition(sources, "caption", q, EXACT)
+        caption.append(star_edges([rec["key"]], rec["id"]))
+        rec = read_partition(sources, "minhash", q, MINHASH)
+        caption.append(verified_edges([rec["band"], rec["key"]], rec["id"], lambda idx: rec["sig"][idx],
+                                      functools.partial(similar_captions, threshold=plan.caption_jaccard)))
+    tmp = _task_dir(final)
+    for name, edges in (("image", image), ("caption", caption)):
+        written += _write_edges(tmp, name, np.concatenate([e[0] for e in edges]),
+                                np.concatenate([e[1] for e in edges]), plan)
+    written += write_partitioned(tmp, "exact_dups", exact_dups, plan.node_part(exact_dups), plan.parts)
+    return _commit(tmp, final, {"bytes": written, "peak_rss_mb": _peak_rss_mb()})
+
+
+def _neighbours(edges: np.ndarray):
+    """Unique directed edges sorted by (src, dst), and the start and length of each src's run."""
+    src, dst = unique_edges_directed(edges["src"], edges["dst"])
+    starts = np.flatnonzero(np.r_[True, src[1:] != src[:-1]]) if src.size else np.zeros(0, np.int64)
+    return src, dst, starts, np.diff(np.r_[starts, src.size])
+
+
+def unique_edges_directed(src: np.ndarray, dst: np.ndarray):
+    keep = src != dst
+    src, dst = src[keep], dst[keep]
+    order = np.lexsort([dst, src])
+    src, dst = src[order], dst[order]
+    first = np.r_[True, (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])] if src.size else np.zeros(0, bool)
+    return src[first], dst[first]
+
+
+def _cc_inputs(name: str, rnd: int, plan: DedupPlan) -> list[tuple[list[Path], str]]:
+    if rnd > 0:
+        return [(sorted((plan.root / f"cc_{name}" / f"round_{rnd - 1:03d}").glob("part_*")), "edges")]
+    buckets = [plan.root / "buckets" / f"part_{q:06d}" for q in range(plan.parts)]
+    return [(buckets, "image")] + ([(buckets, "caption")] if name == "all" else [])
+
+
+def _read_cc_input(name: str, rnd: int, p: int, plan: DedupPlan) -> np.ndarray:
+    return np.concatenate([read_partition(dirs, f, p, EDGE) for dirs, f in _cc_inputs(name, rnd, plan)])
+
+
+def cc_round_task(job: tuple[str, int, int], plan: DedupPlan) -> dict:
+    """Pass 3: one round of connected components on node partition ``p``: reports whether its
+    nodes already form stars around their smallest node (when all do, the components are found)
+    and writes the next round's edges (large-star on even rounds, small-star on odd ones)."""
+    name, rnd, p = job
+    final = plan.root / f"cc_{name}" / f"round_{rnd:03d}" / f"part_{p:06d}"
+    if final.is_dir():
+        return json.loads((final / "done.json").read_text())
+    src, dst, starts, lengths = _neighbours(_read_cc_input(name, rnd, p, plan))
+    first = dst[starts]  # each node's smallest neighbour
+    stars = bool(np.all((first > src[starts]) | (lengths == 1)))
+    node_min = np.repeat(np.minimum(src[starts], first), lengths)
+    if rnd % 2 == 0:  # large-star: every larger neighbour v of u links to min(u, neighbours of u)
+        larger = dst > src
+        a, b = dst[larger], node_min[larger]
+    else:  # small-star: u and its smaller neighbours link to the smallest of those
+        smaller = dst < src
+        m = np.repeat(first, lengths)[smaller]
+        a, b = np.r_[src[smaller], dst[smaller]], np.r_[m, m]
+    tmp = _task_dir(final)
+    written = _write_edges(tmp, "edges", a, b, plan)  # a star stays a star: the next round needs it too
+    return _commit(tmp, final, {"stars": stars, "edges": int(src.size), "bytes": written,
+                                "peak_rss_mb": _peak_rss_mb()})
+
+
+def _star_labels(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(node, smallest node of its component) for every non-smallest node, from converged stars."""
+    src, dst, starts, lengths = _neighbours(edges)
+    leaf = dst[starts] < src[starts]
+    return src[starts][leaf], dst[starts][leaf]
+
+
+def label_task(p: int, plan: DedupPlan, rounds: dict) -> dict:
+    """Pass 4: ``duplicate_of`` and reason of the duplicates among node partition ``p``'s nodes."""
+    final = plan.root / "labels" / f"part_{p:06d}"
+    if final.is_dir():
+        return json.loads((final / "done.json").read_text())
+    buckets = [plan.root / "buckets" / f"part_{q:06d}" for q in range(plan.parts)]
+    exact_dups = read_partition(buckets, "exact_dups", p, np.dtype("<i8"))
+    near_nodes, _ = _star_labels(_read_cc_input("image", rounds["image"], p, plan))
+    final_name = "all" if plan.captions else "image"
+    nodes, reps = _star_labels(_read_cc_input(final_name, rounds[final_name], p, plan))
+    reason = np.where(np.isin(nodes, exact_dups), 0, np.where(np.isin(nodes, near_nodes), 1, 2)).astype(np.int8)
+    tmp = _task_dir(final)
+    np.save(tmp / "labels.npy", np.rec.fromarrays([nodes, reps, reason], names="id,rep,reason"))
+    return _commit(tmp, final, {"duplicates": int(nodes.size), "peak_rss_mb": _peak_rss_mb()})
+
+
+def partitioned_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig, run, log) -> tuple[Path, dict]:
+    """The partitioned path. ``run(fn, items, desc)`` maps tasks over the engine's workers.
+    Returns ``work/dedup.parquet`` and per-pass measurements (seconds, bytes, peak RSS)."""
+    import pyarrow.parquet as pq
+    d = cfg.dedup
+    root = work / "dedup"
+    root.mkdir(exist_ok=True)
+    n = sum(pq.ParquetFile(work / "filter" / f"task_{t:06d}" / "meta.parquet").metadata.num_rows
+            for t in range(n_tasks))
+    variants = _hash_variants(work, n_tasks)
+    masks = hash_tables(n * variants, d.phash_max_distance)[0] if n else []
+    plan = DedupPlan(str(work), n_tasks, max(1, math.ceil(n / d.partition_samples)), tuple(masks), variants,
+                     d.phash_max_distance, d.exact_images, d.near_images, d.captions, d.caption_jaccard)
+    report = {"samples": n, "partitions": plan.parts, "lsh_tables": len(masks)}
+
+    def timed(pass_name, fn, items):
+        t0 = time.time()
+        out = run(functools.partial(fn, plan=plan), items, f"dedup {pass_name}")
+        report[pass_name] = {"tasks": len(items), "seconds": round(time.time() - t0, 2),
+                             "bytes_written": sum(o.get("bytes", 0) for o in out),
+                             "peak_rss_mb_per_worker": round(max((o["peak_rss_mb"] for o in out), default=0), 1)}
+        return out
+
+    timed("emit", emit_task, list(range(n_tasks)))
+    timed("buckets", bucket_task, list(range(plan.parts)))
+    rounds = {}
+    for name in ("image", "all") if plan.captions else ("image",):
+        for rnd in range(MAX_CC_ROUNDS):
+            out = timed(f"cc_{name}_round_{rnd}", cc_round_task, [(name, rnd, p) for p in range(plan.parts)])
+            if all(o["stars"] for o in out):
+                rounds[name] = rnd
+                break
+        else:
+            raise RuntimeError(f"connected components did not converge in {MAX_CC_ROUNDS} rounds")
+    report["cc_rounds"] = {k: v + 1 for k, v in rounds.items()}
+    timed("labels", functools.partial(label_task, rounds=rounds), list(range(plan.parts)))
+
+    uid, key, source, dup_of, reason = [], [], [], [], []
+    labels = {}
+    for t in range(n_tasks):
+        meta = pq.read_table(plan.meta_file(t), columns=["uid", "key", "source"]).to_pydict()
+        p = int(plan.node_part(np.array([t * UID_TASK]))[0])
+        if p not in labels:
+            rec = np.load(root / "labels" / f"part_{p:06d}" / "labels.npy")
+            labels = {p: dict(zip(rec["id"].tolist(), zip(rec["rep"].tolist(), rec["reason"].tolist())))}
+        for u in meta["uid"]:
+            rep, why = labels[p].get(int(u), (None, None))
+            dup_of.append(None if rep is None else f"{rep:013d}")
+            reason.append(None if why is None else REASONS[why])
+        uid += meta["uid"]
+        key += meta["key"]
+        source += meta["source"]
+    write_dedup_table(work / "dedup.parquet", uid, key, source, dup_of, reason)
+    log(f"dedup (partitioned): {plan.parts} partitions, {len(masks)} LSH tables, "
+        f"{sum(r is not None for r in dup_of)} duplicates among {n} samples")
+    return work / "dedup.parquet", report
+
+
+def _hash_variants(work: Path, n_tasks: int) -> int:
+    import pyarrow.parquet as pq
+    for t in range(n_tasks):
+        rows = pq.read_table(work / "filter" / f"task_{t:06d}" / "meta.parquet", columns=["phash"]).column(0)
+        if len(rows):
+            return len(rows[0].as_py())
+    return 1
+
+
+def single_process_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig) -> Path:
+    columns = meta_columns(cfg)
+    parts = [read_meta(work / "filter" / f"task_{t:06d}" / "meta.parquet", columns) for t in range(n_tasks)]
+    meta = {c: ([x for p in parts for x in p[c]] if c in ("key", "source", "pixel_sha1", "caption_sha1")
+                else np.concatenate([p[c] for p in parts])) for c in columns} if parts else {c: [] for c in columns}
+    dup_of, reasons = find_duplicates(meta, cfg)
+    uids = [u.decode() for u in meta["uid"]]
+    write_dedup_table(work / "dedup.parquet", uids, meta["key"], meta["source"],
+                      [None if d is None else uids[d] for d in dup_of], reasons)
+    return work / "dedup.parquet"

@@ -1,0 +1,204 @@
+"""Stage 2 of `coca data prepare` partitioned over workers: the same groups, representatives and
+reasons as the single-process path and as a brute-force computation, on Ray as locally; resumable
+after SIGKILL; dead workers retried."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from coca.prepare.config import load_prepare_config
+from coca.prepare.dedup import (
+    REASONS,
+    partitioned_duplicates,
+    single_process_duplicates,
+)
+from coca.prepare.engine import WorkerDied, parallel_map
+from coca.prepare.hashing import MINHASH_BANDS
+from coca.prepare.planted import synthetic_hash_records
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_prepare import SMALL, prepare_planted, rejects_of  # noqa: E402
+from worker_faults import always_die, die_once  # noqa: E402
+
+
+def sequential(fn, items, desc):
+    return [fn(x) for x in items]
+
+
+def brute_force(work: Path, n_tasks: int, cfg) -> dict:
+    """{uid: (duplicate_of, reason)} from every pair compared in plain Python, and components found
+    by a breadth-first search, stage by stage as the module docstring defines them."""
+    rows = []
+    for t in range(n_tasks):
+        rows += pq.read_table(work / "filter" / f"task_{t:06d}" / "meta.parquet").to_pylist()
+    n, d = len(rows), cfg.dedup
+    phash = [[h & (2 ** 64 - 1) for h in r["phash"]] for r in rows]
+    bands = [[tuple(r["minhash"][b * 4:(b + 1) * 4]) for b in range(MINHASH_BANDS)] for r in rows]
+    kinds = {"exact": [], "near": [], "caption": []}
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = rows[i], rows[j]
+            if d.exact_images and a["pixel_sha1"] == b["pixel_sha1"]:
+                kinds["exact"].append((i, j))
+            if d.near_images and min(bin(x ^ y).count("1") for x in phash[i] for y in phash[j]) <= d.phash_max_distance:
+                kinds["near"].append((i, j))
+            if d.captions and (a["caption_sha1"] == b["caption_sha1"] or (
+                    any(x == y for x, y in zip(bands[i], bands[j]))
+                    and sum(x == y for x, y in zip(a["minhash"], b["minhash"])) / 64 >= d.caption_jaccard)):
+                kinds["caption"].append((i, j))
+
+    def smallest_in_component(edges):
+        graph = {i: [] for i in range(n)}
+        for i, j in edges:
+            graph[i].append(j)
+            graph[j].append(i)
+        label = {}
+        for start in range(n):  # in increasing order: the first to reach a component is its smallest
+            if start in label:
+                continue
+            label[start], todo = start, [start]
+            while todo:
+                for y in graph[todo.pop()]:
+                    if y not in label:
+                        label[y] = start
+                        todo.append(y)
+        return label
+
+    exact_dup = {j for i, j in kinds["exact"]}
+    image = smallest_in_component(kinds["exact"] + kinds["near"])
+    final = smallest_in_component(kinds["exact"] + kinds["near"] + kinds["caption"])
+    out = {}
+    for i, r in enumerate(rows):
+        if final[i] != i:
+            reason = REASONS[0] if i in exact_dup else REASONS[1] if image[i] != i else REASONS[2]
+            out[r["uid"]] = (rows[final[i]]["uid"], reason)
+    return out
+
+
+def dedup_rows(path: Path) -> dict:
+    return {r["uid"]: (r["duplicate_of"], r["reason"]) for r in pq.read_table(path).to_pylist()
+            if r["duplicate_of"] is not None}
+
+
+@pytest.mark.parametrize("captions, exact", [(False, True), (True, True), (False, False)])
+def test_partitioned_equals_single_process_and_brute_force(tmp_path, captions, exact):
+    n, tasks = 600, 7
+    counts = synthetic_hash_records(tmp_path / "single", n, tasks, seed=4, captions=captions, chain_length=5)
+    synthetic_hash_records(tmp_path / "parts", n, tasks, seed=4, captions=captions, chain_length=5)
+    cfg = load_prepare_config(None, [f"dedup.captions={str(captions).lower()}", "dedup.partition_samples=70",
+                                     f"dedup.exact_images={str(exact).lower()}"])
+    single = single_process_duplicates(tmp_path / "single", tasks, cfg)
+    parts, report = partitioned_duplicates(tmp_path / "parts", tasks, cfg, sequential, lambda *a: None)
+    assert parts.read_bytes() == single.read_bytes()  # the same file, byte for byte
+    expected = brute_force(tmp_path / "single", tasks, cfg)
+    assert dedup_rows(parts) == expected
+    reasons = [r for _, r in expected.values()]
+    if exact:
+        assert reasons.count("duplicate_exact") >= counts["exact_copies"] * 0.9
+    else:  # exact copies are found by their identical pHashes: buckets of 3+ copies linked in a star
+        assert reasons.count("duplicate_near_image") >= counts["exact_copies"] + counts["near_copies"] * 0.9
+    assert reasons.count("duplicate_near_image") >= counts["near_copies"] * 0.9
+    assert ("duplicate_caption" in reasons) == captions
+    # the chains need several rounds of connected components, over several partitions
+    assert report["partitions"] == 9 and report["cc_rounds"]["image"] >= 3
+    chains = [u for u, (rep, _) in expected.items() if int(u) % 10 ** 7 % 20 == 3]
+    assert chains  # chain links, joined to their chain's first link through the others
+
+
+def test_partitioned_with_sampled_lsh_tables(tmp_path):
+    """Beyond 5,461 samples the LSH tables are random bit samples: both paths use the same ones."""
+    n, tasks = 8000, 4
+    synthetic_hash_records(tmp_path / "single", n, tasks, seed=5)
+    synthetic_hash_records(tmp_path / "parts", n, tasks, seed=5)
+    cfg = load_prepare_config(None, ["dedup.partition_samples=3000"])
+    single = single_process_duplicates(tmp_path / "single", tasks, cfg)
+    parts, report = partitioned_duplicates(tmp_path / "parts", tasks, cfg, sequential, lambda *a: None)
+    assert report["lsh_tables"] > 7 and report["partitions"] == 3  # not the 7 pigeonhole bands
+    assert parts.read_bytes() == single.read_bytes()
+    assert len(dedup_rows(parts)) > 0.15 * n
+
+
+def test_ray_and_partitioned_local_give_the_same_output_as_one_process(planted, tmp_path):
+    pytest.importorskip("ray")
+    root, _, _ = planted
+    single = prepare_planted(root, tmp_path / "single", "dedup.partitioned=false")
+    local = prepare_planted(root, tmp_path / "local", "dedup.partitioned=true", "dedup.partition_samples=30")
+    ray = prepare_planted(root, tmp_path / "ray", "engine=ray", "dedup.partition_samples=30")
+    assert len(list((ray / "_work" / "dedup" / "buckets").glob("part_*"))) == 6  # 160 samples / 30
+    for out in (local, ray):
+        for name in ["rejects.parquet", "_work/dedup.parquet", *(p.name for p in single.glob("*.tar"))]:
+            assert (out / name).read_bytes() == (single / name).read_bytes(), name
+    assert {r["reason"] for r in rejects_of(ray)} == {"duplicate_exact", "duplicate_near_image"}
+
+
+KILL_AT_COMMIT = """
+import os, signal, sys
+from coca.prepare import dedup
+commit, calls = dedup._commit, []
+def killed(tmp, final, info):  # SIGKILL with a task's files written but not yet renamed
+    calls.append(final)
+    if len(calls) == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return commit(tmp, final, info)
+dedup._commit = killed
+from coca.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("kill_at", [6, 13])  # in the bucket pass; in a connected-components round
+def test_sigkill_in_partitioned_dedup_then_rerun_gives_the_same_output(planted, tmp_path, kill_at):
+    root, _, _ = planted
+    args = ["data", "prepare", "--input", str(root / "in"), "--output", str(tmp_path / "out")]
+    args += sum((["--set", s] for s in [*SMALL, "workers=1", "dedup.partitioned=true",
+                                        "dedup.partition_samples=30"]), [])
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_COMMIT.replace("{n}", str(kill_at)), *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    dedup_dir = tmp_path / "out" / "_work" / "dedup"
+    finished = {p: p.stat().st_ino for pattern in ("emit/task_*", "*/part_*", "cc_*/round_*/part_*")
+                for p in dedup_dir.glob(pattern)}
+    assert len(finished) == kill_at - 1 and list(dedup_dir.rglob(".*.tmp*"))
+    assert not (tmp_path / "out" / "_work" / "dedup.parquet").exists()
+    from coca.cli import main
+    assert main(args) == 0
+    assert {p: p.stat().st_ino for p in finished} == finished  # finished tasks were not redone
+    assert not list(dedup_dir.rglob(".*.tmp*"))
+    reference = prepare_planted(root, tmp_path / "reference", "dedup.partitioned=false")
+    for name in ["rejects.parquet", "stats.json", *(p.name for p in reference.glob("*.tar"))]:
+        a, b = (tmp_path / "out" / name).read_bytes(), (reference / name).read_bytes()
+        assert a == b or name == "stats.json" and json.loads(a)["output_samples"] == json.loads(b)["output_samples"]
+
+
+# ------------------------------------------------------------------------------ dead workers
+
+def test_a_killed_local_worker_is_retried_then_reported(tmp_path):
+    fn = functools.partial(die_once, marker_dir=str(tmp_path))
+    assert parallel_map(fn, list(range(6)), "local", workers=2, desc="t") == [x * x for x in range(6)]
+    with pytest.raises(WorkerDied, match="died 3 times.*rerun the same command"):
+        parallel_map(always_die, list(range(4)), "local", workers=2, desc="t")
+
+
+def test_a_killed_ray_worker_is_retried(tmp_path):
+    ray = pytest.importorskip("ray")
+    import worker_faults
+    ray.cloudpickle.register_pickle_by_value(worker_faults)  # Ray's workers do not import from tests/
+    fn = functools.partial(die_once, marker_dir=str(tmp_path))
+    assert parallel_map(fn, list(range(4)), "ray", workers=2, desc="t") == [x * x for x in range(4)]
+    assert (tmp_path / "1.seen").exists()
+
+
+def test_an_unreachable_ray_address_is_a_clear_error(planted, tmp_path):
+    root, _, _ = planted
+    proc = subprocess.run([sys.executable, "-m", "coca.cli", "data", "prepare", "--input", str(root / "in"),
+                           "--output", str(tmp_path / "out"), "--set", "engine=ray",
+                           "--set", "ray_address=127.0.0.1:1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot reach the Ray cluster at ray_address='127.0.0.1:1'" in proc.stderr
+    assert not (tmp_path / "out" / "stats.json").exists()
