@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -202,3 +203,75 @@ def test_an_unreachable_ray_address_is_a_clear_error(planted, tmp_path):
                            "--set", "ray_address=127.0.0.1:1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "cannot reach the Ray cluster at ray_address='127.0.0.1:1'" in proc.stderr
     assert not (tmp_path / "out" / "stats.json").exists()
+
+
+# ---------------------------------------------------------------------- evaluation-set overlap
+
+@pytest.fixture(scope="module")
+def contaminated(tmp_path_factory):
+    """24 evaluation images (half JPEG at the top, half PNG in a subfolder) and training shards of
+    40 distinct pictures plus 16 copies of evaluation images (exact, resized, recompressed, cropped)."""
+    import io
+
+    from PIL import Image
+
+    from coca.prepare.planted import planted_eval_copies, planted_samples, write_shards
+    root = tmp_path_factory.mktemp("contaminated")
+    evals, copies, truth = planted_eval_copies(24, 16, seed=2, size=128)
+    files = {}
+    for i, (name, data) in enumerate(evals):
+        if i % 2:  # PNG, in a subfolder: the exact copies of these are of the decoded pixels
+            path = root / "eval" / "sub" / name.replace(".jpg", ".png")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(io.BytesIO(data)).save(path)
+        else:
+            path = root / "eval" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        files[name] = str(path)
+    distinct, _ = planted_samples(40, 0, seed=9, size=128)
+    samples = distinct + copies
+    order = np.random.default_rng(0).permutation(len(samples))
+    write_shards([samples[i] for i in order], root / "in", 14)
+    return root, {key: files[name] for key, name in truth.items()}
+
+
+def test_training_copies_of_evaluation_images_are_rejected_with_the_file_they_copy(contaminated, tmp_path):
+    root, expected = contaminated
+    out = prepare_planted(root, tmp_path / "out", f"dedup.against={root / 'eval'}")
+    rejects = rejects_of(out)
+    found = {r["key"]: r["eval_file"] for r in rejects if r["reason"] == "eval_overlap"}
+    assert found == expected  # every copy, of each kind, and nothing else; with the file it copies
+    assert all(r["eval_file"] is None for r in rejects if r["reason"] != "eval_overlap")
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["evaluation_images"] == {"images": 24, "unreadable": 0}
+    assert stats["output_samples"] == 40 and stats["rejected_by_reason"] == {"eval_overlap": 16}
+    pytest.importorskip("ray")
+    ray = prepare_planted(root, tmp_path / "ray", f"dedup.against={root / 'eval'}", "engine=ray")
+    assert (ray / "rejects.parquet").read_bytes() == (out / "rejects.parquet").read_bytes()
+
+
+def test_bad_evaluation_sets_are_clear_errors(contaminated, tmp_path, capsys):
+    from coca.cli import main
+    root, _ = contaminated
+
+    def prepare(against, out):
+        return main(["data", "prepare", "--input", str(root / "in"), "--output", str(tmp_path / out),
+                     "--set", "filters.min_side=64", "--set", "workers=1", "--set", f"dedup.against={against}"])
+
+    assert prepare(tmp_path / "missing", "a") == 2
+    assert "not an image file, folder, glob pattern or list file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    assert prepare(tmp_path / "empty", "b") == 2
+    assert "contains no images" in capsys.readouterr().err
+    (tmp_path / "broken.jpg").write_bytes(b"not a picture")
+    (tmp_path / "bad.txt").write_text(f"{tmp_path / 'broken.jpg'}\n{tmp_path / 'gone.jpg'}\n")
+    assert prepare(tmp_path / "bad.txt", "c") == 2
+    assert "none of the 2 evaluation images could be read" in capsys.readouterr().err
+    good = sorted((root / "eval").glob("*.jpg"))[:3]
+    (tmp_path / "mixed.txt").write_text("\n".join(map(str, [*good, tmp_path / "broken.jpg"])) + "\n")
+    assert prepare(tmp_path / "mixed.txt", "d") == 0  # the unreadable one is reported and counted
+    assert "1 of 4 evaluation images could not be read" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "d" / "stats.json").read_text())
+    assert stats["evaluation_images"] == {"images": 3, "unreadable": 1}

@@ -39,12 +39,13 @@ from ..data.samples import Skipped
 from ..errors import InputNotFound, UserError
 from ..io import _fsync_dir, atomic_write_bytes, atomic_write_text
 from .config import PrepareConfig
+from .decontaminate import build_eval_index, eval_index
 from .dedup import partitioned_duplicates, single_process_duplicates
 from .engine import parallel_map
 from .filters import process_sample
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
-REJECT_COLUMNS = ("uid", "key", "source", "reason", "duplicate_of")
+REJECT_COLUMNS = ("uid", "key", "source", "reason", "duplicate_of", "eval_file")
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def filter_task(task: Task, cfg: PrepareConfig, work: str) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta, rejects, counts = [], [], Counter()
+    evaluation = eval_index(work, cfg.dedup.phash_max_distance) if cfg.dedup.against else None
     keep_images = bool(cfg.filters.similarity_model)
     with tarfile.open(tmp / "samples.tar", "w") as tf:
         for n, item in enumerate(read_task(task, cfg)):
@@ -153,8 +155,10 @@ def filter_task(task: Task, cfg: PrepareConfig, work: str) -> dict:
                 continue
             key, source, image_bytes, caption_raw = item
             reason, rec = process_sample(image_bytes, caption_raw, cfg.filters, key, cfg.jpeg_quality)
-            if reason:
-                rejects.append({"uid": uid, "key": key, "source": source, "reason": reason, "duplicate_of": None})
+            matched = evaluation.match(rec["phash"]) if evaluation and not reason else None
+            if reason or matched:
+                rejects.append({"uid": uid, "key": key, "source": source, "reason": reason or "eval_overlap",
+                                "duplicate_of": None, "eval_file": matched})
                 continue
             row = {"uid": uid, "key": key, "source": source, "width": rec["width"], "height": rec["height"],
                    "caption": rec["caption"], "pixel_sha1": rec["pixel_sha1"],
@@ -337,6 +341,8 @@ def run_prepare(inputs: list[str], output: str, cfg: PrepareConfig, log=print) -
     tasks = list_tasks(inputs, cfg)
     done = sum((work / "filter" / f"task_{t.index:06d}").is_dir() for t in tasks)
     log(f"{len(tasks)} input tasks ({done} already done), engine {cfg.engine}")
+    against = build_eval_index(cfg.dedup.against, work, cfg.filters.max_pixels, functools.partial(_run_tasks, cfg=cfg),
+                               log) if cfg.dedup.against else None
     counts = Counter()
     for c in _run_tasks(functools.partial(filter_task, cfg=cfg, work=str(work)), tasks, "filter", cfg):
         counts.update(c)
@@ -363,7 +369,7 @@ def run_prepare(inputs: list[str], output: str, cfg: PrepareConfig, log=print) -
         "input_samples": counts["input"], "passed_filters": counts["accepted"],
         "duplicates": len(dup_rows), "output_samples": sum(written), "shards": len(jobs),
         "samples_per_shard": cfg.samples_per_shard, "rejected_by_reason": dict(sorted(by_reason.items())),
-        "tasks": len(tasks), "engine": cfg.engine, "seconds": round(time.time() - t0, 1),
+        "tasks": len(tasks), "engine": cfg.engine, **({"evaluation_images": against} if against else {}), "seconds": round(time.time() - t0, 1),
     }
     assert stats["input_samples"] == stats["output_samples"] + sum(by_reason.values()), "a sample went unaccounted"
     atomic_write_text(out / "stats.json", json.dumps(stats, indent=1) + "\n")

@@ -180,3 +180,19 @@ def synthetic_hash_records(work, n: int, n_tasks: int, seed: int = 0, variants: 
         d.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, d / "meta.parquet")
     return {"samples": n, "exact_copies": int(exact.size), "near_copies": int(near.size), "chain_links": int(links.size)}
+
+
+def planted_eval_copies(n_eval: int, n_copies: int, seed: int = 0, size: int = 224):
+    """Evaluation pictures [(file name, JPEG bytes)] — none alike, nor like ``planted_samples``' —
+    and training samples copying some of them [(key, bytes, caption)], ``COPY_KINDS`` in turn, with
+    {copy key: evaluation file name}."""
+    rng = np.random.default_rng(seed + 1)
+    evals = [(f"eval{i:06d}.jpg", jpeg(random_photo(1_000_000_007 + seed * 100_003 + i, size)))
+             for i in range(n_eval)]
+    copies, truth = [], {}
+    for j in range(n_copies):
+        name, data = evals[int(rng.integers(n_eval))]
+        out, text = copy_of(data, random_caption(rng), COPY_KINDS[j % len(COPY_KINDS)], rng)
+        copies.append((f"e{j:07d}", out, text))
+        truth[f"e{j:07d}"] = name
+    return evals, copies, truth
