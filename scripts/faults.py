@@ -291,6 +291,15 @@ def probe_prepare(root: Path) -> Outcome:
             o.wrong.append(f"data prepare kept the unusable {unusable}")
     if list(root.glob("escape*")) or list(root.parent.glob("escape*")) or list(out.parent.glob("**/escape.jpg")):
         o.wrong.append("a path-traversal member was written outside the output")
+    # the same inputs through the partitioned deduplication, two samples per partition
+    status, r = run_child(cli, ["data", "prepare", "--input", *sorted(map(str, src.glob("*.tar"))), "--output",
+                                str(root / "prep_parts"), "--set", "filters.min_side=1", "--set", "workers=1",
+                                "--set", "dedup.partitioned=true", "--set", "dedup.partition_samples=2"])
+    if status != "ok":
+        o.crash += 1
+    elif r["rc"] != 0 or any((root / "prep_parts" / f.name).read_bytes() != f.read_bytes()
+                             for f in [out / "rejects.parquet", *out.glob("*.tar")]):
+        o.wrong.append("data prepare: the partitioned deduplication gave another output")
     return o
 
 

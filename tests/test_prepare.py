@@ -301,3 +301,16 @@ def test_similarity_filter_with_a_coca_checkpoint(tmp_path):
                      "filters.min_side=64", "--set", "workers=1", "--set", f"filters.similarity_model={model_dir}",
                      "--set", f"filters.similarity_threshold={t}"]) == 0
         assert {r["key"] for r in rejects_of(out) if r["reason"] == "low_similarity"} == want
+
+
+def test_the_prepare_recipe_lists_every_setting_with_its_default():
+    import yaml
+
+    from coca.prepare.config import PrepareConfig
+
+    def keys(d, prefix=""):
+        return {f"{prefix}{k}" for k, v in d.items() for k in ([k] if not isinstance(v, dict) else
+                                                                 keys(v, f"{prefix}{k}."))}
+    recipe = yaml.safe_load(open("configs/prepare.yaml"))
+    assert keys(recipe) == keys(PrepareConfig().to_dict())
+    assert load_prepare_config("configs/prepare.yaml").to_dict() == PrepareConfig().to_dict()

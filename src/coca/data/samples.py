@@ -11,7 +11,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config import MAX_PIXELS  # noqa: F401 (the one pixel limit; imported from here by readers)
@@ -118,6 +117,7 @@ class Collator:
         self.tokenizer = tokenizer
 
     def __call__(self, samples: list) -> dict:
+        import torch  # here, so that decoding and filtering (coca data prepare) do not load PyTorch
         skipped = Counter(s.reason for s in samples if isinstance(s, Skipped))
         good = [s for s in samples if not isinstance(s, Skipped)]
         captions = [c for _, c in good]

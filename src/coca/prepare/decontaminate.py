@@ -25,7 +25,7 @@ import numpy as np
 from ..data.samples import Skipped, decode_image
 from ..errors import UserError
 from ..io import atomic_write_bytes
-from .hashing import hash_tables, phash_variants
+from .hashing import hash_tables, phash_variants, popcount
 
 INDEX_FILE = "against.npz"
 CHUNK = 256  # evaluation images per hashing task
@@ -92,16 +92,20 @@ class EvalIndex:
             for i, row in enumerate(self.phash.tolist()):
                 for h in row:
                     table[h & mask].append(i)
-            self.tables.append(table)
+            self.tables.append({key: np.unique(items) for key, items in table.items()})
 
     def match(self, phash: list[int]) -> str | None:
         """The first evaluation file within distance k of this sample's pHash variants, or None.
         (Identical pixels have identical hashes, which collide in every table.)"""
-        candidates = {c for mask, table in zip(self.masks, self.tables) for h in phash for c in table.get(h & mask, ())}
-        for c in sorted(candidates):
-            if min((int(e) ^ h).bit_count() for e in self.phash[c] for h in phash) <= self.k:
-                return self.paths[c]
-        return None
+        found = [c for mask, table in zip(self.masks, self.tables) for h in phash
+                 if (c := table.get(h & mask)) is not None]
+        if not found:
+            return None
+        candidates = np.unique(np.concatenate(found))
+        mine = np.array(phash, dtype=np.uint64)
+        distance = popcount(self.phash[candidates][:, :, None] ^ mine[None, None, :])
+        hits = candidates[distance.reshape(candidates.size, -1).min(1) <= self.k]
+        return self.paths[hits[0]] if hits.size else None
 
 
 _indexes: dict[tuple[str, int], EvalIndex] = {}

@@ -52,8 +52,9 @@ from .hashing import (
     MINHASH_BANDS,
     UnionFind,
     hash_tables,
-    lsh_keys,
+    lsh_bucket,
     minhash_band_keys,
+    mix64,
     near_captions,
     near_pairs,
     similar_captions,
@@ -159,22 +160,10 @@ EDGE = np.dtype([("src", "<i8"), ("dst", "<i8")])
 
 
 def _near_dtype(variants: int) -> np.dtype:
-    return np.dtype([("table", "<u2"), ("key", "<u8"), ("id", "<i8"), ("hashes", "<u8", (variants,))])
+    return np.dtype([("bucket", "<u8"), ("id", "<i8"), ("hashes", "<u8", (variants,))])
 
 
 MINHASH = np.dtype([("band", "u1"), ("key", f"S{4 * 64 // MINHASH_BANDS}"), ("id", "<i8"), ("sig", "<u4", (64,))])
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: spreads keys evenly over partitions."""
-    x = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
 
 
 def _bytes_part(keys: np.ndarray, parts: int) -> np.ndarray:
@@ -182,7 +171,7 @@ def _bytes_part(keys: np.ndarray, parts: int) -> np.ndarray:
     words = np.ascontiguousarray(raw[:, :keys.dtype.itemsize // 8 * 8]).view("<u8")
     h = np.zeros(len(keys), np.uint64)
     for column in words.T:
-        h = _mix(h ^ column)
+        h = mix64(h ^ column)
     return (h % np.uint64(parts)).astype(np.int64)
 
 
@@ -251,11 +240,11 @@ def emit_task(task: int, plan: DedupPlan) -> dict:
         hashes = meta["phash"]
         n, v = hashes.shape
         rec = np.empty(n * v * len(plan.masks), _near_dtype(v))
-        for t, mask in enumerate(plan.masks):  # table-major, like the single path's loop over tables
+        for t in range(len(plan.masks)):
             chunk = rec[t * n * v:(t + 1) * n * v]
-            chunk["table"], chunk["key"] = t, lsh_keys(hashes.reshape(-1), mask)
+            chunk["bucket"] = lsh_bucket(hashes.reshape(-1), list(plan.masks), t)
             chunk["id"], chunk["hashes"] = np.repeat(ids, v), np.repeat(hashes, v, axis=0)
-        part = (_mix(rec["key"] ^ _mix(rec["table"].astype(np.uint64))) % np.uint64(plan.parts)).astype(np.int64)
+        part = (mix64(rec["bucket"]) % np.uint64(plan.parts)).astype(np.int64)
         written += write_partitioned(tmp, "near", rec, part, plan.parts)
     if plan.captions:
         rec = np.empty(ids.size, EXACT)
@@ -287,7 +276,7 @@ def bucket_task(q: int, plan: DedupPlan) -> dict:
         exact_dups = np.unique(image[-1][1])  # every member of an exact group but its first
     if plan.near:
         rec = read_partition(sources, "near", q, _near_dtype(plan.variants))
-        image.append(verified_edges([rec["table"], rec["key"]], rec["id"], lambda idx: rec["hashes"][idx],
+        image.append(verified_edges([rec["bucket"]], rec["id"], lambda idx: rec["hashes"][idx],
                                     functools.partial(within_distance, k=plan.k)))
     if plan.captions:
         rec = read_partition(sources, "caption", q, EXACT)
@@ -448,6 +437,7 @@ def _hash_variants(work: Path, n_tasks: int) -> int:
 def single_process_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig) -> Path:
     columns = meta_columns(cfg)
     parts = [read_meta(work / "filter" / f"task_{t:06d}" / "meta.parquet", columns) for t in range(n_tasks)]
+    parts = [p for p in parts if len(p["uid"])]  # a task whose samples were all rejected has none
     meta = {c: ([x for p in parts for x in p[c]] if c in ("key", "source", "pixel_sha1", "caption_sha1")
                 else np.concatenate([p[c] for p in parts])) for c in columns} if parts else {c: [] for c in columns}
     dup_of, reasons = find_duplicates(meta, cfg)

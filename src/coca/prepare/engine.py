@@ -57,13 +57,14 @@ def _process_map(fn, items, workers, desc, bar) -> list:
                     results[futures[future]] = future.result()
                     bar.update(1)
                 return [results[i] for i in range(len(items))]
-            except BrokenProcessPool:
+            except BrokenProcessPool as e:
+                broken = e
                 for future, i in futures.items():  # results that arrived before the break
                     if i not in results and future.done() and not future.exception():
                         results[i] = future.result()
                         bar.update(1)
     raise WorkerDied(f"{desc}: a worker process died {MAX_TASK_ATTEMPTS} times (killed by a signal, or out of "
-                     f"memory) with {len(items) - len(results)} of {len(items)} tasks unfinished; the finished "
+                     f"memory: {broken}) with {len(items) - len(results)} of {len(items)} tasks unfinished; the finished "
                      "ones are kept: rerun the same command to resume")
 
 

@@ -7,7 +7,11 @@
   buckets stay small, random bit-sampling tables beyond), never by comparing all pairs;
 - captions: SHA-1 of the normalised text (case, punctuation and spacing removed) and a MinHash
   signature of its character 5-grams, with LSH banding (16 bands x 4 rows) for candidates and the
-  estimated Jaccard similarity to confirm them.
+  estimated Jaccard similarity to confirm them;
+- buckets to edges, shared by the single-process and the partitioned deduplication: exact groups
+  as stars (``star_edges``), LSH buckets verified pair by pair after collapsing identical
+  signatures (``verified_edges``), each LSH table's bucket packed into one uint64
+  (``lsh_bucket``) so that one sort finds them.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def variant_distance(a: list[int], b: list[int]) -> int:
     return min(hamming(x, y) for x in a for y in b)
 
 
-def _popcount(x: np.ndarray) -> np.ndarray:
+def popcount(x: np.ndarray) -> np.ndarray:
     if hasattr(np, "bitwise_count"):  # numpy >= 2
         return np.bitwise_count(x)
     return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1)
@@ -90,9 +94,17 @@ def hash_tables(n_entries: int, k: int, recall: float = 0.99, seed: int = 0) -> 
     return masks, "sampled"
 
 
-def lsh_keys(hashes: np.ndarray, mask: int) -> np.ndarray:
-    """One LSH table's key of every hash (any shape): the bits the table keeps."""
-    return hashes & np.uint64(mask)
+def lsh_bucket(hashes: np.ndarray, masks: list[int], table: int) -> np.ndarray:
+    """The bucket of every hash (any shape) in LSH table ``table`` of ``masks``, as one uint64 that
+    no other table's buckets share: the table number above the bits the table keeps, packed."""
+    bits = [i for i in range(64) if masks[table] >> i & 1]
+    shift = max(bin(m).count("1") for m in masks)
+    if shift + (len(masks) - 1).bit_length() > 64:
+        raise ValueError(f"{len(masks)} tables of {shift} bits do not fit a 64-bit bucket")
+    out = np.zeros(hashes.shape, np.uint64)
+    for j, bit in enumerate(bits):  # gather the kept bits (a vectorised PEXT)
+        out |= ((hashes >> np.uint64(bit)) & np.uint64(1)) << np.uint64(j)
+    return out | (np.uint64(table) << np.uint64(shift)) if table else out
 
 
 def near_pairs(hashes: np.ndarray, k: int, recall: float = 0.99) -> tuple[np.ndarray, np.ndarray, str]:
@@ -105,8 +117,8 @@ def near_pairs(hashes: np.ndarray, k: int, recall: float = 0.99) -> tuple[np.nda
     n, v = hashes.shape
     owner = np.repeat(np.arange(n, dtype=np.int64), v)
     masks, scheme = hash_tables(n * v, k, recall)
-    edges = [verified_edges([lsh_keys(hashes.reshape(-1), mask)], owner, lambda idx: hashes[owner[idx]],
-                            functools.partial(within_distance, k=k)) for mask in masks]
+    edges = [verified_edges([lsh_bucket(hashes.reshape(-1), masks, t)], owner, lambda idx: hashes[owner[idx]],
+                            functools.partial(within_distance, k=k)) for t in range(len(masks))]
     i, j = unique_edges(np.concatenate([e[0] for e in edges] or [np.zeros(0, np.int64)]),
                         np.concatenate([e[1] for e in edges] or [np.zeros(0, np.int64)]))
     return i, j, scheme
@@ -115,26 +127,46 @@ def near_pairs(hashes: np.ndarray, k: int, recall: float = 0.99) -> tuple[np.nda
 def within_distance(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     """[M] bool: the hash sets a[m] and b[m] ([M, V] each) have a variant pair within distance k."""
     x = a[:, :, None] ^ b[:, None, :]
-    return _popcount(x).reshape(x.shape[0], x.shape[1] * x.shape[2]).min(1, initial=64) <= k
+    return popcount(x).reshape(x.shape[0], x.shape[1] * x.shape[2]).min(1, initial=64) <= k
 
 
 # --------------------------------------------------------------------------------- buckets
 
-def _runs(columns: list[np.ndarray], owner: np.ndarray):
-    """Record order sorted by (columns..., owner), and the start and length of each bucket (a run of
-    records equal in every column)."""
-    order = np.lexsort([owner, *reversed(columns)])
+def _runs(columns: list[np.ndarray], owner: np.ndarray, tie: np.ndarray | None = None,
+          same: np.ndarray | None = None):
+    """Record order sorted by (columns..., tie, owner), and the start and length of each run of
+    records equal in every column (a bucket) and, if given, in every column of ``same`` ([M, C]).
+    ``tie`` (a fingerprint of ``same``) only makes equal rows of ``same`` adjacent."""
+    order = np.lexsort([owner, *([] if tie is None else [tie]), *reversed(columns)])
     change = np.zeros(owner.size, dtype=bool)
     change[:1] = True
     for column in columns:
         s = column[order]
         change[1:] |= s[1:] != s[:-1]
+    if same is not None:
+        s = same[order]
+        change[1:] |= np.any(s[1:] != s[:-1], axis=1)
     starts = np.flatnonzero(change)
     return order, starts, np.diff(np.r_[starts, owner.size])
 
 
+def _in_shared_buckets(columns: list[np.ndarray]) -> np.ndarray:
+    """Indices of the records whose bucket holds another record. Most LSH buckets hold one, so
+    one plain sort here spares the multi-key sorts of everything after."""
+    if len(columns) == 1:
+        order = np.argsort(columns[0])
+        s = columns[0][order]
+    else:
+        order = np.lexsort(list(reversed(columns)))
+        s = np.rec.fromarrays([c[order] for c in columns])
+    same = s[1:] == s[:-1]
+    return np.sort(order[np.r_[same, False] | np.r_[False, same]])
+
+
 def star_edges(columns: list[np.ndarray], owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact groups: an edge from the smallest owner of each bucket to every other owner in it."""
+    shared = _in_shared_buckets(columns)
+    columns, owner = [c[shared] for c in columns], owner[shared]
     order, starts, lengths = _runs(columns, owner)
     first = np.repeat(owner[order[starts]], lengths)
     other = owner[order]
@@ -146,32 +178,45 @@ def verified_edges(columns: list[np.ndarray], owner: np.ndarray, signature, clos
     """Edges (a < b) between owners that share a bucket and whose signatures are ``close``.
 
     ``signature(record indices)`` gives the records' signatures ([M, ...]); ``close(sa, sb)`` -> [M]
-    bool. Within a bucket, owners with identical signatures are linked in a star to the smallest
-    of them and only one per distinct signature is compared pairwise: a picture copied 100,000
-    times makes one bucket of 100,000 in every table, which pairwise would be 5e9 comparisons.
-    The components are the same as with every close pair."""
-    order, starts, lengths = _runs(columns, owner)
-    out_a, out_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    first, second = order[starts[lengths == 2]], order[starts[lengths == 2] + 1]  # most buckets: no loop
-    distinct = owner[first] != owner[second]
-    first, second = first[distinct], second[distinct]
-    ok = close(signature(first), signature(second))
-    out_a.append(owner[first[ok]])
-    out_b.append(owner[second[ok]])
-    for start, length in zip(starts[lengths > 2], lengths[lengths > 2]):
-        idx = order[start:start + length]  # owners ascending
-        sig = signature(idx)
-        _, rep, inverse = np.unique(sig.reshape(length, -1), axis=0, return_index=True, return_inverse=True)
-        leader = idx[rep[inverse.reshape(-1)]]
-        linked = owner[leader] != owner[idx]
-        out_a.append(owner[leader[linked]])
-        out_b.append(owner[idx[linked]])
-        if rep.size > 1:
-            x, y = np.triu_indices(rep.size, 1)
-            ok = close(sig[rep[x]], sig[rep[y]])
-            out_a.append(owner[idx[rep[x[ok]]]])
-            out_b.append(owner[idx[rep[y[ok]]]])
+    bool. Within a bucket, owners with identical signatures are first linked in a star to the
+    smallest of them, and only one per distinct signature is compared pairwise: a picture copied
+    100,000 times makes one bucket of 100,000 in every table, which pairwise would be 5e9
+    comparisons. The components are the same as with every close pair. All of it is vectorised:
+    pairs at distance d within a bucket are formed for d = 1, 2, ... over the buckets longer than d."""
+    shared = _in_shared_buckets(columns)
+    columns, owner, sig = [c[shared] for c in columns], owner[shared], signature(shared)
+    flat = sig.reshape(owner.size, int(np.prod(sig.shape[1:])))
+    fingerprint = np.zeros(owner.size, np.uint64)
+    for column in flat.T:
+        fingerprint = mix64(fingerprint ^ column.astype(np.uint64))
+    order, starts, lengths = _runs(columns, owner, fingerprint, flat)  # identical copies within a bucket
+    leader = np.repeat(order[starts], lengths)
+    linked = owner[leader] != owner[order]
+    out_a, out_b = [owner[leader[linked]]], [owner[order[linked]]]
+    leaders = order[starts]  # one record per distinct signature and bucket, its smallest owner
+    order, starts, lengths = _runs([c[leaders] for c in columns], owner[leaders])
+    records = leaders[order]
+    run_end = np.repeat(starts + lengths, lengths)
+    i = np.arange(records.size)
+    for d in range(1, int(lengths.max(initial=1))):
+        i = i[i + d < run_end[i]]  # positions with a partner d further in the same bucket
+        a, b = records[i], records[i + d]
+        ok = close(sig[a], sig[b])
+        out_a.append(owner[a[ok]])
+        out_b.append(owner[b[ok]])
     return unique_edges(np.concatenate(out_a), np.concatenate(out_b))
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64."""
+    x = x.copy()
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
 
 
 def unique_edges(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
