@@ -260,6 +260,8 @@ class T5Decoder(nn.Module):
         cross = self.cross_kv(visual_tokens)
         if repeat > 1:
             cross = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in cross]
+        # contiguous once here: the projection's [B, N, 2, H, Dh] views would be copied by every step
+        cross = [(k.contiguous(), v.contiguous()) for k, v in cross]
         B, dtype = cross[0][0].shape[0], cross[0][0].dtype
         layers = [LayerCache(B, self.cfg.num_heads, max_len, self.cfg.d_kv, dtype, visual_tokens.device)
                   for _ in self.blocks]
