@@ -92,6 +92,10 @@ CLAIMS = [
                 f"{r['rows'][0]['untrimmed_peak_rss_delta_mb'] / 1000:.1f}")),
     ("BENCHMARKS.md", "| trimmed speed-up | **{}x** | |", "trim.json",
      lambda r: (f"{r['rows'][0]['trimmed_speedup']:.2f}",)),
+    ("BENCHMARKS.md", "nearly the same FLOPs ({} vs {} GFLOP per step", "step_flops.json",
+     lambda r: (f"{r['ours_gflop_with_cpu_attention']:.1f}", f"{r['open_clip_gflop_with_cpu_attention']:.1f}")),
+    ("BENCHMARKS.md", "PyTorch's own counter skips: {} vs {} without them", "step_flops.json",
+     lambda r: (f"{r['ours_gflop_plain']:.1f}", f"{r['open_clip_gflop_plain']:.1f}")),
     # the fault suite
     ("README.md", "| **total** | {} | {} | {} | {} | {} | {} |", "faults.json",
      lambda r: tuple(str(r["total"][k]) for k in ("inputs", "hangs", "crashes", "wrong", "unaccounted", "lost"))),
