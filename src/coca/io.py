@@ -59,3 +59,15 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Make a fully written temporary directory ``final``, durably: every file fsynced, one
+    rename, the parent fsynced. A task whose output is such a directory is done exactly when it
+    exists."""
+    for dirpath, _, files in os.walk(tmp):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(Path(final).parent)

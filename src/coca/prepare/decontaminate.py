@@ -86,10 +86,11 @@ class EvalIndex:
             self.phash = index["phash"]  # [m, V] uint64
         self.k = k
         self.masks, _ = hash_tables(self.phash.size, k)
+        rows = self.phash.tolist()
         self.tables = []
         for mask in self.masks:
             table = defaultdict(list)
-            for i, row in enumerate(self.phash.tolist()):
+            for i, row in enumerate(rows):
                 for h in row:
                     table[h & mask].append(i)
             self.tables.append({key: np.unique(items) for key, items in table.items()})

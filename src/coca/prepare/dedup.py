@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import _fsync_dir, atomic_write_bytes
+from ..io import atomic_write_bytes, commit_dir
 from .config import PrepareConfig
 from .hashing import (
     MINHASH_BANDS,
@@ -210,11 +210,7 @@ def _task_dir(final: Path):
 
 def _commit(tmp: Path, final: Path, info: dict) -> dict:
     (tmp / "done.json").write_text(json.dumps(info))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    os.replace(tmp, final)  # the task is done exactly when this directory exists
-    _fsync_dir(final.parent)
+    commit_dir(tmp, final)
     return info
 
 

@@ -37,7 +37,7 @@ from ..config import ConfigError
 from ..data.readers import CsvSource, expand_braces, read_tar_groups
 from ..data.samples import Skipped
 from ..errors import InputNotFound, UserError
-from ..io import _fsync_dir, atomic_write_bytes, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text, commit_dir
 from .config import PrepareConfig
 from .decontaminate import build_eval_index, eval_index
 from .dedup import partitioned_duplicates, single_process_duplicates
@@ -179,9 +179,7 @@ def filter_task(task: Task, cfg: PrepareConfig, work: str) -> dict:
     pq.write_table(pa.Table.from_pylist(meta, schema=_meta_schema()), tmp / "meta.parquet")
     pq.write_table(pa.Table.from_pylist(rejects, schema=_reject_schema()), tmp / "rejects.parquet")
     (tmp / "counts.json").write_text(json.dumps(dict(counts)))
-    _fsync_tree(tmp)
-    os.replace(tmp, final)  # the task is done exactly when this directory exists
-    _fsync_dir(final.parent)
+    commit_dir(tmp, final)
     return dict(counts)
 
 
@@ -247,13 +245,6 @@ def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info.size = len(data)
     info.mtime = 0  # identical input gives identical bytes
     tf.addfile(info, io.BytesIO(data))
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
 
 
 # ------------------------------------------------------------------------------ stage 2: dedup
