@@ -21,8 +21,12 @@ class FilterConfig:
     min_script_fraction: float = 0.8
     similarity_model: str = ""      # a coca model directory: reject image-text cosine below the threshold
     similarity_threshold: float = 0.2
+    min_content: float = 0.1        # fraction of each side left after trimming uniform borders; less is
+                                    # a blank image ("no_content"); 0 keeps every image
 
     def __post_init__(self):
+        if not 0 <= self.min_content < 1:
+            raise ConfigError(f"filters.min_content must be in [0, 1), got {self.min_content}")
         if self.min_side < 1 or self.max_aspect < 1 or self.max_pixels < 1:
             raise ConfigError("filters.min_side and max_pixels must be >= 1 and max_aspect >= 1")
         if not 0 <= self.min_words <= self.max_words or not 0 <= self.min_chars <= self.max_chars:
@@ -50,6 +54,9 @@ class DedupConfig:
     exact_images: bool = True       # identical decoded pixels ("duplicate_exact")
     near_images: bool = True        # perceptual hash within phash_max_distance ("duplicate_near_image")
     phash_max_distance: int = 6     # Hamming distance of the 64-bit hashes
+    region_min_agree: int = 5       # overlays: near duplicates when the centre and this many of the 9
+                                    # region hashes agree (0: off) ...
+    region_max_distance: int = 4    # ... within this Hamming distance
     captions: bool = False          # near-duplicate captions ("duplicate_caption"): off by default, as
                                     # short generic captions ("a photo of a dog") recur on distinct images
     caption_jaccard: float = 0.8    # MinHash-estimated Jaccard of character 5-grams
@@ -61,6 +68,9 @@ class DedupConfig:
     def __post_init__(self):
         if not 0 <= self.phash_max_distance <= 16:
             raise ConfigError(f"dedup.phash_max_distance must be in [0, 16], got {self.phash_max_distance}")
+        if not 0 <= self.region_min_agree <= 9 or not 0 <= self.region_max_distance <= 16:
+            raise ConfigError("dedup.region_min_agree must be in [0, 9] and dedup.region_max_distance in [0, 16], "
+                              f"got {self.region_min_agree} and {self.region_max_distance}")
         if not 0 < self.caption_jaccard <= 1:
             raise ConfigError(f"dedup.caption_jaccard must be in (0, 1], got {self.caption_jaccard}")
         if self.partition_samples < 1:

@@ -25,14 +25,15 @@ import numpy as np
 from ..data.samples import Skipped, decode_image
 from ..errors import UserError
 from ..io import atomic_write_bytes
-from .hashing import hash_tables, phash_variants, popcount
+from .hashing import PHASH_VARIANTS, hash_tables, image_hashes, phash64, popcount
 
 INDEX_FILE = "against.npz"
 CHUNK = 256  # evaluation images per hashing task
 
 
 def hash_eval_chunk(paths: list[str], max_pixels: int) -> list[tuple[str, list[int]] | str]:
-    """(path, pHash variants) of each image, or the reason it could not be read."""
+    """(path, pHash variants) of each image (as training samples get them, ``image_hashes``), or the
+    reason it could not be read."""
     out = []
     for path in paths:
         try:
@@ -44,7 +45,8 @@ def hash_eval_chunk(paths: list[str], max_pixels: int) -> list[tuple[str, list[i
         if isinstance(image, Skipped):
             out.append(f"{path}: {image.reason}")
         else:
-            out.append((path, phash_variants(image)))
+            hashes = image_hashes(image, 0.0)  # a blank evaluation image still gets its plain pHash
+            out.append((path, hashes["phash"] if hashes else [phash64(image)] * PHASH_VARIANTS))
     return out
 
 

@@ -4,7 +4,9 @@ Both paths give the same result, defined so that it does not depend on the order
 are found. Sample ids are the uids, in input order. Edges join duplicates:
 
 - exact: samples with the same pixel hash, as a star around the first of them;
-- near images: pHash sets within ``phash_max_distance`` that share a bucket of an LSH table;
+- near images: pHash sets within ``phash_max_distance`` that share a bucket of an LSH table, or
+  region hashes that agree (``hashing.regions_agree``: overlays) and share a bucket of an LSH
+  table on the centre region;
 - captions (optional): the same normalised caption, or MinHash Jaccard >= ``caption_jaccard``
   within a shared LSH band.
 
@@ -18,7 +20,8 @@ one process. Each pass is a set of tasks that write files and finish with a rena
 redoes only unfinished tasks (``OUT/_work/dedup/``):
 
 1. emit, one task per filter task: each sample's keys (pixel hash; one LSH key per table and hash
-   variant, carrying the sample's hashes for verification; caption hash; MinHash bands) go to P
+   variant, carrying the sample's hashes for verification; one per region table, carrying its
+   region hashes; caption hash; MinHash bands) go to P
    key partitions, as one file sorted by partition plus offsets;
 2. buckets, one task per key partition: star edges of exact groups, verified edges of LSH and
    MinHash buckets (``hashing.verified_edges``). Edges go to node partitions — a node's partition
@@ -49,6 +52,7 @@ import numpy as np
 from ..io import atomic_write_bytes, commit_dir
 from .config import PrepareConfig
 from .hashing import (
+    CENTRE_REGION,
     MINHASH_BANDS,
     UnionFind,
     hash_tables,
@@ -57,6 +61,8 @@ from .hashing import (
     mix64,
     near_captions,
     near_pairs,
+    region_pairs,
+    regions_agree,
     similar_captions,
     star_edges,
     unique_edges,
@@ -70,7 +76,12 @@ MAX_CC_ROUNDS = 200
 
 
 def meta_columns(cfg: PrepareConfig) -> list[str]:
-    return ["uid", "key", "source", "pixel_sha1", "phash"] + (["caption_sha1", "minhash"] if cfg.dedup.captions else [])
+    return (["uid", "key", "source", "pixel_sha1", "phash"] + (["regions"] if _regions_on(cfg) else [])
+            + (["caption_sha1", "minhash"] if cfg.dedup.captions else []))
+
+
+def _regions_on(cfg: PrepareConfig) -> bool:
+    return cfg.dedup.near_images and cfg.dedup.region_min_agree > 0
 
 
 # ------------------------------------------------------------------------ single process
@@ -86,7 +97,12 @@ def find_duplicates(meta, cfg: PrepareConfig) -> tuple[list[int | None], list[st
         stages.append(("duplicate_exact", star_edges([keys], np.arange(n))))
     if d.near_images and n:
         hashes = np.asarray(meta["phash"]).view(np.uint64)  # stored as signed int64
-        stages.append(("duplicate_near_image", near_pairs(hashes, d.phash_max_distance)[:2]))
+        a, b, _ = near_pairs(hashes, d.phash_max_distance)
+        if _regions_on(cfg):
+            ra, rb = region_pairs(np.asarray(meta["regions"]).view(np.uint64), d.region_max_distance,
+                                  d.region_min_agree)
+            a, b = unique_edges(np.r_[a, ra], np.r_[b, rb])
+        stages.append(("duplicate_near_image", (a, b)))
     if d.captions and n:
         keys = np.array([bytes.fromhex(h) for h in meta["caption_sha1"]], dtype="S20")
         exact = star_edges([keys], np.arange(n))
@@ -101,17 +117,16 @@ def find_duplicates(meta, cfg: PrepareConfig) -> tuple[list[int | None], list[st
 
 
 def read_meta(path, columns: list[str]) -> dict:
-    """Columns of a filter task's ``meta.parquet``: ``phash`` as [n, V] uint64 and ``minhash`` as
-    [n, 64] uint32 arrays, ``uid`` as fixed-width bytes, the others as lists."""
+    """Columns of a filter task's ``meta.parquet``: ``phash`` as [n, V] and ``regions`` as [n, 9]
+    uint64 and ``minhash`` as [n, 64] uint32 arrays, ``uid`` as fixed-width bytes, the others as lists."""
     import pyarrow.parquet as pq
     table = pq.read_table(path, columns=columns)
     out = {}
     for name in columns:
         column = table.column(name).combine_chunks()
-        if name in ("phash", "minhash"):
+        if name in ("phash", "regions", "minhash"):
             values = column.flatten().to_numpy(zero_copy_only=False)
-            dtype = np.uint64 if name == "phash" else np.uint32
-            out[name] = values.view(dtype) if name == "phash" else values.astype(dtype)
+            out[name] = values.astype(np.uint32) if name == "minhash" else values.view(np.uint64)
             out[name] = out[name].reshape(len(table), -1) if len(table) else out[name].reshape(0, 1)
         elif name == "uid":
             out[name] = np.array(column.to_pylist(), dtype="S13")
@@ -139,6 +154,9 @@ class DedupPlan:
     masks: tuple              # LSH tables (the same as the single path's for this many samples)
     variants: int             # pHash variants per sample
     k: int
+    region_masks: tuple       # LSH tables on the centre region (empty: the region rule is off)
+    region_k: int
+    region_min_agree: int
     exact: bool
     near: bool
     captions: bool
@@ -163,6 +181,7 @@ def _near_dtype(variants: int) -> np.dtype:
     return np.dtype([("bucket", "<u8"), ("id", "<i8"), ("hashes", "<u8", (variants,))])
 
 
+REGION = np.dtype([("bucket", "<u8"), ("id", "<i8"), ("regions", "<u8", (9,))])
 MINHASH = np.dtype([("band", "u1"), ("key", f"S{4 * 64 // MINHASH_BANDS}"), ("id", "<i8"), ("sig", "<u4", (64,))])
 
 
@@ -224,7 +243,8 @@ def emit_task(task: int, plan: DedupPlan) -> dict:
     final = plan.root / "emit" / f"task_{task:06d}"
     if final.is_dir():
         return json.loads((final / "done.json").read_text())
-    columns = ["uid", "pixel_sha1", "phash"] + (["caption_sha1", "minhash"] if plan.captions else [])
+    columns = (["uid", "pixel_sha1", "phash"] + (["regions"] if plan.region_masks else [])
+               + (["caption_sha1", "minhash"] if plan.captions else []))
     meta = read_meta(plan.meta_file(task), columns)
     ids = meta["uid"].astype(np.int64)
     tmp, written = _task_dir(final), 0
@@ -235,13 +255,27 @@ def emit_task(task: int, plan: DedupPlan) -> dict:
     if plan.near and ids.size:
         hashes = meta["phash"]
         n, v = hashes.shape
-        rec = np.empty(n * v * len(plan.masks), _near_dtype(v))
+        # a variant equal to an earlier one of the same sample (the untrimmed pHash of a picture
+        # without borders) adds no pair: its keys are left out
+        new = ~np.any(np.triu(hashes[:, :, None] == hashes[:, None, :], 1), axis=1).reshape(-1)
+        owner, flat = np.repeat(ids, v)[new], hashes.reshape(-1)[new]
+        m = flat.size
+        rec = np.empty(m * len(plan.masks), _near_dtype(v))
         for t in range(len(plan.masks)):
-            chunk = rec[t * n * v:(t + 1) * n * v]
-            chunk["bucket"] = lsh_bucket(hashes.reshape(-1), list(plan.masks), t)
-            chunk["id"], chunk["hashes"] = np.repeat(ids, v), np.repeat(hashes, v, axis=0)
+            chunk = rec[t * m:(t + 1) * m]
+            chunk["bucket"] = lsh_bucket(flat, list(plan.masks), t)
+            chunk["id"], chunk["hashes"] = owner, hashes[np.repeat(np.arange(n), v)[new]]
         part = (mix64(rec["bucket"]) % np.uint64(plan.parts)).astype(np.int64)
         written += write_partitioned(tmp, "near", rec, part, plan.parts)
+    if plan.region_masks and ids.size:
+        regions, n = meta["regions"], ids.size
+        rec = np.empty(n * len(plan.region_masks), REGION)
+        for t in range(len(plan.region_masks)):
+            chunk = rec[t * n:(t + 1) * n]
+            chunk["bucket"] = lsh_bucket(regions[:, CENTRE_REGION], list(plan.region_masks), t)
+            chunk["id"], chunk["regions"] = ids, regions
+        part = (mix64(rec["bucket"]) % np.uint64(plan.parts)).astype(np.int64)
+        written += write_partitioned(tmp, "region", rec, part, plan.parts)
     if plan.captions:
         rec = np.empty(ids.size, EXACT)
         rec["key"], rec["id"] = [bytes.fromhex(h) for h in meta["caption_sha1"]], ids
@@ -274,6 +308,11 @@ def bucket_task(q: int, plan: DedupPlan) -> dict:
         rec = read_partition(sources, "near", q, _near_dtype(plan.variants))
         image.append(verified_edges([rec["bucket"]], rec["id"], lambda idx: rec["hashes"][idx],
                                     functools.partial(within_distance, k=plan.k)))
+    if plan.region_masks:
+        rec = read_partition(sources, "region", q, REGION)
+        image.append(verified_edges([rec["bucket"]], rec["id"], lambda idx: rec["regions"][idx],
+                                    functools.partial(regions_agree, k=plan.region_k,
+                                                      min_agree=plan.region_min_agree)))
     if plan.captions:
         rec = read_partition(sources, "caption", q, EXACT)
         caption.append(star_edges([rec["key"]], rec["id"]))
@@ -374,8 +413,10 @@ def partitioned_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig, run, lo
             for t in range(n_tasks))
     variants = _hash_variants(work, n_tasks)
     masks = hash_tables(n * variants, d.phash_max_distance)[0] if n else []
+    region_masks = hash_tables(n, d.region_max_distance)[0] if n and _regions_on(cfg) else []
     plan = DedupPlan(str(work), n_tasks, max(1, math.ceil(n / d.partition_samples)), tuple(masks), variants,
-                     d.phash_max_distance, d.exact_images, d.near_images, d.captions, d.caption_jaccard)
+                     d.phash_max_distance, tuple(region_masks), d.region_max_distance, d.region_min_agree,
+                     d.exact_images, d.near_images, d.captions, d.caption_jaccard)
     report = {"samples": n, "partitions": plan.parts, "lsh_tables": len(masks)}
 
     def timed(pass_name, fn, items):

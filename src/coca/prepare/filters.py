@@ -9,14 +9,14 @@ from PIL import Image
 
 from ..data.samples import Skipped, decode_caption, decode_image, normalise_caption
 from .config import SCRIPTS, FilterConfig
-from .hashing import caption_hash, minhash, phash_variants, pixel_hash
+from .hashing import caption_hash, image_hashes, minhash, pixel_hash
 
 REJECT_REASONS = (
     # from reading and decoding (shared with the training readers)
     "missing_image", "decode_error", "too_many_pixels", "missing_caption", "bad_utf8", "empty_caption",
     "corrupt_tar_member", "unsupported_member",
     # filters
-    "too_small", "bad_aspect", "caption_too_short", "caption_too_long", "boilerplate_caption", "script",
+    "too_small", "bad_aspect", "no_content", "caption_too_short", "caption_too_long", "boilerplate_caption", "script",
     "low_similarity",
     # deduplication
     "duplicate_exact", "duplicate_near_image", "duplicate_caption",
@@ -76,7 +76,7 @@ def process_sample(image_bytes: bytes | None, caption_raw, cfg: FilterConfig, ke
     """Decode, filter and hash one raw sample.
 
     Returns (reason, None) for a rejected sample, or (None, record) where record holds the JPEG
-    bytes to write, the caption, the size and the hashes.
+    bytes to write, the caption, the size, the hashes and the content box (``image_hashes``).
     """
     caption = decode_caption(caption_raw, key)
     if isinstance(caption, Skipped):
@@ -87,6 +87,9 @@ def process_sample(image_bytes: bytes | None, caption_raw, cfg: FilterConfig, ke
     reason = check_caption(caption, cfg) or check_image(image, cfg)
     if reason:
         return reason, None
+    hashes = image_hashes(image, cfg.min_content)
+    if hashes is None:  # nothing but uniform borders
+        return "no_content", None
     if image_bytes[:3] == b"\xff\xd8\xff":  # JPEG already: keep the original bytes
         jpeg = image_bytes
     else:
@@ -95,6 +98,6 @@ def process_sample(image_bytes: bytes | None, caption_raw, cfg: FilterConfig, ke
         jpeg = buf.getvalue()
     return None, {
         "jpeg": jpeg, "caption": caption, "width": image.width, "height": image.height,
-        "pixel_sha1": pixel_hash(image), "phash": phash_variants(image), "caption_sha1": caption_hash(caption),
+        "pixel_sha1": pixel_hash(image), **hashes, "caption_sha1": caption_hash(caption),
         "minhash": minhash(caption).tolist(), "_image": image,
     }

@@ -2,9 +2,14 @@
 
 - exact images: SHA-1 of the decoded RGB pixels and the size (re-encoding a file does not hide it);
 - near-duplicate images: 64-bit perceptual hash (DCT of a 32x32 greyscale thumbnail, the 8x8
-  lowest frequencies against their median) of the image and two central crops; pairs within
-  Hamming distance k found through LSH tables (``hash_tables``: k+1 pigeonhole bands while
-  buckets stay small, random bit-sampling tables beyond), never by comparing all pairs;
+  lowest frequencies against their median) of the picture without its uniform borders
+  (``content_box``: letterbox and pillarbox bars, padding) and of two central crops of it, plus
+  the untrimmed picture's; pairs within Hamming distance k found through LSH tables
+  (``hash_tables``: k+1 pigeonhole bands while buckets stay small, random bit-sampling tables
+  beyond), never by comparing all pairs;
+- overlays (a watermark or logo in a corner, a caption bar): pHashes of 9 overlapping regions;
+  two pictures whose centre region and at least 5 of the 9 agree within 4 bits (by default) are
+  near duplicates (``regions_agree``), found through LSH tables on the centre region;
 - captions: SHA-1 of the normalised text (case, punctuation and spacing removed) and a MinHash
   signature of its character 5-grams, with LSH banding (16 bands x 4 rows) for candidates and the
   estimated Jaccard similarity to confirm them;
@@ -36,15 +41,28 @@ def pixel_hash(image: Image.Image) -> str:
     return hashlib.sha1(struct.pack("<II", *rgb.size) + rgb.tobytes()).hexdigest()
 
 
+def _phash_blocks(grey: np.ndarray) -> list[int]:
+    """64-bit pHashes of [k, 32, 32] greyscale blocks: the 8 x 8 lowest DCT frequencies of each
+    against their median (all blocks in one batched product; the median by partition, as
+    ``np.median`` computes it, without its per-call overhead)."""
+    low = (_DCT @ grey @ _DCT.T)[:, :8, :8].reshape(len(grey), 64)
+    middle = np.partition(low, (31, 32), axis=1)
+    bits = low > ((middle[:, 31] + middle[:, 32]) / 2)[:, None]
+    return [int(x) for x in np.packbits(bits, axis=1).view(">u8")[:, 0]]
+
+
+def _thumbnail(grey: Image.Image, side: int = _N) -> np.ndarray:
+    # reducing_gap: a box reduction by an integer factor first, then bilinear (the same picture, faster)
+    return np.asarray(grey.resize((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0), dtype=np.float64)
+
+
 def phash64(image: Image.Image) -> int:
     """64-bit perceptual hash as an unsigned int."""
-    grey = np.asarray(image.convert("L").resize((_N, _N), Image.Resampling.BILINEAR), dtype=np.float64)
-    low = (_DCT @ grey @ _DCT.T)[:8, :8].ravel()
-    bits = low > np.median(low)
-    return int(np.packbits(bits).view(">u8")[0])
+    return _phash_blocks(_thumbnail(image.convert("L"))[None])[0]
 
 
 CROP_VARIANTS = (0.0, 0.02, 0.04)  # fraction cut from each side before hashing
+PHASH_VARIANTS = len(CROP_VARIANTS) + 1  # per sample: the crops of the trimmed picture, the untrimmed one
 
 
 def phash_variants(image: Image.Image) -> list[int]:
@@ -54,9 +72,85 @@ def phash_variants(image: Image.Image) -> list[int]:
     zoom shifts the DCT phases: distances up to 18 bits were measured for 2-5 px crops of 160 px
     images). Comparing every variant of one image with every variant of another makes a copy
     cropped by up to ~5% per side land within a few bits of one of the original's variants."""
-    side = min(image.size)
-    return [phash64(image.crop((f * side, f * side, image.width - f * side, image.height - f * side)) if f else image)
-            for f in CROP_VARIANTS]
+    grey = image if image.mode == "L" else image.convert("L")
+    side = min(grey.size)
+    return _phash_blocks(np.stack([
+        _thumbnail(grey.crop((f * side, f * side, grey.width - f * side, grey.height - f * side)) if f else grey)
+        for f in CROP_VARIANTS]))
+
+
+TRIM_ANALYSIS_SIDE = 128  # borders are found on a copy at most this large (a box-filter reduction)
+TRIM_MAX_STD = 8.0        # a border row or column: standard deviation of its grey levels at most this
+
+
+def _std_over_first_axis(a: np.ndarray) -> np.ndarray:
+    """``a.std(0)`` for a C-contiguous [n, m] float32 array, faster (no centred temporary;
+    reducing the first axis of a contiguous array is vectorised)."""
+    mean = a.sum(0) / a.shape[0]
+    return np.sqrt(np.maximum(np.einsum("nm,nm->m", a, a) / a.shape[0] - mean * mean, 0))
+
+
+def content_box(image: Image.Image, min_content: float = 0.1) -> tuple[int, int, int, int] | None:
+    """The picture without uniform borders: (left, top, right, bottom) in ``image``'s pixels, or
+    None when less than ``min_content`` of a side is left (a blank or near-blank image).
+
+    A border row is close to constant along its length: the standard deviation of its grey levels
+    is at most ``TRIM_MAX_STD``, which holds for bars of any colour after JPEG
+    compression and resizing, and for blurred padding that is close to constant. Rows are trimmed
+    from the top and bottom first, then columns from the sides, measured over the rows that are
+    left (so letterbox bars do not lower every column's deviation). A near-constant band inside a
+    picture (a clear sky at the top) is trimmed too, the same way in every copy of it, which is all
+    the hashes need."""
+    w, h = image.size
+    factor = max(1, -(-max(w, h) // TRIM_ANALYSIS_SIDE))
+    small = image if image.mode == "L" else image.convert("L")
+    small = small.reduce(factor) if factor > 1 else small
+    a = np.asarray(small, dtype=np.float32)
+    sh, sw = a.shape
+    flat = _std_over_first_axis(np.ascontiguousarray(a.T)) <= TRIM_MAX_STD  # [sh]: the row is close to constant
+    top = int(np.argmin(flat)) if not flat.all() else sh
+    bottom = sh - int(np.argmin(flat[::-1])) if not flat.all() else top
+    if bottom - top < max(2, min_content * sh):
+        return None
+    flat = _std_over_first_axis(a[top:bottom]) <= TRIM_MAX_STD  # [sw]: columns over the rows kept
+    left = int(np.argmin(flat)) if not flat.all() else sw
+    right = sw - int(np.argmin(flat[::-1])) if not flat.all() else left
+    if right - left < max(2, min_content * sw):
+        return None
+    scale_x, scale_y = w / sw, h / sh
+    return round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y)
+
+
+REGION_GRID = 3  # regions per side: overlapping windows of half the side, a quarter apart
+CENTRE_REGION = REGION_GRID * REGION_GRID // 2
+
+
+def region_hashes(image: Image.Image) -> list[int]:
+    """pHashes of REGION_GRID x REGION_GRID overlapping regions (each half the width and height,
+    starting at 0, 1/4 and 1/2 of the side), row by row: an overlay in a corner changes the corner
+    regions and leaves the others."""
+    grey = _thumbnail(image if image.mode == "L" else image.convert("L"), 2 * _N)
+    step = _N // 2
+    return _phash_blocks(np.stack([grey[r * step:r * step + _N, c * step:c * step + _N]
+                                   for r in range(REGION_GRID) for c in range(REGION_GRID)]))
+
+
+def image_hashes(image: Image.Image, min_content: float = 0.1) -> dict | None:
+    """Everything near-duplicate detection keeps of a picture, or None when it has no content:
+
+    - ``phash``: ``phash_variants`` of the picture without its borders (``content_box``), then the
+      untrimmed picture's own pHash (the same as the first when there was nothing to trim);
+    - ``regions``: ``region_hashes`` of the untrimmed picture (overlays change some regions, a
+      border would shift them all, so borders are the trimmed variants' job);
+    - ``content_box``: where the content is, (left, top, right, bottom)."""
+    grey = image.convert("L")
+    box = content_box(grey, min_content)
+    if box is None:
+        return None
+    trimmed = box != (0, 0, image.width, image.height)
+    variants = phash_variants(grey.crop(box) if trimmed else grey)
+    return {"phash": variants + [phash64(grey) if trimmed else variants[0]], "regions": region_hashes(grey),
+            "content_box": list(box)}
 
 
 def hamming(a: int, b: int) -> int:
@@ -122,6 +216,25 @@ def near_pairs(hashes: np.ndarray, k: int, recall: float = 0.99) -> tuple[np.nda
     i, j = unique_edges(np.concatenate([e[0] for e in edges] or [np.zeros(0, np.int64)]),
                         np.concatenate([e[1] for e in edges] or [np.zeros(0, np.int64)]))
     return i, j, scheme
+
+
+def regions_agree(a: np.ndarray, b: np.ndarray, k: int, min_agree: int) -> np.ndarray:
+    """[M] bool: region hashes a[m] and b[m] ([M, 9] each) have their centre and at least
+    ``min_agree`` regions (the centre among them) within distance k of each other."""
+    close = popcount(a ^ b) <= k
+    return close[:, CENTRE_REGION] & (close.sum(1) >= min_agree)
+
+
+def region_pairs(regions: np.ndarray, k: int, min_agree: int, recall: float = 0.99) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (i < j) between pictures whose regions agree (``regions_agree``): candidates share an
+    LSH bucket of their centre regions (tables for distance k), then are verified."""
+    n = regions.shape[0]
+    masks, _ = hash_tables(n, k, recall)
+    centre = regions[:, CENTRE_REGION]
+    edges = [verified_edges([lsh_bucket(centre, masks, t)], np.arange(n, dtype=np.int64), lambda idx: regions[idx],
+                            functools.partial(regions_agree, k=k, min_agree=min_agree)) for t in range(len(masks))]
+    return unique_edges(np.concatenate([e[0] for e in edges] or [np.zeros(0, np.int64)]),
+                        np.concatenate([e[1] for e in edges] or [np.zeros(0, np.int64)]))
 
 
 def within_distance(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:

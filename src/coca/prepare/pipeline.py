@@ -163,6 +163,7 @@ def filter_task(task: Task, cfg: PrepareConfig, work: str) -> dict:
             row = {"uid": uid, "key": key, "source": source, "width": rec["width"], "height": rec["height"],
                    "caption": rec["caption"], "pixel_sha1": rec["pixel_sha1"],
                    "phash": [_signed(h) for h in rec["phash"]],  # stored as int64
+                   "regions": [_signed(h) for h in rec["regions"]], "content_box": rec["content_box"],
                    "caption_sha1": rec["caption_sha1"], "minhash": rec["minhash"]}
             if keep_images:  # the similarity filter runs batched at the end of the task
                 row.update(_image=rec["_image"], _jpeg=rec["jpeg"])
@@ -187,7 +188,9 @@ def _meta_schema():
     import pyarrow as pa
     return pa.schema([("uid", pa.string()), ("key", pa.string()), ("source", pa.string()), ("width", pa.int32()),
                       ("height", pa.int32()), ("caption", pa.string()), ("pixel_sha1", pa.string()),
-                      ("phash", pa.list_(pa.int64())), ("caption_sha1", pa.string()), ("minhash", pa.list_(pa.uint32()))])
+                      ("phash", pa.list_(pa.int64())), ("regions", pa.list_(pa.int64())),
+                      ("content_box", pa.list_(pa.int32())), ("caption_sha1", pa.string()),
+                      ("minhash", pa.list_(pa.uint32()))])
 
 
 def _reject_schema():
@@ -234,7 +237,8 @@ def _add_sample(tf: tarfile.TarFile, row: dict, jpeg: bytes) -> None:
     uid = row["uid"]
     info = {"key": uid, "source": row["source"], "source_key": row["key"], "width": row["width"],
             "height": row["height"], "pixel_sha1": row["pixel_sha1"],
-            "phash": f"{row['phash'][0] & ((1 << 64) - 1):016x}", "caption_sha1": row["caption_sha1"]}
+            "phash": f"{row['phash'][0] & ((1 << 64) - 1):016x}", "caption_sha1": row["caption_sha1"],
+            "content_box": row["content_box"]}  # the picture without uniform borders: left, top, right, bottom
     _add_member(tf, f"{uid}.jpg", jpeg)
     _add_member(tf, f"{uid}.txt", row["caption"].encode())
     _add_member(tf, f"{uid}.json", json.dumps(info).encode())
