@@ -1,9 +1,10 @@
 """`coca data prepare`: duplicate and evaluation-overlap recall / precision, throughput, the Ray
 engine against the local one, and the partitioned deduplication stage at 1M and 4M samples.
 
-Run (from the repository root; about 20 minutes on 2 CPU cores, 35 GB of free disk for 4M):
+Run (from the repository root; about 7 minutes on 2 CPU cores at 1M; 4M needs about 60 GB of
+free disk):
 
-    .venv/bin/python benchmarks/prepare.py --json benchmarks/results/prepare.json
+    .venv/bin/python benchmarks/prepare.py --stage2-sizes 1000000 --json benchmarks/results/prepare.json
 
 1. Data (``coca.prepare.planted``): ``--distinct`` random 224 px "photos" with distinct captions
    plus ``--copies`` planted copies of randomly chosen ones (a quarter each: byte-exact, resized to
@@ -19,8 +20,9 @@ Run (from the repository root; about 20 minutes on 2 CPU cores, 35 GB of free di
    everything removed as a duplicate; the same for ``eval_overlap`` against the planted evaluation
    copies. ``ray_identical_to_local``: the shards and rejects.parquet are the same bytes.
 4. Stage 2 alone, partitioned, on ``--stage2-sizes`` synthetic hash records
-   (``planted.synthetic_hash_records``: random 64-bit pHashes, 1 exact copy, 2 near copies and 1
-   chain link per 20 samples) in tasks of 10,000, ``dedup.partition_samples`` (100,000) per
+   (``planted.synthetic_hash_records``: random 64-bit pHashes — 4 variants, the fourth equal to the
+   first for 9 in 10 samples — and 9 region hashes; 1 exact copy, 2 near copies, 1 chain link and
+   1 overlay copy per 20 samples) in tasks of 10,000, ``dedup.partition_samples`` (100,000) per
    partition, so partitions grow with the data: time, bytes written between passes (the shuffle)
    and peak RSS per worker process of each pass; and the single-process path at
    ``--single-sizes`` (its peak RSS, in a subprocess) for comparison.
@@ -127,6 +129,7 @@ def stage2(n: int, workers: int) -> dict:
         seconds = time.time() - t0
         passes = {k: v for k, v in report.items() if isinstance(v, dict) and "seconds" in v}
         return {"samples": n, "tasks": tasks, "partitions": report["partitions"], "lsh_tables": report["lsh_tables"],
+                "region_tables": report["region_tables"],
                 "cc_rounds": report["cc_rounds"], "seconds": round(seconds, 1), "workers": workers,
                 "samples_per_s_per_core": round(n / seconds / workers, 1),
                 "shuffle_bytes": sum(v["bytes_written"] for v in passes.values()),

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from coca.prepare.config import load_prepare_config
@@ -308,7 +309,12 @@ def web_planted(tmp_path_factory):
 
 
 def test_web_copies_are_found_and_look_alikes_kept(web_planted, tmp_path):
-    from coca.prepare.planted import LOOKALIKE_KINDS, WEB_COPY_KINDS, found_copies, score
+    from coca.prepare.planted import (
+        LOOKALIKE_KINDS,
+        WEB_COPY_KINDS,
+        found_copies,
+        score,
+    )
     root, samples, truth, kinds = web_planted
     out = prepare_planted(root, tmp_path / "out")
     rejects = rejects_of(out)
@@ -372,3 +378,162 @@ def test_out_of_range_border_and_region_settings_are_clear_errors(setting, messa
     from coca.config import ConfigError
     with pytest.raises(ConfigError, match=message):
         load_prepare_config(None, [setting])
+
+
+# ------------------------------------------------------------------------------ semantic dedup
+
+@pytest.fixture(scope="module")
+def scene_model(tmp_path_factory):
+    """coca-tiny trained briefly, contrastive loss only, on the synthetic scenes."""
+    from coca.config import load_run_config
+    from coca.train import train
+    root = tmp_path_factory.mktemp("scene_model")
+    cfg = load_run_config(None, [
+        "model.text.vocab_size=64", "data.tokenizer_vocab_size=64", "data.tokenizer_model_type=bpe",
+        "data.tokenizer_train_captions=2000", "data.batch_size=32", "data.workers=0", "train.progress=false",
+        "train.val_every=0", "train.log_every=50", "train.tensorboard=false", "train.threads=2", "optim.lr=2e-3",
+        "loss.caption_weight=0", f"train.steps={SCENE_STEPS}", f"train.checkpoint_every={SCENE_STEPS}",
+        f"train.run_dir={root / 'run'}"])
+    return train(cfg, log=lambda *a: None)["model_dir"]
+
+
+SCENE_STEPS = 150
+
+
+def rerendered_scenes(root: Path) -> tuple[list, dict]:
+    """One single-object scene per (colour, shape) at 96 px, and a copy of each drawn again with
+    other noise, another background shade and the object moved (what a re-shot picture changes)."""
+    from coca.data.synthetic import COLOURS, SHAPES, Obj, render
+    from coca.prepare.planted import jpeg, write_shards
+    samples, truth = [], {}
+    for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES):
+        obj = (Obj("large", colour, shape),)
+        samples.append((f"o{i:03d}", jpeg(render(obj, 96, np.random.default_rng(i))), f"a large {colour} {shape}"))
+        samples.append((f"c{i:03d}", jpeg(render(obj, 96, np.random.default_rng(1000 + i))), f"a big {colour} {shape}"))
+        truth[f"c{i:03d}"] = f"o{i:03d}"
+    order = np.random.default_rng(0).permutation(len(samples))
+    write_shards([samples[i] for i in order], root / "in", 9)
+    return samples, truth
+
+
+def test_semantic_dedup_removes_exactly_the_pairs_an_independent_computation_links(scene_model, tmp_path):
+    """Re-rendered copies the hashes miss; the semantic stage links exactly the pairs whose cosine,
+    computed here by hand from ``encode_image``, reaches the threshold, keeps the smallest of each
+    group and records each removed sample's highest cosine. (A model trained this briefly places
+    distinct scenes close together, so the threshold is set from its own cosines: the scene model
+    is not good enough to show that copies and distinct scenes separate — BENCHMARKS.md measures
+    that on the demo model.)"""
+    import coca
+    from coca.cli import main
+    from coca.data.transforms import eval_transform
+    from coca.prepare.hashing import UnionFind
+    from coca.prepare.planted import found_copies
+    samples, truth = rerendered_scenes(tmp_path)
+    shards = str(tmp_path / "in" / "{00000..00003}.tar")
+
+    def prepare(out, *extra):
+        sets = ["filters.min_side=32", "samples_per_shard=40", "workers=2", *extra]
+        assert main(["data", "prepare", "--input", shards, "--output", str(out),
+                     *sum((["--set", s] for s in sets), [])]) == 0
+        rejects = rejects_of(out)
+        keys = {r["uid"]: r["key"] for r in rejects} | {u: info["source_key"] for u, (_, info) in read_output(out)[0].items()}
+        return rejects, keys
+
+    rejects, keys = prepare(tmp_path / "hashes")
+    assert len(found_copies(rejects, keys, truth)) <= len(truth) // 2  # the hashes miss most re-rendered copies
+
+    model = coca.load(scene_model)
+    transform = eval_transform(model.cfg.vision.image_size)
+    by_key = {k: Image.open(io.BytesIO(data)).convert("RGB") for k, data, _ in samples}
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(model.encode_image(torch.stack([transform(by_key[k]) for k in sorted(by_key)])),
+                                            dim=-1).half().float()  # stored as float16
+    cos = (emb @ emb.T).numpy()
+    off_diagonal = np.sort(cos[np.triu_indices(len(cos), 1)])
+    threshold = float(off_diagonal[int(0.97 * len(off_diagonal))])  # the top 3% of pairs
+    threshold = round(threshold + 5e-4, 3)  # not on a pair's cosine
+    assert np.abs(off_diagonal - threshold).min() > 2e-4
+    rejects, keys = prepare(tmp_path / "semantic", f"dedup.semantic_model={scene_model}",
+                            f"dedup.semantic_threshold={threshold}", "dedup.exact_images=false",
+                            "dedup.near_images=false")  # semantic links only
+    # the embeddings stage 1 stored are the model's, as computed here (float16 rounding aside)
+    import pyarrow.parquet as pq
+    work = tmp_path / "semantic" / "_work" / "filter"
+    uids = [u for t in sorted(work.glob("task_*")) for u in pq.read_table(t / "meta.parquet", columns=["uid"]).column(0).to_pylist()]
+    stored = np.concatenate([np.load(t / "embeddings.npy") for t in sorted(work.glob("task_*"))]).astype(np.float32)
+    order = sorted(by_key)
+    mine = emb.numpy()[[order.index(keys[u]) for u in uids]]
+    assert np.abs(stored @ stored.T - mine @ mine.T).max() < 2e-3
+    # the expected groups, by hand from the stored embeddings: every pair at or above the threshold,
+    # the smallest uid of each group kept
+    cos = stored @ stored.T
+    uf = UnionFind(len(uids))
+    for a in range(len(uids)):
+        for b in range(a + 1, len(uids)):
+            if cos[a, b] >= threshold:
+                uf.union(a, b, "semantic")
+    expected = {uids[i]: uids[uf.find(i)] for i in range(len(uids)) if uf.find(i) != i}
+    semantic = {r["uid"]: r for r in rejects if r["reason"] == "duplicate_semantic"}
+    assert expected and {u: r["duplicate_of"] for u, r in semantic.items()} == expected
+    for uid, r in semantic.items():
+        i = uids.index(uid)
+        assert r["similarity"] == pytest.approx(max(cos[i, j] for j in range(len(uids)) if j != i), abs=1e-5)
+
+    # partitioned over small clusters, locally and on Ray: the same output as one process
+    single, _ = prepare(tmp_path / "single", f"dedup.semantic_model={scene_model}", "dedup.semantic_cluster_size=8",
+                        "dedup.partitioned=false")
+    for extra in (["dedup.partitioned=true", "dedup.partition_samples=10"], ["engine=ray", "dedup.partition_samples=10"]):
+        out = tmp_path / extra[0].replace("=", "_")
+        prepare(out, f"dedup.semantic_model={scene_model}", "dedup.semantic_cluster_size=8", *extra)
+        for name in ["rejects.parquet", "_work/dedup.parquet", *(p.name for p in (tmp_path / "single").glob("*.tar"))]:
+            assert (out / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), (extra, name)
+
+
+def test_semantic_settings_and_models_that_do_not_fit_are_clear_errors(scene_model, tmp_path, capsys):
+    import shutil
+
+    from coca.cli import main
+    from coca.config import ConfigError
+    for bad in ("0", "1.5", "-0.3"):
+        with pytest.raises(ConfigError, match="semantic_threshold must be in"):
+            load_prepare_config(None, [f"dedup.semantic_threshold={bad}"])
+    rerendered_scenes(tmp_path)
+    shards = str(tmp_path / "in" / "{00000..00003}.tar")
+
+    def prepare(out, model):
+        return main(["data", "prepare", "--input", shards, "--output", str(out), "--set", "filters.min_side=32",
+                     "--set", f"dedup.semantic_model={model}"])
+
+    assert prepare(tmp_path / "a", tmp_path / "no_model") == 2
+    assert "does not exist" in capsys.readouterr().err
+    wrong = tmp_path / "wrong_size"  # a checkpoint whose image size does not fit its weights
+    shutil.copytree(scene_model, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["vision"]["image_size"] = 96
+    (wrong / "config.json").write_text(json.dumps(config))
+    assert prepare(tmp_path / "b", wrong) == 2
+    assert "does not match the model config" in capsys.readouterr().err
+    # the embeddings of a work directory belong to one model: another one in its place is refused
+    import dataclasses
+
+    import coca
+    other = tmp_path / "other"
+    shutil.copytree(scene_model, other)
+    assert prepare(tmp_path / "c", other) == 0
+    trained = coca.load(scene_model)
+    torch.manual_seed(0)
+    coca.create_model(dataclasses.replace(trained.cfg, embed_dim=64)).save_pretrained(other, tokenizer=trained.tokenizer)
+    assert prepare(tmp_path / "c", other) == 2
+    assert "holds embeddings made with" in capsys.readouterr().err
+
+
+def test_flat_content_is_not_mistaken_for_a_border():
+    """A solid shape on a plain background: its rows and columns are each constant too, but they
+    change colour at the shape's edge, where trimming stops (it once took the whole picture)."""
+    from coca.prepare.hashing import content_box
+    from coca.prepare.planted import jpeg
+    for colour in ((240, 205, 30), (37, 78, 225)):
+        canvas = Image.new("RGB", (120, 100), (225, 225, 225))
+        canvas.paste(Image.new("RGB", (40, 30), colour), (50, 40))
+        box = content_box(Image.open(io.BytesIO(jpeg(canvas, 85))))
+        assert box is not None and max(abs(a - b) for a, b in zip(box, (50, 40, 90, 70))) <= 2, (colour, box)

@@ -64,6 +64,11 @@ class DedupConfig:
     partition_samples: int = 100_000  # partitioned: samples per partition, which bounds each task's memory
     against: list = field(default_factory=list)  # evaluation images (folders, globs, list files): training
                                     # samples matching one are rejected ("eval_overlap")
+    semantic_model: str = ""        # a coca model directory: semantic deduplication with its image
+                                    # embeddings ("duplicate_semantic"); off when empty
+    semantic_threshold: float = 0.95  # cosine of two images' embeddings at or above which they are duplicates
+    semantic_cluster_size: int = 1000  # k-means clusters of about this many samples; pairs compared within them
+    semantic_probes: int = 2        # each embedding is compared within its this many nearest clusters
 
     def __post_init__(self):
         if not 0 <= self.phash_max_distance <= 16:
@@ -73,6 +78,12 @@ class DedupConfig:
                               f"got {self.region_min_agree} and {self.region_max_distance}")
         if not 0 < self.caption_jaccard <= 1:
             raise ConfigError(f"dedup.caption_jaccard must be in (0, 1], got {self.caption_jaccard}")
+        if not 0 < self.semantic_threshold <= 1:
+            raise ConfigError(f"dedup.semantic_threshold must be in (0, 1], got {self.semantic_threshold}")
+        if not 1 <= self.semantic_probes <= 16:
+            raise ConfigError(f"dedup.semantic_probes must be in [1, 16], got {self.semantic_probes}")
+        if self.semantic_cluster_size < 2:
+            raise ConfigError(f"dedup.semantic_cluster_size must be >= 2, got {self.semantic_cluster_size}")
         if self.partition_samples < 1:
             raise ConfigError(f"dedup.partition_samples must be >= 1, got {self.partition_samples}")
         if isinstance(self.against, str):  # --set dedup.against=a/,b.txt

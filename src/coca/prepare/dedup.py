@@ -7,13 +7,18 @@ are found. Sample ids are the uids, in input order. Edges join duplicates:
 - near images: pHash sets within ``phash_max_distance`` that share a bucket of an LSH table, or
   region hashes that agree (``hashing.regions_agree``: overlays) and share a bucket of an LSH
   table on the centre region;
+- semantic (optional, ``semantic_model``): image embeddings with cosine >= ``semantic_threshold``
+  within a k-means cluster (``semantic``);
 - captions (optional): the same normalised caption, or MinHash Jaccard >= ``caption_jaccard``
   within a shared LSH band.
 
 Each connected component keeps its smallest id (first in input order); every other member is
 recorded with that id as ``duplicate_of`` and the reason of the first kind of edge that joined it:
 ``duplicate_exact`` if it is not first in its exact group, else ``duplicate_near_image`` if it is
-not the smallest of its component under exact and near edges, else ``duplicate_caption``.
+not the smallest of its component under exact and near edges, else ``duplicate_semantic`` if it
+is not the smallest under those and semantic edges, else ``duplicate_caption``. A semantic
+duplicate's ``similarity`` is its highest cosine to another sample (None for one that joined
+through a near copy of itself, with no semantic link of its own).
 
 The partitioned path (``engine: ray``, or ``dedup.partitioned: true``) never holds all samples in
 one process. Each pass is a set of tasks that write files and finish with a rename, so a rerun
@@ -21,10 +26,10 @@ redoes only unfinished tasks (``OUT/_work/dedup/``):
 
 1. emit, one task per filter task: each sample's keys (pixel hash; one LSH key per table and hash
    variant, carrying the sample's hashes for verification; one per region table, carrying its
-   region hashes; caption hash; MinHash bands) go to P
+   region hashes; its embedding under its k-means cluster; caption hash; MinHash bands) go to P
    key partitions, as one file sorted by partition plus offsets;
 2. buckets, one task per key partition: star edges of exact groups, verified edges of LSH and
-   MinHash buckets (``hashing.verified_edges``). Edges go to node partitions — a node's partition
+   MinHash buckets (``hashing.verified_edges``), semantic edges within each cluster. Edges go to node partitions — a node's partition
    is that of its filter task's range, so a task's labels end up in one file — in both directions;
 3. connected components, one task per node partition and round: alternating large-star and
    small-star rounds (Kiveris et al., "Connected Components in MapReduce and Beyond", 2014) until
@@ -50,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_write_bytes, commit_dir
+from . import semantic as sem
 from .config import PrepareConfig
 from .hashing import (
     CENTRE_REGION,
@@ -70,7 +76,7 @@ from .hashing import (
     within_distance,
 )
 
-REASONS = ("duplicate_exact", "duplicate_near_image", "duplicate_caption")
+REASONS = ("duplicate_exact", "duplicate_near_image", "duplicate_caption", "duplicate_semantic")
 UID_TASK = 10 ** 7  # uid = f"{task:06d}{row:07d}": the id's task is id // UID_TASK
 MAX_CC_ROUNDS = 200
 
@@ -86,8 +92,9 @@ def _regions_on(cfg: PrepareConfig) -> bool:
 
 # ------------------------------------------------------------------------ single process
 
-def find_duplicates(meta, cfg: PrepareConfig) -> tuple[list[int | None], list[str | None]]:
-    """For rows in input order: (index of the kept row each duplicate belongs to, or None; reason)."""
+def find_duplicates(meta, cfg: PrepareConfig, semantic_edges=None) -> tuple[list, list, list]:
+    """For rows in input order: (index of the kept row each duplicate belongs to, or None; reason;
+    similarity, for semantic duplicates). ``semantic_edges``: (a, b, cosine) by row index."""
     d = cfg.dedup
     n = len(meta["uid"])
     uf = UnionFind(n)
@@ -103,6 +110,10 @@ def find_duplicates(meta, cfg: PrepareConfig) -> tuple[list[int | None], list[st
                                   d.region_min_agree)
             a, b = unique_edges(np.r_[a, ra], np.r_[b, rb])
         stages.append(("duplicate_near_image", (a, b)))
+    best = {}
+    if semantic_edges is not None:
+        stages.append(("duplicate_semantic", semantic_edges[:2]))
+        best = dict(zip(*(x.tolist() for x in sem.best_similarity(*semantic_edges))))
     if d.captions and n:
         keys = np.array([bytes.fromhex(h) for h in meta["caption_sha1"]], dtype="S20")
         exact = star_edges([keys], np.arange(n))
@@ -112,8 +123,9 @@ def find_duplicates(meta, cfg: PrepareConfig) -> tuple[list[int | None], list[st
         for i, j in zip(a.tolist(), b.tolist()):
             uf.union(i, j, reason)
     rep = [uf.find(i) for i in range(n)]
-    return ([r if r != i else None for i, r in enumerate(rep)],
-            [uf.reason.get(i) if rep[i] != i else None for i in range(n)])
+    reasons = [uf.reason.get(i) if rep[i] != i else None for i in range(n)]
+    return ([r if r != i else None for i, r in enumerate(rep)], reasons,
+            [best.get(i) if why == "duplicate_semantic" else None for i, why in enumerate(reasons)])
 
 
 def read_meta(path, columns: list[str]) -> dict:
@@ -135,12 +147,15 @@ def read_meta(path, columns: list[str]) -> dict:
     return out
 
 
-def write_dedup_table(path: Path, uid: list, key: list, source: list, duplicate_of: list, reason: list) -> None:
+def write_dedup_table(path: Path, uid: list, key: list, source: list, duplicate_of: list, reason: list,
+                      similarity: list) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    rows = {"uid": uid, "key": key, "source": source, "duplicate_of": duplicate_of, "reason": reason}
+    rows = {"uid": uid, "key": key, "source": source, "duplicate_of": duplicate_of, "reason": reason,
+            "similarity": [None if x is None else round(float(x), 6) for x in similarity]}
+    schema = pa.schema([(c, pa.float64() if c == "similarity" else pa.string()) for c in rows])
     buf = io.BytesIO()
-    pq.write_table(pa.table(rows, schema=pa.schema([(c, pa.string()) for c in rows])), buf)
+    pq.write_table(pa.table(rows, schema=schema), buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -157,6 +172,8 @@ class DedupPlan:
     region_masks: tuple       # LSH tables on the centre region (empty: the region rule is off)
     region_k: int
     region_min_agree: int
+    semantic_threshold: float  # 0: no semantic deduplication
+    semantic_probes: int
     exact: bool
     near: bool
     captions: bool
@@ -182,6 +199,11 @@ def _near_dtype(variants: int) -> np.dtype:
 
 
 REGION = np.dtype([("bucket", "<u8"), ("id", "<i8"), ("regions", "<u8", (9,))])
+def _semantic_dtype(dim: int) -> np.dtype:
+    return np.dtype([("cluster", "<i8"), ("id", "<i8"), ("emb", "<f2", (dim,))])
+
+
+SIMILARITY = np.dtype([("id", "<i8"), ("sim", "<f4")])
 MINHASH = np.dtype([("band", "u1"), ("key", f"S{4 * 64 // MINHASH_BANDS}"), ("id", "<i8"), ("sig", "<u4", (64,))])
 
 
@@ -234,8 +256,14 @@ def _commit(tmp: Path, final: Path, info: dict) -> dict:
 
 
 def _peak_rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory. Linux's ``ru_maxrss`` carries over what the parent held
+    when a spawned worker was forked, before its exec; ``VmHWM`` is the worker's own."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def emit_task(task: int, plan: DedupPlan) -> dict:
@@ -276,6 +304,12 @@ def emit_task(task: int, plan: DedupPlan) -> dict:
             chunk["id"], chunk["regions"] = ids, regions
         part = (mix64(rec["bucket"]) % np.uint64(plan.parts)).astype(np.int64)
         written += write_partitioned(tmp, "region", rec, part, plan.parts)
+    if plan.semantic_threshold and ids.size:
+        emb = np.load(plan.meta_file(task).with_name(sem.EMBEDDINGS_FILE))
+        cluster, owner, vectors = sem.probe_records(ids, emb, _centroids(plan), plan.semantic_probes)
+        rec = np.empty(cluster.size, _semantic_dtype(emb.shape[1]))
+        rec["cluster"], rec["id"], rec["emb"] = cluster, owner, vectors
+        written += write_partitioned(tmp, "semantic", rec, rec["cluster"] % plan.parts, plan.parts)
     if plan.captions:
         rec = np.empty(ids.size, EXACT)
         rec["key"], rec["id"] = [bytes.fromhex(h) for h in meta["caption_sha1"]], ids
@@ -298,7 +332,7 @@ def bucket_task(q: int, plan: DedupPlan) -> dict:
         return json.loads((final / "done.json").read_text())
     sources = [plan.root / "emit" / f"task_{t:06d}" for t in range(plan.n_tasks)]
     empty = np.zeros(0, np.int64)
-    image, caption, written = [(empty, empty)], [(empty, empty)], 0
+    image, caption, semantic, written = [(empty, empty)], [(empty, empty)], [(empty, empty)], 0
     exact_dups = empty
     if plan.exact:
         rec = read_partition(sources, "exact", q, EXACT)
@@ -319,8 +353,15 @@ def bucket_task(q: int, plan: DedupPlan) -> dict:
         rec = read_partition(sources, "minhash", q, MINHASH)
         caption.append(verified_edges([rec["band"], rec["key"]], rec["id"], lambda idx: rec["sig"][idx],
                                       functools.partial(similar_captions, threshold=plan.caption_jaccard)))
+    best = np.zeros(0, SIMILARITY)
+    if plan.semantic_threshold:
+        rec = read_partition(sources, "semantic", q, _semantic_dtype(_centroids(plan).shape[1]))
+        a, b, sims = sem.clustered_edges(rec["id"], rec["emb"], rec["cluster"], plan.semantic_threshold)
+        semantic.append((a, b))
+        best = np.rec.fromarrays(sem.best_similarity(a, b, sims), dtype=SIMILARITY)
     tmp = _task_dir(final)
-    for name, edges in (("image", image), ("caption", caption)):
+    written += write_partitioned(tmp, "similarity", best, plan.node_part(best["id"]), plan.parts)
+    for name, edges in (("image", image), ("semantic", semantic), ("caption", caption)):
         written += _write_edges(tmp, name, np.concatenate([e[0] for e in edges]),
                                 np.concatenate([e[1] for e in edges]), plan)
     written += write_partitioned(tmp, "exact_dups", exact_dups, plan.node_part(exact_dups), plan.parts)
@@ -347,7 +388,8 @@ def _cc_inputs(name: str, rnd: int, plan: DedupPlan) -> list[tuple[list[Path], s
     if rnd > 0:
         return [(sorted((plan.root / f"cc_{name}" / f"round_{rnd - 1:03d}").glob("part_*")), "edges")]
     buckets = [plan.root / "buckets" / f"part_{q:06d}" for q in range(plan.parts)]
-    return [(buckets, "image")] + ([(buckets, "caption")] if name == "all" else [])
+    files = {"image": ["image"], "visual": ["image", "semantic"], "all": ["image", "semantic", "caption"]}[name]
+    return [(buckets, f) for f in files]
 
 
 def _read_cc_input(name: str, rnd: int, p: int, plan: DedupPlan) -> np.ndarray:
@@ -394,11 +436,21 @@ def label_task(p: int, plan: DedupPlan, rounds: dict) -> dict:
     buckets = [plan.root / "buckets" / f"part_{q:06d}" for q in range(plan.parts)]
     exact_dups = read_partition(buckets, "exact_dups", p, np.dtype("<i8"))
     near_nodes, _ = _star_labels(_read_cc_input("image", rounds["image"], p, plan))
-    final_name = "all" if plan.captions else "image"
-    nodes, reps = _star_labels(_read_cc_input(final_name, rounds[final_name], p, plan))
-    reason = np.where(np.isin(nodes, exact_dups), 0, np.where(np.isin(nodes, near_nodes), 1, 2)).astype(np.int8)
+    names = _cc_names(plan)
+    visual_nodes = _star_labels(_read_cc_input("visual", rounds["visual"], p, plan))[0] if "visual" in names else near_nodes
+    nodes, reps = _star_labels(_read_cc_input(names[-1], rounds[names[-1]], p, plan))
+    reason = np.where(np.isin(nodes, exact_dups), 0, np.where(np.isin(nodes, near_nodes), 1,
+                                                               np.where(np.isin(nodes, visual_nodes), 3, 2))).astype(np.int8)
+    best = read_partition(buckets, "similarity", p, SIMILARITY)
+    best = best[np.lexsort([-best["sim"], best["id"]])]  # a node's edges may span partitions: its highest
+    best = best[np.r_[True, best["id"][1:] != best["id"][:-1]]] if best.size else best
+    at = np.searchsorted(best["id"], nodes)
+    found = (at < best.size) & (best["id"][np.minimum(at, max(best.size - 1, 0))] == nodes) if best.size else \
+        np.zeros(nodes.size, bool)
+    sim = np.where((reason == 3) & found, best["sim"][np.minimum(at, max(best.size - 1, 0))] if best.size else 0, np.nan)
     tmp = _task_dir(final)
-    np.save(tmp / "labels.npy", np.rec.fromarrays([nodes, reps, reason], names="id,rep,reason"))
+    np.save(tmp / "labels.npy", np.rec.fromarrays([nodes, reps, reason, sim.astype(np.float32)],
+                                                  names="id,rep,reason,sim"))
     return _commit(tmp, final, {"duplicates": int(nodes.size), "peak_rss_mb": _peak_rss_mb()})
 
 
@@ -416,8 +468,16 @@ def partitioned_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig, run, lo
     region_masks = hash_tables(n, d.region_max_distance)[0] if n and _regions_on(cfg) else []
     plan = DedupPlan(str(work), n_tasks, max(1, math.ceil(n / d.partition_samples)), tuple(masks), variants,
                      d.phash_max_distance, tuple(region_masks), d.region_max_distance, d.region_min_agree,
+                     d.semantic_threshold if d.semantic_model and n else 0.0, d.semantic_probes,
                      d.exact_images, d.near_images, d.captions, d.caption_jaccard)
-    report = {"samples": n, "partitions": plan.parts, "lsh_tables": len(masks)}
+    report = {"samples": n, "partitions": plan.parts, "lsh_tables": len(masks), "region_tables": len(region_masks)}
+    if plan.semantic_threshold and not (root / "centroids.npy").is_file():
+        t0 = time.time()
+        centroids = semantic_centroids(work, n_tasks, n, d.semantic_cluster_size)
+        buf = io.BytesIO()
+        np.save(buf, centroids)
+        atomic_write_bytes(root / "centroids.npy", buf.getvalue())
+        report["centroids"] = {"clusters": len(centroids), "seconds": round(time.time() - t0, 2)}
 
     def timed(pass_name, fn, items):
         t0 = time.time()
@@ -430,7 +490,7 @@ def partitioned_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig, run, lo
     timed("emit", emit_task, list(range(n_tasks)))
     timed("buckets", bucket_task, list(range(plan.parts)))
     rounds = {}
-    for name in ("image", "all") if plan.captions else ("image",):
+    for name in _cc_names(plan):
         for rnd in range(MAX_CC_ROUNDS):
             out = timed(f"cc_{name}_round_{rnd}", cc_round_task, [(name, rnd, p) for p in range(plan.parts)])
             if all(o["stars"] for o in out):
@@ -441,25 +501,50 @@ def partitioned_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig, run, lo
     report["cc_rounds"] = {k: v + 1 for k, v in rounds.items()}
     timed("labels", functools.partial(label_task, rounds=rounds), list(range(plan.parts)))
 
-    uid, key, source, dup_of, reason = [], [], [], [], []
+    uid, key, source, dup_of, reason, similarity = [], [], [], [], [], []
     labels = {}
     for t in range(n_tasks):
         meta = pq.read_table(plan.meta_file(t), columns=["uid", "key", "source"]).to_pydict()
         p = int(plan.node_part(np.array([t * UID_TASK]))[0])
         if p not in labels:
             rec = np.load(root / "labels" / f"part_{p:06d}" / "labels.npy")
-            labels = {p: dict(zip(rec["id"].tolist(), zip(rec["rep"].tolist(), rec["reason"].tolist())))}
+            labels = {p: dict(zip(rec["id"].tolist(), zip(rec["rep"].tolist(), rec["reason"].tolist(),
+                                                          rec["sim"].tolist())))}
         for u in meta["uid"]:
-            rep, why = labels[p].get(int(u), (None, None))
+            rep, why, sim = labels[p].get(int(u), (None, None, None))
             dup_of.append(None if rep is None else f"{rep:013d}")
             reason.append(None if why is None else REASONS[why])
+            similarity.append(sim if why == 3 and not math.isnan(sim) else None)
         uid += meta["uid"]
         key += meta["key"]
         source += meta["source"]
-    write_dedup_table(work / "dedup.parquet", uid, key, source, dup_of, reason)
+    write_dedup_table(work / "dedup.parquet", uid, key, source, dup_of, reason, similarity)
     log(f"dedup (partitioned): {plan.parts} partitions, {len(masks)} LSH tables, "
         f"{sum(r is not None for r in dup_of)} duplicates among {n} samples")
     return work / "dedup.parquet", report
+
+
+def _cc_names(plan: DedupPlan) -> list[str]:
+    """The connected-components passes: image edges; with semantic ones ("visual"); with captions ("all")."""
+    return ["image"] + (["visual"] if plan.semantic_threshold else []) + (["all"] if plan.captions else [])
+
+
+def _centroids(plan: DedupPlan) -> np.ndarray:
+    return np.load(plan.root / "centroids.npy")
+
+
+def semantic_centroids(work: Path, n_tasks: int, n: int, cluster_size: int) -> np.ndarray:
+    """k-means centroids from the fixed sample of rows (``semantic.centroid_sample_rows``), read
+    task by task (memory-mapped), so that both paths fit them on the same array."""
+    k = sem.n_clusters(n, cluster_size)
+    rows, chunks, start = sem.centroid_sample_rows(n, k), [], 0
+    for t in range(n_tasks):
+        f = work / "filter" / f"task_{t:06d}" / sem.EMBEDDINGS_FILE
+        emb = np.load(f, mmap_mode="r")
+        mine = rows[(rows >= start) & (rows < start + len(emb))] - start
+        chunks.append(np.asarray(emb[mine]))
+        start += len(emb)
+    return sem.fit_centroids(np.concatenate(chunks), k)
 
 
 def _hash_variants(work: Path, n_tasks: int) -> int:
@@ -477,8 +562,20 @@ def single_process_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig) -> P
     parts = [p for p in parts if len(p["uid"])]  # a task whose samples were all rejected has none
     meta = {c: ([x for p in parts for x in p[c]] if c in ("key", "source", "pixel_sha1", "caption_sha1")
                 else np.concatenate([p[c] for p in parts])) for c in columns} if parts else {c: [] for c in columns}
-    dup_of, reasons = find_duplicates(meta, cfg)
+    semantic_edges = None
+    n = len(meta["uid"])
+    if cfg.dedup.semantic_model and n:  # the partitioned path's steps, on the same arrays in the same order
+        centroids = semantic_centroids(work, n_tasks, n, cfg.dedup.semantic_cluster_size)
+        records, start = [], 0
+        for t in range(n_tasks):  # task by task, as the emit pass makes them
+            emb = np.load(work / "filter" / f"task_{t:06d}" / sem.EMBEDDINGS_FILE)
+            records.append(sem.probe_records(np.arange(start, start + len(emb), dtype=np.int64), emb, centroids,
+                                             cfg.dedup.semantic_probes))
+            start += len(emb)
+        cluster, ids, vectors = (np.concatenate([r[i] for r in records]) for i in range(3))
+        semantic_edges = sem.clustered_edges(ids, vectors, cluster, cfg.dedup.semantic_threshold)
+    dup_of, reasons, similarity = find_duplicates(meta, cfg, semantic_edges)
     uids = [u.decode() for u in meta["uid"]]
     write_dedup_table(work / "dedup.parquet", uids, meta["key"], meta["source"],
-                      [None if d is None else uids[d] for d in dup_of], reasons)
+                      [None if d is None else uids[d] for d in dup_of], reasons, similarity)
     return work / "dedup.parquet"

@@ -80,22 +80,35 @@ def phash_variants(image: Image.Image) -> list[int]:
 
 
 TRIM_ANALYSIS_SIDE = 128  # borders are found on a copy at most this large (a box-filter reduction)
-TRIM_MAX_STD = 8.0        # a border row or column: standard deviation of its grey levels at most this
+TRIM_MAX_STD = 8.0        # a border row or column: standard deviation of its grey levels at most this,
+TRIM_MAX_STEP = 6.0       # and its mean within this of the line before it (a bar does not change colour)
 
 
-def _std_over_first_axis(a: np.ndarray) -> np.ndarray:
-    """``a.std(0)`` for a C-contiguous [n, m] float32 array, faster (no centred temporary;
-    reducing the first axis of a contiguous array is vectorised)."""
+def _mean_std_over_first_axis(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a.mean(0), a.std(0)`` for a C-contiguous [n, m] float32 array, faster (no centred
+    temporary; reducing the first axis of a contiguous array is vectorised)."""
     mean = a.sum(0) / a.shape[0]
-    return np.sqrt(np.maximum(np.einsum("nm,nm->m", a, a) / a.shape[0] - mean * mean, 0))
+    return mean, np.sqrt(np.maximum(np.einsum("nm,nm->m", a, a) / a.shape[0] - mean * mean, 0))
+
+
+def _border_lines(mean: np.ndarray, std: np.ndarray) -> tuple[int, int]:
+    """How many lines from the start and from the end are border: close to constant, each within
+    ``TRIM_MAX_STEP`` of the previous one's mean, so that trimming stops at the first edge of the
+    content even where the content is flat (a solid shape's columns are constant too)."""
+    def run(m, s):
+        ok = s <= TRIM_MAX_STD
+        ok[1:] &= np.abs(np.diff(m)) <= TRIM_MAX_STEP
+        return len(ok) if ok.all() else int(np.argmin(ok))
+    return run(mean, std), run(mean[::-1], std[::-1])
 
 
 def content_box(image: Image.Image, min_content: float = 0.1) -> tuple[int, int, int, int] | None:
     """The picture without uniform borders: (left, top, right, bottom) in ``image``'s pixels, or
     None when less than ``min_content`` of a side is left (a blank or near-blank image).
 
-    A border row is close to constant along its length: the standard deviation of its grey levels
-    is at most ``TRIM_MAX_STD``, which holds for bars of any colour after JPEG
+    A border row is close to constant along its length (the standard deviation of its grey levels
+    is at most ``TRIM_MAX_STD``) and continues the colour of the row outside it (means within
+    ``TRIM_MAX_STEP``), which holds for bars of any colour after JPEG
     compression and resizing, and for blurred padding that is close to constant. Rows are trimmed
     from the top and bottom first, then columns from the sides, measured over the rows that are
     left (so letterbox bars do not lower every column's deviation). A near-constant band inside a
@@ -107,14 +120,12 @@ def content_box(image: Image.Image, min_content: float = 0.1) -> tuple[int, int,
     small = small.reduce(factor) if factor > 1 else small
     a = np.asarray(small, dtype=np.float32)
     sh, sw = a.shape
-    flat = _std_over_first_axis(np.ascontiguousarray(a.T)) <= TRIM_MAX_STD  # [sh]: the row is close to constant
-    top = int(np.argmin(flat)) if not flat.all() else sh
-    bottom = sh - int(np.argmin(flat[::-1])) if not flat.all() else top
+    top, from_bottom = _border_lines(*_mean_std_over_first_axis(np.ascontiguousarray(a.T)))  # rows
+    bottom = max(top, sh - from_bottom)
     if bottom - top < max(2, min_content * sh):
         return None
-    flat = _std_over_first_axis(a[top:bottom]) <= TRIM_MAX_STD  # [sw]: columns over the rows kept
-    left = int(np.argmin(flat)) if not flat.all() else sw
-    right = sw - int(np.argmin(flat[::-1])) if not flat.all() else left
+    left, from_right = _border_lines(*_mean_std_over_first_axis(a[top:bottom]))  # columns over the rows kept
+    right = max(left, sw - from_right)
     if right - left < max(2, min_content * sw):
         return None
     scale_x, scale_y = w / sw, h / sh

@@ -43,9 +43,10 @@ from .decontaminate import build_eval_index, eval_index
 from .dedup import partitioned_duplicates, single_process_duplicates
 from .engine import parallel_map
 from .filters import process_sample
+from .semantic import EMBEDDINGS_FILE, check_model, embed_images
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
-REJECT_COLUMNS = ("uid", "key", "source", "reason", "duplicate_of", "eval_file")
+REJECT_COLUMNS = ("uid", "key", "source", "reason", "duplicate_of", "eval_file", "similarity")
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def filter_task(task: Task, cfg: PrepareConfig, work: str) -> dict:
     tmp.mkdir(parents=True)
     meta, rejects, counts = [], [], Counter()
     evaluation = eval_index(work, cfg.dedup.phash_max_distance) if cfg.dedup.against else None
-    keep_images = bool(cfg.filters.similarity_model)
+    keep_images = bool(cfg.filters.similarity_model or cfg.dedup.semantic_model)
     with tarfile.open(tmp / "samples.tar", "w") as tf:
         for n, item in enumerate(read_task(task, cfg)):
             counts["input"] += 1
@@ -165,13 +166,16 @@ def filter_task(task: Task, cfg: PrepareConfig, work: str) -> dict:
                    "phash": [_signed(h) for h in rec["phash"]],  # stored as int64
                    "regions": [_signed(h) for h in rec["regions"]], "content_box": rec["content_box"],
                    "caption_sha1": rec["caption_sha1"], "minhash": rec["minhash"]}
-            if keep_images:  # the similarity filter runs batched at the end of the task
+            if keep_images:  # the similarity filter and the embeddings run batched at the end of the task
                 row.update(_image=rec["_image"], _jpeg=rec["jpeg"])
             else:
                 _add_sample(tf, row, rec["jpeg"])
             meta.append(row)
         if keep_images:
-            meta = _similarity_filter(meta, rejects, cfg)
+            if cfg.filters.similarity_model:
+                meta = _similarity_filter(meta, rejects, cfg)
+            if cfg.dedup.semantic_model:  # row i of the embeddings is row i of meta.parquet
+                np.save(tmp / EMBEDDINGS_FILE, embed_images([r["_image"] for r in meta], cfg.dedup.semantic_model))
             for row in meta:
                 _add_sample(tf, row, row.pop("_jpeg"))
                 del row["_image"]
@@ -195,7 +199,7 @@ def _meta_schema():
 
 def _reject_schema():
     import pyarrow as pa
-    return pa.schema([(c, pa.string()) for c in REJECT_COLUMNS])
+    return pa.schema([(c, pa.float64() if c == "similarity" else pa.string()) for c in REJECT_COLUMNS])
 
 
 _similarity_models: dict = {}
@@ -338,6 +342,10 @@ def run_prepare(inputs: list[str], output: str, cfg: PrepareConfig, log=print) -
     log(f"{len(tasks)} input tasks ({done} already done), engine {cfg.engine}")
     against = build_eval_index(cfg.dedup.against, work, cfg.filters.max_pixels, functools.partial(_run_tasks, cfg=cfg),
                                log) if cfg.dedup.against else None
+    if cfg.dedup.semantic_model:  # a model that cannot be used fails here, before any work
+        info = check_model(work, cfg.dedup.semantic_model)
+        log(f"semantic deduplication: embeddings of size {info['embed_dim']} at {info['image_size']} px, "
+            f"cosine >= {cfg.dedup.semantic_threshold}")
     counts = Counter()
     for c in _run_tasks(functools.partial(filter_task, cfg=cfg, work=str(work)), tasks, "filter", cfg):
         counts.update(c)
@@ -352,9 +360,9 @@ def run_prepare(inputs: list[str], output: str, cfg: PrepareConfig, log=print) -
 
     # every rejection, with its reason: filter rejects of all tasks, then duplicates
     tables = [pq.read_table(work / "filter" / f"task_{t.index:06d}" / "rejects.parquet") for t in tasks]
-    dup_rows = [{"uid": u, "key": k, "source": src, "reason": r, "duplicate_of": d}
-                for u, k, src, d, r in zip(dedup["uid"], dedup["key"], dedup["source"], dedup["duplicate_of"],
-                                           dedup["reason"]) if d is not None]
+    dup_rows = [{"uid": u, "key": k, "source": src, "reason": r, "duplicate_of": d, "similarity": sim}
+                for u, k, src, d, r, sim in zip(dedup["uid"], dedup["key"], dedup["source"], dedup["duplicate_of"],
+                                                dedup["reason"], dedup["similarity"]) if d is not None]
     rejects = pa.concat_tables(tables + [pa.Table.from_pylist(dup_rows, schema=_reject_schema())])
     buf = io.BytesIO()
     pq.write_table(rejects, buf)
