@@ -528,8 +528,9 @@ def test_semantic_settings_and_models_that_do_not_fit_are_clear_errors(scene_mod
 
 
 def test_flat_content_is_not_mistaken_for_a_border():
-    """A solid shape on a plain background: its rows and columns are each constant too, but they
-    change colour at the shape's edge, where trimming stops (it once took the whole picture)."""
+    """A solid shape on a plain background, and a smooth gradient: their columns are each constant
+    too, but they change colour at the shape's edge, and drift away from the outermost column's
+    colour across the gradient, where trimming stops (both once lost the whole picture)."""
     from coca.prepare.hashing import content_box
     from coca.prepare.planted import jpeg
     for colour in ((240, 205, 30), (37, 78, 225)):
@@ -537,3 +538,6 @@ def test_flat_content_is_not_mistaken_for_a_border():
         canvas.paste(Image.new("RGB", (40, 30), colour), (50, 40))
         box = content_box(Image.open(io.BytesIO(jpeg(canvas, 85))))
         assert box is not None and max(abs(a - b) for a, b in zip(box, (50, 40, 90, 70))) <= 2, (colour, box)
+    ramp = Image.fromarray(np.linspace(0, 255, 160)[None, :].repeat(90, 0).astype(np.uint8)).convert("RGB")
+    left, top, right, bottom = content_box(Image.open(io.BytesIO(jpeg(ramp, 90))))  # each column constant
+    assert top == 0 and bottom == 90 and left < 16 and right > 144  # a few columns at most, not the picture

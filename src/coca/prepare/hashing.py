@@ -82,6 +82,7 @@ def phash_variants(image: Image.Image) -> list[int]:
 TRIM_ANALYSIS_SIDE = 128  # borders are found on a copy at most this large (a box-filter reduction)
 TRIM_MAX_STD = 8.0        # a border row or column: standard deviation of its grey levels at most this,
 TRIM_MAX_STEP = 6.0       # and its mean within this of the line before it (a bar does not change colour)
+TRIM_MAX_DRIFT = 12.0     # and of the outermost line (a smooth gradient across the picture is content)
 
 
 def _mean_std_over_first_axis(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,10 +94,11 @@ def _mean_std_over_first_axis(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _border_lines(mean: np.ndarray, std: np.ndarray) -> tuple[int, int]:
     """How many lines from the start and from the end are border: close to constant, each within
-    ``TRIM_MAX_STEP`` of the previous one's mean, so that trimming stops at the first edge of the
-    content even where the content is flat (a solid shape's columns are constant too)."""
+    ``TRIM_MAX_STEP`` of the previous one's mean and ``TRIM_MAX_DRIFT`` of the outermost one's, so
+    that trimming stops at the first edge of the content even where the content is flat (a solid
+    shape's columns are constant too) or changes smoothly (a gradient's columns are constant too)."""
     def run(m, s):
-        ok = s <= TRIM_MAX_STD
+        ok = (s <= TRIM_MAX_STD) & (np.abs(m - m[:1]) <= TRIM_MAX_DRIFT)
         ok[1:] &= np.abs(np.diff(m)) <= TRIM_MAX_STEP
         return len(ok) if ok.all() else int(np.argmin(ok))
     return run(mean, std), run(mean[::-1], std[::-1])
