@@ -224,11 +224,16 @@ def near_pairs(hashes: np.ndarray, k: int, recall: float = 0.99) -> tuple[np.nda
     n, v = hashes.shape
     owner = np.repeat(np.arange(n, dtype=np.int64), v)
     masks, scheme = hash_tables(n * v, k, recall)
-    edges = [verified_edges([lsh_bucket(hashes.reshape(-1), masks, t)], owner, lambda idx: hashes[owner[idx]],
-                            functools.partial(within_distance, k=k)) for t in range(len(masks))]
-    i, j = unique_edges(np.concatenate([e[0] for e in edges] or [np.zeros(0, np.int64)]),
-                        np.concatenate([e[1] for e in edges] or [np.zeros(0, np.int64)]))
+    i, j = _lsh_edges(hashes.reshape(-1), owner, masks, lambda idx: hashes[owner[idx]],
+                      functools.partial(within_distance, k=k))
     return i, j, scheme
+
+
+def _lsh_edges(keys: np.ndarray, owner: np.ndarray, masks: list[int], signature, close) -> tuple[np.ndarray, np.ndarray]:
+    """Unique verified edges over every LSH table of ``masks`` (``verified_edges`` per table)."""
+    edges = [verified_edges([lsh_bucket(keys, masks, t)], owner, signature, close) for t in range(len(masks))]
+    return unique_edges(np.concatenate([e[0] for e in edges] or [np.zeros(0, np.int64)]),
+                        np.concatenate([e[1] for e in edges] or [np.zeros(0, np.int64)]))
 
 
 def regions_agree(a: np.ndarray, b: np.ndarray, k: int, min_agree: int) -> np.ndarray:
@@ -241,13 +246,9 @@ def regions_agree(a: np.ndarray, b: np.ndarray, k: int, min_agree: int) -> np.nd
 def region_pairs(regions: np.ndarray, k: int, min_agree: int, recall: float = 0.99) -> tuple[np.ndarray, np.ndarray]:
     """Edges (i < j) between pictures whose regions agree (``regions_agree``): candidates share an
     LSH bucket of their centre regions (tables for distance k), then are verified."""
-    n = regions.shape[0]
-    masks, _ = hash_tables(n, k, recall)
-    centre = regions[:, CENTRE_REGION]
-    edges = [verified_edges([lsh_bucket(centre, masks, t)], np.arange(n, dtype=np.int64), lambda idx: regions[idx],
-                            functools.partial(regions_agree, k=k, min_agree=min_agree)) for t in range(len(masks))]
-    return unique_edges(np.concatenate([e[0] for e in edges] or [np.zeros(0, np.int64)]),
-                        np.concatenate([e[1] for e in edges] or [np.zeros(0, np.int64)]))
+    masks, _ = hash_tables(regions.shape[0], k, recall)
+    return _lsh_edges(regions[:, CENTRE_REGION], np.arange(regions.shape[0], dtype=np.int64), masks,
+                      lambda idx: regions[idx], functools.partial(regions_agree, k=k, min_agree=min_agree))
 
 
 def within_distance(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
