@@ -5,15 +5,15 @@ Run (from the repository root, after `make demo` or `coca demo --out runs/demo`;
 
     .venv/bin/python benchmarks/semantic_dedup.py --model runs/demo/model --json benchmarks/results/semantic_dedup.json
 
-1. Threshold table. Held-out synthetic scenes (test split, seed 7): ``--originals`` scenes, each
+1. Threshold tables. Held-out synthetic scenes (test split, seed 7): ``--originals`` scenes, each
    of a different object set (one or two objects), and a copy of each of the first ``--copies``
    drawn again from the same objects (other background shade and noise, objects moved: what the
-   pHashes miss). Embeddings with ``coca.prepare.semantic.embed_images``; the pairs each threshold
+   pHashes miss); and the 36 single objects, each once and in 5 copies drawn again. Embeddings with ``coca.prepare.semantic.embed_images``; the pairs each threshold
    links: within k-means clusters of ``--cluster-size``, each picture in its 2 nearest (what `coca
    data prepare` does) and over all pairs (to show what clustering loses). Recall: copies in their
    original's group (the connected component); precision: of the pictures removed (all but the
    smallest of each group), those showing the same objects as the one kept. Also the share of
-   copies the pHash rule finds.
+   copies the pHash rule finds (borders trimmed as in stage 1).
 2. 1M embeddings: ``--n`` random unit vectors of ``--dim`` (coca-large-v2's 768), one in 10 a copy
    of another with noise (cosine ~0.97), as filter-task output in tasks of 10,000; the partitioned
    stage 2 with semantic deduplication only (``partitioned_duplicates``, ``--workers`` local
@@ -46,20 +46,31 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array([uf.find(i) for i in range(n)])
 
 
-def threshold_table(args) -> dict:
-    from coca.data.synthetic import SyntheticScenes, render
+def scene_images(originals: int, copies: int, max_objects: int) -> tuple[list, list, int]:
+    """Pictures of ``originals`` different object sets and ``copies`` copies (copy j drawn again from
+    object set j mod originals), and each picture's object set. One or two objects: the first
+    object sets of the held-out stream; one object: the 36 objects, each drawn with its own seed."""
+    from coca.data.synthetic import SyntheticScenes, all_objects, render
+    if max_objects == 1:
+        objects = [(o,) for o in all_objects()][:originals]
+        images = [render(o, 64, np.random.default_rng(200_000 + i)) for i, o in enumerate(objects)]
+    else:
+        ds = SyntheticScenes(20 * originals, split="test", seed=7, image_size=64)
+        scenes = {}
+        for i in range(len(ds)):
+            scenes.setdefault(ds.scene(i), i)
+            if len(scenes) == originals:
+                break
+        objects = list(scenes)
+        images = [ds.load(scenes[o])[0] for o in objects]
+    images += [render(objects[j % len(objects)], 64, np.random.default_rng(100_000 + j)) for j in range(copies)]
+    return images, list(range(len(objects))) + [j % len(objects) for j in range(copies)], len(objects)
+
+
+def threshold_table(args, originals: int, copies: int, max_objects: int) -> dict:
     from coca.prepare import semantic as sem
-    from coca.prepare.hashing import phash_variants, variant_distance
-    ds = SyntheticScenes(20 * args.originals, split="test", seed=7, image_size=64)
-    scenes = {}
-    for i in range(len(ds)):
-        scenes.setdefault(ds.scene(i), i)
-        if len(scenes) == args.originals:
-            break
-    objects = list(scenes)
-    images = [ds.load(scenes[o])[0] for o in objects]
-    images += [render(o, 64, np.random.default_rng(100_000 + j)) for j, o in enumerate(objects[:args.copies])]
-    label = list(range(len(objects))) + list(range(args.copies))  # object set of each picture
+    from coca.prepare.hashing import image_hashes, variant_distance
+    images, label, n_originals = scene_images(originals, copies, max_objects)
     n = len(images)
     t0 = time.time()
     emb = sem.embed_images(images, args.model)
@@ -68,21 +79,22 @@ def threshold_table(args) -> dict:
     centroids = sem.fit_centroids(emb[sem.centroid_sample_rows(n, k)], k)
     ids = np.arange(n, dtype=np.int64)
     probed = sem.probe_records(ids, emb, centroids, 2)
-    phash = [phash_variants(im) for im in images]
-    hash_found = np.mean([variant_distance(phash[len(objects) + j], phash[j]) <= 6 for j in range(args.copies)])
+    phash = [image_hashes(im, 0.0)["phash"] for im in images]  # as stage 1 hashes them: borders trimmed
+    hash_found = np.mean([variant_distance(phash[n_originals + j], phash[label[n_originals + j]]) <= 6
+                          for j in range(copies)])
     rows = []
     for threshold in args.thresholds:
         row = {"threshold": threshold}
         for name, (cl, member, vectors) in (("clustered", probed), ("all_pairs", (np.zeros(n, np.int64), ids, emb))):
             a, b, _ = sem.clustered_edges(member, vectors, cl, threshold)
             rep = components(n, a, b)
-            recall = np.mean([rep[len(objects) + j] == rep[j] for j in range(args.copies)])
+            recall = np.mean([rep[n_originals + j] == rep[label[n_originals + j]] for j in range(copies)])
             removed = [i for i in range(n) if rep[i] != i]
             correct = sum(label[i] == label[rep[i]] for i in removed)  # the same objects as the one kept
             row[name] = {"recall": round(float(recall), 4), "removed": len(removed),
                          "precision": round(correct / max(1, len(removed)), 4)}
         rows.append(row)
-    return {"pictures": n, "originals": len(objects), "copies": args.copies, "clusters": int(k),
+    return {"pictures": n, "originals": n_originals, "copies": copies, "clusters": int(k),
             "embed_images_per_s": round(n / embed_s, 1), "phash_recall": round(float(hash_found), 4), "rows": rows}
 
 
@@ -155,7 +167,8 @@ def main() -> None:
     import torch
     torch.set_num_threads(2)
     result = {"benchmark": "semantic_dedup", "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "threshold_table": threshold_table(args)}
+              "threshold_table": threshold_table(args, args.originals, args.copies, 2),
+              "threshold_table_one_object": threshold_table(args, 36, 5 * 36, 1)}
     print(json.dumps(result, indent=1))
     for probes in (1, 2) if args.n else ():
         with tempfile.NamedTemporaryFile(suffix=".json") as f:

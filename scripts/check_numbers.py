@@ -368,10 +368,12 @@ def _web_dedup_rows(r):
 
 
 def _semantic_rows(r):
-    t = r["threshold_table"]
-    rows = [_row(x["threshold"], *(v for name in ("clustered", "all_pairs") for v in (
-        f"{x[name]['recall']:.4f}", f"{x[name]['precision']:.4f}", x[name]["removed"]))) for x in t["rows"]]
-    rows.append(f"the pHashes find {t['phash_recall']:.1%} of these copies")
+    rows = []
+    for key, who in (("threshold_table_one_object", "single objects"), ("threshold_table", "one or two objects")):
+        t = r[key]
+        rows += [_row(x["threshold"], *(v for name in ("clustered", "all_pairs") for v in (
+            f"{x[name]['recall']:.4f}", f"{x[name]['precision']:.4f}", x[name]["removed"]))) for x in t["rows"]]
+        rows.append(f"the pHashes find {t['phash_recall']:.1%} of these copies ({who})")
     m = r["million"]
     passes = m["passes"]
     rows += [_row("embeddings / dimension / clusters / partitions",

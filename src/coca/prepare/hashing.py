@@ -97,9 +97,9 @@ def _border_lines(mean: np.ndarray, std: np.ndarray) -> tuple[int, int]:
     ``TRIM_MAX_STEP`` of the previous one's mean and ``TRIM_MAX_DRIFT`` of the outermost one's, so
     that trimming stops at the first edge of the content even where the content is flat (a solid
     shape's columns are constant too) or changes smoothly (a gradient's columns are constant too)."""
-    def run(m, s):
-        ok = (s <= TRIM_MAX_STD) & (np.abs(m - m[:1]) <= TRIM_MAX_DRIFT)
-        ok[1:] &= np.abs(np.diff(m)) <= TRIM_MAX_STEP
+    def run(m, s):  # [lines, channels]
+        ok = ((s <= TRIM_MAX_STD) & (np.abs(m - m[:1]) <= TRIM_MAX_DRIFT)).all(1)
+        ok[1:] &= (np.abs(np.diff(m, axis=0)) <= TRIM_MAX_STEP).all(1)
         return len(ok) if ok.all() else int(np.argmin(ok))
     return run(mean, std), run(mean[::-1], std[::-1])
 
@@ -115,23 +115,41 @@ def content_box(image: Image.Image, min_content: float = 0.1) -> tuple[int, int,
     from the top and bottom first, then columns from the sides, measured over the rows that are
     left (so letterbox bars do not lower every column's deviation). A near-constant band inside a
     picture (a clear sky at the top) is trimmed too, the same way in every copy of it, which is all
-    the hashes need."""
+    the hashes need. Grey levels decide, as the hashes see only them; a picture that is blank in
+    grey is measured again in its colour channels (a yellow shape on light grey has the luminance
+    of its background) and is kept, untrimmed, when it has content there."""
     w, h = image.size
     factor = max(1, -(-max(w, h) // TRIM_ANALYSIS_SIDE))
-    small = image if image.mode == "L" else image.convert("L")
+    small = image if image.mode in ("L", "RGB") else image.convert("RGB")
     small = small.reduce(factor) if factor > 1 else small
-    a = np.asarray(small, dtype=np.float32)
-    sh, sw = a.shape
-    top, from_bottom = _border_lines(*_mean_std_over_first_axis(np.ascontiguousarray(a.T)))  # rows
+    pixels = np.asarray(small, dtype=np.float32)
+    grey = pixels if pixels.ndim == 2 else np.asarray(small.convert("L"), dtype=np.float32)
+    box = _content_box(grey[..., None], min_content)
+    if box is None:
+        return None if pixels.ndim == 2 or _content_box(pixels, min_content) is None else (0, 0, w, h)
+    scale_x, scale_y = w / grey.shape[1], h / grey.shape[0]
+    left, top, right, bottom = box
+    return round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y)
+
+
+def _content_box(a: np.ndarray, min_content: float) -> tuple[int, int, int, int] | None:
+    """``content_box`` in the pixels of a [height, width, channels] array: a border line meets the
+    rules in every channel."""
+    sh, sw, nc = a.shape
+
+    def lines(block):  # [along, lines, channels] -> each line's channel means and deviations, [lines, channels]
+        mean, std = _mean_std_over_first_axis(np.ascontiguousarray(block).reshape(block.shape[0], -1))
+        return mean.reshape(-1, nc), std.reshape(-1, nc)
+
+    top, from_bottom = _border_lines(*lines(a.transpose(1, 0, 2)))  # rows
     bottom = max(top, sh - from_bottom)
     if bottom - top < max(2, min_content * sh):
         return None
-    left, from_right = _border_lines(*_mean_std_over_first_axis(a[top:bottom]))  # columns over the rows kept
+    left, from_right = _border_lines(*lines(a[top:bottom]))  # columns over the rows kept
     right = max(left, sw - from_right)
     if right - left < max(2, min_content * sw):
         return None
-    scale_x, scale_y = w / sw, h / sh
-    return round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y)
+    return left, top, right, bottom
 
 
 REGION_GRID = 3  # regions per side: overlapping windows of half the side, a quarter apart
@@ -156,8 +174,8 @@ def image_hashes(image: Image.Image, min_content: float = 0.1) -> dict | None:
     - ``regions``: ``region_hashes`` of the untrimmed picture (overlays change some regions, a
       border would shift them all, so borders are the trimmed variants' job);
     - ``content_box``: where the content is, (left, top, right, bottom)."""
+    box = content_box(image, min_content)
     grey = image.convert("L")
-    box = content_box(grey, min_content)
     if box is None:
         return None
     trimmed = box != (0, 0, image.width, image.height)
