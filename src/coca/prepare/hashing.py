@@ -104,7 +104,8 @@ def _border_lines(mean: np.ndarray, std: np.ndarray) -> tuple[int, int]:
     return run(mean, std), run(mean[::-1], std[::-1])
 
 
-def content_box(image: Image.Image, min_content: float = 0.1) -> tuple[int, int, int, int] | None:
+def content_box(image: Image.Image, min_content: float = 0.1,
+                grey: Image.Image | None = None) -> tuple[int, int, int, int] | None:
     """The picture without uniform borders: (left, top, right, bottom) in ``image``'s pixels, or
     None when less than ``min_content`` of a side is left (a blank or near-blank image).
 
@@ -117,16 +118,20 @@ def content_box(image: Image.Image, min_content: float = 0.1) -> tuple[int, int,
     picture (a clear sky at the top) is trimmed too, the same way in every copy of it, which is all
     the hashes need. Grey levels decide, as the hashes see only them; a picture that is blank in
     grey is measured again in its colour channels (a yellow shape on light grey has the luminance
-    of its background) and is kept, untrimmed, when it has content there."""
+    of its background) and is kept, untrimmed, when it has content there. ``grey``: ``image`` in
+    grey levels, when the caller has it already."""
     w, h = image.size
     factor = max(1, -(-max(w, h) // TRIM_ANALYSIS_SIDE))
-    small = image if image.mode in ("L", "RGB") else image.convert("RGB")
-    small = small.reduce(factor) if factor > 1 else small
-    pixels = np.asarray(small, dtype=np.float32)
-    grey = pixels if pixels.ndim == 2 else np.asarray(small.convert("L"), dtype=np.float32)
-    box = _content_box(grey[..., None], min_content)
+
+    def pixels(im):  # the analysis copy: at most TRIM_ANALYSIS_SIDE px a side, [height, width, channels]
+        a = np.asarray(im.reduce(factor) if factor > 1 else im, dtype=np.float32)
+        return a if a.ndim == 3 else a[..., None]
+
+    grey = pixels(grey or (image if image.mode == "L" else image.convert("L")))
+    box = _content_box(grey, min_content)
     if box is None:
-        return None if pixels.ndim == 2 or _content_box(pixels, min_content) is None else (0, 0, w, h)
+        colour = image.mode != "L" and _content_box(pixels(image.convert("RGB")), min_content) is not None
+        return (0, 0, w, h) if colour else None
     scale_x, scale_y = w / grey.shape[1], h / grey.shape[0]
     left, top, right, bottom = box
     return round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y)
@@ -174,8 +179,8 @@ def image_hashes(image: Image.Image, min_content: float = 0.1) -> dict | None:
     - ``regions``: ``region_hashes`` of the untrimmed picture (overlays change some regions, a
       border would shift them all, so borders are the trimmed variants' job);
     - ``content_box``: where the content is, (left, top, right, bottom)."""
-    box = content_box(image, min_content)
     grey = image.convert("L")
+    box = content_box(image, min_content, grey)
     if box is None:
         return None
     trimmed = box != (0, 0, image.width, image.height)
