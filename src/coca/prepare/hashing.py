@@ -97,9 +97,10 @@ def _border_lines(mean: np.ndarray, std: np.ndarray) -> tuple[int, int]:
     ``TRIM_MAX_STEP`` of the previous one's mean and ``TRIM_MAX_DRIFT`` of the outermost one's, so
     that trimming stops at the first edge of the content even where the content is flat (a solid
     shape's columns are constant too) or changes smoothly (a gradient's columns are constant too)."""
-    def run(m, s):  # [lines, channels]
-        ok = ((s <= TRIM_MAX_STD) & (np.abs(m - m[:1]) <= TRIM_MAX_DRIFT)).all(1)
-        ok[1:] &= (np.abs(np.diff(m, axis=0)) <= TRIM_MAX_STEP).all(1)
+    def run(m, s):  # [lines] or [lines, channels]
+        ok = (s <= TRIM_MAX_STD) & (np.abs(m - m[:1]) <= TRIM_MAX_DRIFT)
+        ok[1:] &= np.abs(np.diff(m, axis=0)) <= TRIM_MAX_STEP
+        ok = ok if ok.ndim == 1 else ok.all(1)
         return len(ok) if ok.all() else int(np.argmin(ok))
     return run(mean, std), run(mean[::-1], std[::-1])
 
@@ -123,9 +124,8 @@ def content_box(image: Image.Image, min_content: float = 0.1,
     w, h = image.size
     factor = max(1, -(-max(w, h) // TRIM_ANALYSIS_SIDE))
 
-    def pixels(im):  # the analysis copy: at most TRIM_ANALYSIS_SIDE px a side, [height, width, channels]
-        a = np.asarray(im.reduce(factor) if factor > 1 else im, dtype=np.float32)
-        return a if a.ndim == 3 else a[..., None]
+    def pixels(im):  # the analysis copy: at most TRIM_ANALYSIS_SIDE px a side
+        return np.asarray(im.reduce(factor) if factor > 1 else im, dtype=np.float32)
 
     grey = pixels(grey or (image if image.mode == "L" else image.convert("L")))
     box = _content_box(grey, min_content)
@@ -138,15 +138,15 @@ def content_box(image: Image.Image, min_content: float = 0.1,
 
 
 def _content_box(a: np.ndarray, min_content: float) -> tuple[int, int, int, int] | None:
-    """``content_box`` in the pixels of a [height, width, channels] array: a border line meets the
-    rules in every channel."""
-    sh, sw, nc = a.shape
+    """``content_box`` in the pixels of a [height, width] or [height, width, channels] array: a
+    border line meets the rules in every channel."""
+    sh, sw = a.shape[:2]
 
-    def lines(block):  # [along, lines, channels] -> each line's channel means and deviations, [lines, channels]
+    def lines(block):  # [along, lines(, channels)] -> each line's (channels') means and deviations
         mean, std = _mean_std_over_first_axis(np.ascontiguousarray(block).reshape(block.shape[0], -1))
-        return mean.reshape(-1, nc), std.reshape(-1, nc)
+        return (mean, std) if block.ndim == 2 else (mean.reshape(block.shape[1], -1), std.reshape(block.shape[1], -1))
 
-    top, from_bottom = _border_lines(*lines(a.transpose(1, 0, 2)))  # rows
+    top, from_bottom = _border_lines(*lines(a.swapaxes(0, 1)))  # rows
     bottom = max(top, sh - from_bottom)
     if bottom - top < max(2, min_content * sh):
         return None
