@@ -442,8 +442,9 @@ def prepare_scenes(tmp_path: Path, out: Path, *extra: str) -> tuple[list, dict]:
 def test_a_briefly_trained_model_finds_rerendered_copies_the_hashes_miss_and_keeps_distinct_scenes(scene_model, tmp_path):
     """Six scenes, one object each in another colour (its shape and size drawn at random), and three
     copies of each drawn again: other noise, another background shade, the object moved and resized
-    by a few per cent. The hashes find at most a third of the copies; the semantic stage at 0.85
-    removes every copy as a duplicate of its own scene, and each scene keeps one picture.
+    by a few per cent; every caption the same. The hashes find at most a third of the copies; the
+    semantic stage at 0.85 removes every copy as a duplicate of its own scene, and each scene keeps
+    one picture.
     Colour is what 150 steps teach this model; which of three shapes an object has it has not yet
     learned to show in the embedding (scenes that differ only in shape are the demo model's case:
     BENCHMARKS.md, Semantic deduplication)."""
@@ -455,7 +456,7 @@ def test_a_briefly_trained_model_finds_rerendered_copies_the_hashes_miss_and_kee
         obj = (Obj(list(SIZES)[rng.integers(2)], colour, SHAPES[rng.integers(3)]),)
         for copy in range(4):
             key = f"s{i}_{copy}"
-            samples.append((key, jpeg(render(obj, 96, np.random.default_rng(100 * i + copy))), obj[0].phrase))
+            samples.append((key, jpeg(render(obj, 96, np.random.default_rng(100 * i + copy))), "a picture"))
             scene_of[key] = i
             if copy:
                 truth[key] = f"s{i}_0"
@@ -465,6 +466,19 @@ def test_a_briefly_trained_model_finds_rerendered_copies_the_hashes_miss_and_kee
     rejects, keys = prepare_scenes(tmp_path, tmp_path / "hashes")
     assert len(found_copies(rejects, keys, truth)) <= len(truth) // 3  # re-drawn, not copied: the hashes miss most
 
+    # the margins, by hand: every picture's nearest picture of its own scene, and the nearest pair
+    # of pictures of different scenes, against the threshold (a model that trained differently fails here)
+    import coca
+    from coca.data.transforms import eval_transform
+    model = coca.load(scene_model)
+    with torch.no_grad():
+        emb = model.encode_image(torch.stack([eval_transform(model.cfg.vision.image_size)(
+            Image.open(io.BytesIO(data)).convert("RGB")) for _, data, _ in samples]))
+    cos, scene = (emb @ emb.T).numpy(), np.array([scene_of[k] for k, _, _ in samples])
+    same = scene[:, None] == scene[None, :]
+    nearest_own = np.where(same & ~np.eye(len(scene), dtype=bool), cos, -1).max(1).min()
+    nearest_other = np.where(same, -1, cos).max()
+    assert nearest_own >= 0.88 and nearest_other <= 0.82, (nearest_own, nearest_other)
     # the semantic stage alone: pHashes see grey levels only, so one outline in two colours on a
     # plain background is a near-image pair whatever the model says (hashes are not what is tested here)
     rejects, keys = prepare_scenes(tmp_path, tmp_path / "semantic", f"dedup.semantic_model={scene_model}",
@@ -603,3 +617,39 @@ def test_flat_content_is_not_mistaken_for_a_border():
     canvas.paste(Image.new("RGB", (40, 30), (240, 205, 30)), (50, 40))
     assert np.ptp(np.asarray(canvas.convert("L"))) <= 1
     assert content_box(Image.open(io.BytesIO(jpeg(canvas, 85)))) == (0, 0, 120, 100)  # kept, not trimmed
+
+
+def test_pictures_blank_in_grey_are_hashed_in_colour():
+    """Shapes with their background's luminance: kept (not no_content), hashed in a colour channel,
+    so that two different ones are not near duplicates while a JPEG copy of one still is; a picture
+    whose grey content is trimmed away (a flat block in a corner) is judged in grey, as before."""
+    from PIL import ImageDraw
+
+    from coca.prepare.hashing import (
+        content_box,
+        image_hashes,
+        regions_agree,
+        variant_distance,
+    )
+    from coca.prepare.planted import jpeg
+    grey = round(0.299 * 240 + 0.587 * 205 + 0.114 * 30)  # the luminance of (240, 205, 30)
+
+    def picture(shape, box):
+        canvas = Image.new("RGB", (160, 120), (grey,) * 3)
+        draw = ImageDraw.Draw(canvas)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=(240, 205, 30))
+        return canvas
+
+    circle, square = picture("circle", (10, 10, 70, 70)), picture("square", (90, 50, 150, 110))
+    assert np.ptp(np.asarray(circle.convert("L"))) <= 1
+    a, b = image_hashes(circle), image_hashes(square)
+    copy = image_hashes(Image.open(io.BytesIO(jpeg(circle, 70))).convert("RGB"))
+    assert a["content_box"] == [0, 0, 160, 120]
+    def regions(x, y):
+        return np.array([x["regions"]], np.uint64), np.array([y["regions"]], np.uint64)
+
+    assert variant_distance(a["phash"], b["phash"]) > 12 and not regions_agree(*regions(a, b), 4, 5)[0]
+    assert variant_distance(a["phash"], copy["phash"]) <= 4 and regions_agree(*regions(a, copy), 4, 5)[0]
+    corner = Image.new("RGB", (235, 402), (171, 0, 100))  # grey content trimmed away; colour would keep it
+    corner.paste(Image.new("RGB", (94, 152), (219, 141, 8)), (0, 250))
+    assert content_box(corner) is None and content_box(corner.convert("L")) is None

@@ -117,24 +117,40 @@ def content_box(image: Image.Image, min_content: float = 0.1,
     from the top and bottom first, then columns from the sides, measured over the rows that are
     left (so letterbox bars do not lower every column's deviation). A near-constant band inside a
     picture (a clear sky at the top) is trimmed too, the same way in every copy of it, which is all
-    the hashes need. Grey levels decide, as the hashes see only them; a picture that is blank in
-    grey is measured again in its colour channels (a yellow shape on light grey has the luminance
-    of its background) and is kept, untrimmed, when it has content there. ``grey``: ``image`` in
-    grey levels, when the caller has it already."""
+    the hashes need. Grey levels decide, as the hashes see only them; a picture whose grey levels
+    are close to constant everywhere is measured again in its colour channels (a yellow shape on
+    light grey has the luminance of its background) and is kept, untrimmed, when it has content
+    there (``colour_only``). ``grey``: ``image`` in grey levels, when the caller has it already."""
+    return _box_and_kind(image, min_content, grey)[0]
+
+
+def _box_and_kind(image: Image.Image, min_content: float,
+                  grey: Image.Image | None) -> tuple[tuple[int, int, int, int] | None, bool]:
+    """``content_box`` and whether the picture's content is in its colour channels only."""
     w, h = image.size
     factor = max(1, -(-max(w, h) // TRIM_ANALYSIS_SIDE))
 
     def pixels(im):  # the analysis copy: at most TRIM_ANALYSIS_SIDE px a side
         return np.asarray(im.reduce(factor) if factor > 1 else im, dtype=np.float32)
 
-    grey = pixels(grey or (image if image.mode == "L" else image.convert("L")))
+    grey = pixels(grey if grey is not None else image if image.mode == "L" else image.convert("L"))
     box = _content_box(grey, min_content)
     if box is None:
-        colour = image.mode != "L" and _content_box(pixels(image.convert("RGB")), min_content) is not None
-        return (0, 0, w, h) if colour else None
+        # only a picture blank in grey as a whole; one whose grey content was trimmed away as a
+        # border (a block in a corner) stays no_content, as it is in grey
+        colour_only = (image.mode != "L" and float(grey.std()) <= TRIM_MAX_STD
+                       and _content_box(pixels(image.convert("RGB")), min_content) is not None)
+        return ((0, 0, w, h) if colour_only else None), colour_only
     scale_x, scale_y = w / grey.shape[1], h / grey.shape[0]
     left, top, right, bottom = box
-    return round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y)
+    return (round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y)), False
+
+
+def chroma(image: Image.Image) -> Image.Image:
+    """The colour-difference channel (Cb or Cr) in which the picture varies most, as a grey image:
+    what the hashes look at when the grey levels are blank (every copy picks the same channel)."""
+    channels = image.convert("YCbCr").split()[1:]
+    return max(channels, key=lambda c: float(np.asarray(c.reduce(4) if min(c.size) >= 16 else c, np.float32).std()))
 
 
 def _content_box(a: np.ndarray, min_content: float) -> tuple[int, int, int, int] | None:
@@ -178,11 +194,15 @@ def image_hashes(image: Image.Image, min_content: float = 0.1) -> dict | None:
       untrimmed picture's own pHash (the same as the first when there was nothing to trim);
     - ``regions``: ``region_hashes`` of the untrimmed picture (overlays change some regions, a
       border would shift them all, so borders are the trimmed variants' job);
-    - ``content_box``: where the content is, (left, top, right, bottom)."""
+    - ``content_box``: where the content is, (left, top, right, bottom).
+
+    A picture with content in its colour channels only is hashed in its ``chroma`` channel."""
     grey = image.convert("L")
-    box = content_box(image, min_content, grey)
+    box, colour_only = _box_and_kind(image, min_content, grey)
     if box is None:
         return None
+    if colour_only:  # blank grey levels would give every such picture the same hashes
+        grey = chroma(image)
     trimmed = box != (0, 0, image.width, image.height)
     variants = phash_variants(grey.crop(box) if trimmed else grey)
     return {"phash": variants + [phash64(grey) if trimmed else variants[0]], "regions": region_hashes(grey),
