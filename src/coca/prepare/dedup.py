@@ -442,15 +442,15 @@ def label_task(p: int, plan: DedupPlan, rounds: dict) -> dict:
     reason = np.where(np.isin(nodes, exact_dups), 0, np.where(np.isin(nodes, near_nodes), 1,
                                                                np.where(np.isin(nodes, visual_nodes), 3, 2))).astype(np.int8)
     best = read_partition(buckets, "similarity", p, SIMILARITY)
-    best = best[np.lexsort([-best["sim"], best["id"]])]  # a node's edges may span partitions: its highest
-    best = best[np.r_[True, best["id"][1:] != best["id"][:-1]]] if best.size else best
-    at = np.searchsorted(best["id"], nodes)
-    found = (at < best.size) & (best["id"][np.minimum(at, max(best.size - 1, 0))] == nodes) if best.size else \
-        np.zeros(nodes.size, bool)
-    sim = np.where((reason == 3) & found, best["sim"][np.minimum(at, max(best.size - 1, 0))] if best.size else 0, np.nan)
+    ids, sims = sem.highest_per_node(best["id"], best["sim"])  # a node's edges may span key partitions
+    at = np.searchsorted(ids, nodes)
+    semantic = reason == 3
+    semantic[semantic] &= (at[semantic] < ids.size)
+    semantic[semantic] &= ids[at[semantic]] == nodes[semantic]
+    sim = np.full(nodes.size, np.nan, np.float32)
+    sim[semantic] = sims[at[semantic]]
     tmp = _task_dir(final)
-    np.save(tmp / "labels.npy", np.rec.fromarrays([nodes, reps, reason, sim.astype(np.float32)],
-                                                  names="id,rep,reason,sim"))
+    np.save(tmp / "labels.npy", np.rec.fromarrays([nodes, reps, reason, sim], names="id,rep,reason,sim"))
     return _commit(tmp, final, {"duplicates": int(nodes.size), "peak_rss_mb": _peak_rss_mb()})
 
 
@@ -564,15 +564,10 @@ def single_process_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig) -> P
                 else np.concatenate([p[c] for p in parts])) for c in columns} if parts else {c: [] for c in columns}
     semantic_edges = None
     n = len(meta["uid"])
-    if cfg.dedup.semantic_model and n:  # the partitioned path's steps, on the same arrays in the same order
+    if cfg.dedup.semantic_model and n:  # the partitioned path's steps, on the same arrays
         centroids = semantic_centroids(work, n_tasks, n, cfg.dedup.semantic_cluster_size)
-        records, start = [], 0
-        for t in range(n_tasks):  # task by task, as the emit pass makes them
-            emb = np.load(work / "filter" / f"task_{t:06d}" / sem.EMBEDDINGS_FILE)
-            records.append(sem.probe_records(np.arange(start, start + len(emb), dtype=np.int64), emb, centroids,
-                                             cfg.dedup.semantic_probes))
-            start += len(emb)
-        cluster, ids, vectors = (np.concatenate([r[i] for r in records]) for i in range(3))
+        emb = np.concatenate([np.load(work / "filter" / f"task_{t:06d}" / sem.EMBEDDINGS_FILE) for t in range(n_tasks)])
+        cluster, ids, vectors = sem.probe_records(np.arange(n, dtype=np.int64), emb, centroids, cfg.dedup.semantic_probes)
         semantic_edges = sem.clustered_edges(ids, vectors, cluster, cfg.dedup.semantic_threshold)
     dup_of, reasons, similarity = find_duplicates(meta, cfg, semantic_edges)
     uids = [u.decode() for u in meta["uid"]]

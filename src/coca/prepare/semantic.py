@@ -184,7 +184,11 @@ def clustered_edges(ids: np.ndarray, emb: np.ndarray, cluster: np.ndarray, thres
 
 def best_similarity(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(node, its highest cosine over its edges) for every node of the edges, nodes ascending."""
-    nodes, sims = np.r_[a, b], np.r_[s, s]
+    return highest_per_node(np.r_[a, b], np.r_[s, s])
+
+
+def highest_per_node(nodes: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(node, its highest similarity) for every distinct node, nodes ascending."""
     order = np.lexsort([-sims, nodes])
     nodes, sims = nodes[order], sims[order]
     first = np.r_[True, nodes[1:] != nodes[:-1]] if nodes.size else np.zeros(0, bool)
