@@ -105,13 +105,12 @@ CLAIMS = [
      lambda r: (f"{_gen(r, 'greedy/ours (KV cache)', 8)['speedup_vs_open_clip']:.1f}",)),
     ("README.md", "{}x at batch 32; beam search (4 beams, batch 2): {}x", "generation_b32.json",
      lambda r: (f"{_gen(r, 'greedy/ours (KV cache)')['speedup_vs_open_clip']:.0f}",
-                f"{_gen(json.loads((ROOT / 'benchmarks/results/generation.json').read_text()), 'beam4/ours (KV cache)')['speedup_vs_open_clip']:.1f}")),
+                f"{_gen(_load(ROOT, 'generation.json'), 'beam4/ours (KV cache)')['speedup_vs_open_clip']:.1f}")),
     ("README.md", "The KV cache alone is worth {}x over our own uncached path", "generation.json",
-     lambda r: (_range([x["tokens_per_s"] / _gen(json.loads((ROOT / f"benchmarks/results/{f}").read_text()), m.replace(
+     lambda r: (_range([x["tokens_per_s"] / _gen(_load(ROOT, f"{f}"), m.replace(
          "ours (KV cache)", "ours (no cache)"))["tokens_per_s"] for f, m in (
          ("generation_b1.json", "greedy/ours (KV cache)"), ("generation.json", "greedy/ours (KV cache)"),
-         ("generation.json", "beam4/ours (KV cache)")) for x in [_gen(json.loads(
-             (ROOT / f"benchmarks/results/{f}").read_text()), m)]]),)),
+         ("generation.json", "beam4/ours (KV cache)")) for x in [_gen(_load(ROOT, f"{f}"), m)]]),)),
     ("README.md", "and {}x against its static cache at batch 32.", "generation_hf.json",
      lambda r: (f"{next(x for x in r['rows'] if x['decoding'] == 'greedy' and x['batch'] == 32)['ours_vs_hf_static_cache']:.2f}",)),
     ("README.md", "1,000 images, demo model): {} images/s end to end, {}x a plain loop around open_clip's `generate` "
@@ -132,11 +131,11 @@ CLAIMS = [
     ("BENCHMARKS.md", "Against the targets: batch 32 reaches {}x open_clip fp32 (target 20x) with bf16; batch 4 reaches "
                       "{}x (target 10x, missed) with int8; the batch-1 fp32 step is {}x its memory floor",
      "generation_dtypes_b1.json",
-     lambda r: (*(f"{_dtype_best(json.loads((ROOT / f'benchmarks/results/generation_dtypes_b{b}.json').read_text())):.1f}"
+     lambda r: (*(f"{_dtype_best(_load(ROOT, f'generation_dtypes_b{b}.json')):.1f}"
                   for b in (32, 4)), f"{r['floor']['rows'][0]['step_over_floor']:.2f}")),
     ("README.md", "batch 4 reaches {}x open_clip's tokens/s (int8; the goal is 10x), and the batch-1 fp32 step is {}x "
                   "its memory-bandwidth floor", "generation_dtypes_b1.json",
-     lambda r: (f"{_dtype_best(json.loads((ROOT / 'benchmarks/results/generation_dtypes_b4.json').read_text())):.1f}",
+     lambda r: (f"{_dtype_best(_load(ROOT, 'generation_dtypes_b4.json')):.1f}",
                 f"{r['floor']['rows'][0]['step_over_floor']:.2f}")),
     ("BENCHMARKS.md", "finds every caption bar and {} of the logos on its own and links no look-alike; 7 of 9 misses "
                       "most caption bars (a bar covers a row of 3 regions); at 8 bits, 5 of 9 starts linking look-alikes "
@@ -150,7 +149,7 @@ CLAIMS = [
     ("BENCHMARKS.md", "The target of 10x at 40 tokens is reached at batch 32 ({}x), not at batch 8 ({}x) or 1 ({}x)",
      "generation_b32.json",
      lambda r: (f"{_gen(r, 'greedy/ours (KV cache)')['speedup_vs_open_clip']:.1f}",
-                *(f"{_gen(json.loads((ROOT / f'benchmarks/results/{f}').read_text()), 'greedy/ours (KV cache)')['speedup_vs_open_clip']:.1f}"
+                *(f"{_gen(_load(ROOT, f'{f}'), 'greedy/ours (KV cache)')['speedup_vs_open_clip']:.1f}"
                   for f in ("generation.json", "generation_b1.json")))),
     ("README.md", "{}x the samples/s in fp32 and {}x with BF16 autocast, with {} less peak memory", "train_step.json",
      lambda r: (f"{r['results'][0]['speedup_vs_open_clip']:.1f}", f"{r['results'][2]['speedup_vs_open_clip']:.1f}",
