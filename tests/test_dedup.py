@@ -622,7 +622,8 @@ def test_flat_content_is_not_mistaken_for_a_border():
 def test_pictures_blank_in_grey_are_hashed_in_colour():
     """Shapes with their background's luminance: kept (not no_content), hashed in a colour channel,
     so that two different ones are not near duplicates while a JPEG copy of one still is; a picture
-    whose grey content is trimmed away (a flat block in a corner) is judged in grey, as before."""
+    whose grey content is trimmed away entirely (a flat block in a corner) is kept whole, in colour
+    or in grey alike (it was once rejected as no_content)."""
     from PIL import ImageDraw
 
     from coca.prepare.hashing import (
@@ -650,6 +651,6 @@ def test_pictures_blank_in_grey_are_hashed_in_colour():
 
     assert variant_distance(a["phash"], b["phash"]) > 12 and not regions_agree(*regions(a, b), 4, 5)[0]
     assert variant_distance(a["phash"], copy["phash"]) <= 4 and regions_agree(*regions(a, copy), 4, 5)[0]
-    corner = Image.new("RGB", (235, 402), (171, 0, 100))  # grey content trimmed away; colour would keep it
-    corner.paste(Image.new("RGB", (94, 152), (219, 141, 8)), (0, 250))
-    assert content_box(corner) is None and content_box(corner.convert("L")) is None
+    corner = Image.new("RGB", (235, 402), (171, 0, 100))  # a flat block flush with two edges: trimmed
+    corner.paste(Image.new("RGB", (94, 152), (219, 141, 8)), (0, 250))  # away like a border, yet content
+    assert content_box(corner) == content_box(corner.convert("L")) == (0, 0, 235, 402)

@@ -117,8 +117,9 @@ def content_box(image: Image.Image, min_content: float = 0.1,
     from the top and bottom first, then columns from the sides, measured over the rows that are
     left (so letterbox bars do not lower every column's deviation). A near-constant band inside a
     picture (a clear sky at the top) is trimmed too, the same way in every copy of it, which is all
-    the hashes need. Grey levels decide, as the hashes see only them; a picture whose grey levels
-    are close to constant everywhere is measured again in its colour channels (a yellow shape on
+    the hashes need; a picture whose content is trimmed away entirely (a flat block flush with an
+    edge looks like a border) is kept whole. Grey levels decide, as the hashes see only them; a
+    picture whose grey levels are close to constant everywhere is measured again in its colour channels (a yellow shape on
     light grey has the luminance of its background) and is kept, untrimmed, when it has content
     there (``colour_only``). ``grey``: ``image`` in grey levels, when the caller has it already."""
     return _box_and_kind(image, min_content, grey)[0]
@@ -136,10 +137,11 @@ def _box_and_kind(image: Image.Image, min_content: float,
     grey = pixels(grey if grey is not None else image if image.mode == "L" else image.convert("L"))
     box = _content_box(grey, min_content)
     if box is None:
-        # only a picture blank in grey as a whole; one whose grey content was trimmed away as a
-        # border (a block in a corner) stays no_content, as it is in grey
-        colour_only = (image.mode != "L" and float(grey.std()) <= TRIM_MAX_STD
-                       and _content_box(pixels(image.convert("RGB")), min_content) is not None)
+        if float(grey.std()) > TRIM_MAX_STD:  # content in grey: too little of it left, or all of it trimmed
+            # away as border (a flat block flush with an edge: its lines are constant and continue
+            # the outermost one), which is content all the same: kept whole
+            return ((0, 0, w, h) if _content_box(grey, 0.0) is None else None), False
+        colour_only = image.mode != "L" and _content_box(pixels(image.convert("RGB")), min_content) is not None
         return ((0, 0, w, h) if colour_only else None), colour_only
     scale_x, scale_y = w / grey.shape[1], h / grey.shape[0]
     left, top, right, bottom = box
