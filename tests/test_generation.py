@@ -127,6 +127,7 @@ def test_top_k_restricts_support(peaked):
     (dict(repetition_penalty=-1.5), "repetition_penalty"),
     (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
     (dict(no_repeat_ngram_size=2.5), "no_repeat_ngram_size"),
+    (dict(compile=True, use_cache=False), "use_cache=True"),
 ])
 def test_bad_generation_arguments(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -271,3 +272,47 @@ def test_bad_score_arguments(tiny):
         tiny.score(images, caption_batch(tiny, T=3))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tiny.score(images, torch.full((2, 4), 10**6))
+
+
+def test_static_step_equals_the_cached_forward(peaked):
+    """The fixed-shape step (all cache slots attended, later ones masked by the bias table,
+    keys/values written at a position tensor) gives the cached forward's logits at every step."""
+    dec = peaked.text_decoder
+    with torch.no_grad():
+        _, visual = peaked.encode_image_tokens(images_for(peaked, B=3))
+        tokens = peaked.generate(images_for(peaked, B=3), max_new_tokens=12, min_new_tokens=12)
+        seq = torch.cat([torch.zeros(3, 1, dtype=torch.long), tokens], 1)
+        cached, static = dec.new_cache(visual, 13), dec.new_cache(visual, 16, static=True)
+        keys, values = [c.k for c in static.layers], [c.v for c in static.layers]
+        for t in range(13):
+            want = dec(seq[:, t:t + 1], cache=cached)[:, -1]
+            got = dec.static_step(seq[:, t:t + 1], torch.tensor([t]), keys, values, static.cross, static.bias_table)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            static.advance()
+
+
+def test_compiled_decoding_equals_eager_and_follows_weight_changes(peaked):
+    """``compile=True``: same tokens as eager decoding for greedy with a prefix and for beam search,
+    at a batch size that is padded to its power-of-two bucket (3 -> 4); and after the weights change
+    in place, the frozen graph is rebuilt rather than serving the old weights."""
+    images = images_for(peaked, B=3)
+    first = None
+    for kwargs in (dict(strategy="greedy", prefix=[17, 42]), dict(strategy="beam", num_beams=2, max_new_tokens=13)):
+        kwargs = {"max_new_tokens": 15, **kwargs}
+        want = peaked.generate(images, **kwargs)
+        got = peaked.generate(images, compile=True, **kwargs)
+        assert torch.equal(got, want), kwargs
+        first = want if first is None else first
+    assert len({tuple(r.tolist()) for r in want}) > 1
+    lm_head = peaked.text_decoder.lm_head.weight
+    saved = lm_head.detach().clone()
+    try:
+        with torch.no_grad():
+            lm_head[:, :].copy_(lm_head.flip(0))  # in place: same tensor, new values
+        # the shapes of the first call, so its compiled graph would be reused if stale
+        changed = peaked.generate(images, max_new_tokens=15, prefix=[17, 42])
+        assert torch.equal(peaked.generate(images, max_new_tokens=15, prefix=[17, 42], compile=True), changed)
+        assert not torch.equal(changed, first)
+    finally:
+        with torch.no_grad():
+            lm_head.copy_(saved)

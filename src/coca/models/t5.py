@@ -197,9 +197,11 @@ class T5Encoder(nn.Module):
 class LayerCache:
     """Self-attention keys/values of one decoder layer, preallocated to the maximum length."""
 
-    def __init__(self, batch: int, n_heads: int, max_len: int, d_kv: int, dtype, device):
-        self.k = torch.empty(batch, n_heads, max_len, d_kv, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+    def __init__(self, batch: int, n_heads: int, max_len: int, d_kv: int, dtype, device, zeros: bool = False):
+        # zeros for the static step, which attends over every slot: a masked slot weighs exactly 0,
+        # and 0 * garbage could be NaN
+        self.k = (torch.zeros if zeros else torch.empty)(batch, n_heads, max_len, d_kv, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k) if not zeros else torch.zeros_like(self.k)
         self.length = 0
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -212,19 +214,42 @@ class LayerCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def reorder(self, index: Tensor) -> None:
-        self.k[:, :, :self.length] = self.k[index, :, :self.length]
-        self.v[:, :, :self.length] = self.v[index, :, :self.length]
+        """Row i takes row index[i]'s history; rows past len(index) (a static cache's padding) stay."""
+        rows = len(index)
+        self.k[:rows, :, :self.length] = self.k[index, :, :self.length]
+        self.v[:rows, :, :self.length] = self.v[index, :, :self.length]
+
+
+class WriteAt:
+    """The static step's stand-in for ``LayerCache`` inside attention: writes the new keys/values
+    at ``position`` (a 1-element tensor, so one compiled graph serves every step) and attends over
+    the whole fixed-size buffer; the bias masks the slots not written yet."""
+
+    def __init__(self, k: Tensor, v: Tensor, position: Tensor):
+        self.k, self.v, self.position = k, v, position
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, self.position, k)
+        self.v.index_copy_(2, self.position, v)
+        return self.k, self.v
 
 
 class DecoderCache:
-    """Per-layer self-attention caches plus the cross-attention keys/values of the visual tokens."""
+    """Per-layer self-attention caches plus the cross-attention keys/values of the visual tokens.
+    A static cache (for ``T5Decoder.static_step``) also holds ``bias_table`` [max_len, H, max_len]:
+    the position bias of every query position over every key slot, later slots masked."""
 
-    def __init__(self, layers: list[LayerCache], cross: list[tuple[Tensor, Tensor]]):
-        self.layers, self.cross = layers, cross
+    def __init__(self, layers: list[LayerCache], cross: list[tuple[Tensor, Tensor]], bias_table: Tensor | None = None):
+        self.layers, self.cross, self.bias_table = layers, cross, bias_table
 
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+    def advance(self, n: int = 1) -> None:
+        """The static step wrote ``n`` more positions."""
+        for layer in self.layers:
+            layer.length += n
 
     def reorder(self, index: Tensor) -> None:
         """Beam search: row i takes the history of row index[i]. Cross keys/values are identical
@@ -254,18 +279,37 @@ class T5Decoder(nn.Module):
     def cross_kv(self, visual_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
         return [block.cross_attn.project_kv(visual_tokens) for block in self.blocks]
 
-    def new_cache(self, visual_tokens: Tensor, max_len: int, repeat: int = 1) -> DecoderCache:
+    def new_cache(self, visual_tokens: Tensor, max_len: int, repeat: int = 1, static: bool = False) -> DecoderCache:
         """Allocate a cache for ``max_len`` decoder positions and project the visual keys/values
-        once per image; with ``repeat`` (beam search) each image's projection serves its beams."""
+        once per image; with ``repeat`` (beam search) each image's projection serves its beams.
+        ``static``: zero-filled buffers and the bias table that ``static_step`` reads."""
         cross = self.cross_kv(visual_tokens)
         if repeat > 1:
             cross = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in cross]
         # contiguous once here: the projection's [B, N, 2, H, Dh] views would be copied by every step
         cross = [(k.contiguous(), v.contiguous()) for k, v in cross]
         B, dtype = cross[0][0].shape[0], cross[0][0].dtype
-        layers = [LayerCache(B, self.cfg.num_heads, max_len, self.cfg.d_kv, dtype, visual_tokens.device)
+        layers = [LayerCache(B, self.cfg.num_heads, max_len, self.cfg.d_kv, dtype, visual_tokens.device, zeros=static)
                   for _ in self.blocks]
-        return DecoderCache(layers, cross)
+        bias_table = None
+        if static:
+            bias_dtype = compute_dtype(cross[0][0])
+            bias = self.position_bias(max_len, max_len)[0].to(bias_dtype)  # [H, query, key]
+            future = torch.ones(max_len, max_len, dtype=torch.bool, device=bias.device).triu(diagonal=1)
+            bias_table = bias.masked_fill(future, torch.finfo(bias_dtype).min).transpose(0, 1).contiguous()
+        return DecoderCache(layers, cross, bias_table)
+
+    def static_step(self, tokens: Tensor, position: Tensor, keys: list[Tensor], values: list[Tensor],
+                    cross: list[tuple[Tensor, Tensor]], bias_table: Tensor) -> Tensor:
+        """One decoding step with fixed shapes, for ``torch.compile``: ``tokens`` [B, 1] at
+        ``position`` (LongTensor [1]); ``keys``/``values``/``cross``/``bias_table`` from a static
+        ``new_cache``. Writes this position's keys/values and returns next-token logits [B, V] (fp32).
+        Same blocks and arithmetic as the cached ``forward``; only the shapes stay constant."""
+        x = self.embed_tokens(tokens)
+        bias = bias_table.index_select(0, position)[:, :, None]  # [1, H, 1, max_len]
+        for i, block in enumerate(self.blocks):
+            x = block(x, bias, cross[i], WriteAt(keys[i], values[i], position))
+        return self.lm_head(self.final_norm(x))[:, -1].float()
 
     def forward(self, tokens: Tensor, visual_tokens: Tensor | None = None, cache: DecoderCache | None = None,
                 inputs_embeds: Tensor | None = None, return_hidden: bool = False,
