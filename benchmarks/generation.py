@@ -54,7 +54,8 @@ def in_dtype(model, images):
     return to_model(model, images)
 
 
-def make_methods(ours, oc, images, n, beam_images, num_beams, with_uncached, with_beam, reduced=None, oc_bf16=None):
+def make_methods(ours, oc, images, n, beam_images, num_beams, with_uncached, with_beam, reduced=None, oc_bf16=None,
+                 compiled=False):
     """name -> (callable, batch, expected output columns, kind)."""
     greedy = dict(strategy="greedy", max_new_tokens=n, min_new_tokens=n)
     beam = dict(strategy="beam", num_beams=num_beams, max_new_tokens=n, min_new_tokens=n)
@@ -69,6 +70,11 @@ def make_methods(ours, oc, images, n, beam_images, num_beams, with_uncached, wit
             x = in_dtype(model, images)
             methods[f"greedy/ours (KV cache, {d})"] = (
                 lambda model=model, x=x: model.generate(x, use_cache=True, **greedy), B, n, "greedy")
+    if compiled:  # every precision again through the compiled decoding step
+        for d, model in (reduced or {"fp32": ours}).items():
+            x = in_dtype(model, images)
+            methods[f"greedy/ours (KV cache{'' if d == 'fp32' else ', ' + d}, compiled)"] = (
+                lambda model=model, x=x: model.generate(x, use_cache=True, compile=True, **greedy), B, n, "greedy")
     if oc_bf16 is not None:
         xb = images.bfloat16()
         methods["greedy/open_clip (bf16)"] = (
@@ -98,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-uncached", action="store_true", help="skip our use_cache=False reference rows")
     p.add_argument("--dtypes", default="fp32", help="our precisions for the greedy rows, e.g. fp32,bf16,int8")
     p.add_argument("--open-clip-bf16", action="store_true", help="add open_clip's greedy row with bf16 weights")
+    p.add_argument("--compile", action="store_true",
+                   help="add each precision through generate(compile=True); the untimed warm-up compiles")
     p.add_argument("--floor", action="store_true",
                    help="batch-1 decode step time per precision against the memory-bandwidth floor")
     matched.add_size_args(p)
@@ -126,7 +134,7 @@ def main(argv=None) -> int:
         import copy
         oc_bf16 = copy.deepcopy(oc).to(torch.bfloat16)
     methods = make_methods(ours, oc, images, n, beam_images, args.num_beams, with_uncached=not args.no_uncached,
-                           with_beam=not args.no_beam, reduced=reduced, oc_bf16=oc_bf16)
+                           with_beam=not args.no_beam, reduced=reduced, oc_bf16=oc_bf16, compiled=args.compile)
 
     print(f"# CoCa caption generation, {n} new tokens, {args.threads} threads")
     load_start = matched.print_setup(size, params)
@@ -179,7 +187,7 @@ def main(argv=None) -> int:
     print(f"total {time.perf_counter() - t_all:.0f}s; load average start {load_start[0]:.2f}, end {load_end[0]:.2f} "
           f"(other processes on the machine make absolute numbers noisy)")
 
-    floor = decode_floor(reduced, size, n, args.reps) if args.floor else None
+    floor = decode_floor(reduced, size, n, args.reps, args.compile) if args.floor else None
     matched.write_results(args.json, "generation", args, size, oc_cfg, params, load_start, load_end,
                           results=results, floor=floor)
     return 0
@@ -212,17 +220,20 @@ def bytes_per_step(model, visual_tokens: int, new_tokens: int) -> int:
     return total + kv * visual_tokens + kv * new_tokens // 2
 
 
-def decode_floor(reduced: dict, size, n: int, reps: int) -> dict:
+def decode_floor(reduced: dict, size, n: int, reps: int, compiled: bool = False) -> dict:
     """Batch-1 cached decode step time, (t(n tokens) - t(1 token)) / (n - 1), against bytes read
-    per step / measured read bandwidth."""
+    per step / measured read bandwidth; with ``compiled`` each precision also through the compiled step."""
     bw = read_bandwidth_gbs()
     image = torch.randn(1, 3, size.image_size, size.image_size)
     rows, out = [], {"read_bandwidth_GBps": bw, "rows": []}
     with torch.no_grad():
-        for d, model in reduced.items():
+        for (d, model), comp in [(item, c) for c in ((False, True) if compiled else (False,)) for item in reduced.items()]:
             x = in_dtype(model, image)
-            gen = lambda k: model.generate(x, strategy="greedy", max_new_tokens=k, min_new_tokens=k)  # noqa: E731
+            gen = lambda k: model.generate(x, strategy="greedy", max_new_tokens=k, min_new_tokens=k,  # noqa: E731
+                                           compile=comp)
             gen(n)
+            gen(1)  # both lengths warmed (compiled: each length bucket is its own graph)
+            d = f"{d} compiled" if comp else d
             t_n, t_1 = [], []
             for _ in range(max(reps, 5)):
                 t_n.append(matched.timed(lambda: gen(n)))

@@ -6,7 +6,8 @@ Run (from the repository root, after `make demo` or `coca demo --out runs/demo`;
     .venv/bin/python benchmarks/precision.py --model runs/demo/model --data runs/heldout \
         --json benchmarks/results/precision.json
 
-For each of fp32, bf16 and int8 (``coca.load(..., dtype=)``) on the held-out synthetic scenes:
+For each of fp32, bf16 and int8 (``coca.load(..., dtype=)``) on the held-out synthetic scenes
+(with ``--compile`` also through ``generate(compile=True)``: agreement and tokens/s):
 the share of greedy captions identical to fp32's, CIDEr (greedy, PTB-tokenised, pycocoevalcap) and
 contrastive zero-shot top-1 with their differences from fp32, and greedy tokens/s at batch 4 and 32
 (exactly ``--new-tokens`` per image, EOS masked until then; images encoded inside the timing;
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="`coca synthetic --out` directory (held-out scenes)")
     p.add_argument("--new-tokens", type=int, default=20)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--compile", action="store_true",
+                   help="also each precision through generate(compile=True): agreement and tokens/s")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
     args = p.parse_args(argv)
@@ -61,16 +64,20 @@ def main(argv=None) -> int:
         zs = zeroshot_eval.run(model, model.tokenizer).metrics
         results[d] = {"captions": captions, "CIDEr": cap["CIDEr"], "zeroshot_top1": zs["top1"]}
         print(f"{d}: CIDEr {cap['CIDEr']:.3f}, zero-shot top-1 {zs['top1']:.4f}", flush=True)
+        if args.compile:
+            results[d]["compiled_captions"] = generate_captions(model, model.tokenizer, paths, batch_size=32,
+                                                                strategy="greedy", max_new_tokens=30, compile=True)
 
     from coca.data import eval_transform, load_image
     transform = eval_transform(models["fp32"].cfg.vision.image_size)
     pool = torch.stack([transform(load_image(pth)) for pth in paths[:32]])
     n = args.new_tokens
-    times = {(d, b): [] for d in DTYPES for b in (4, 32)}
+    times = {(d, b, c): [] for d in DTYPES for b in (4, 32) for c in ((False, True) if args.compile else (False,))}
     with torch.no_grad():
-        def gen(d, b):
+        def gen(d, b, c):
             model = models[d]
-            return model.generate(to_model(model, pool[:b]), strategy="greedy", max_new_tokens=n, min_new_tokens=n)
+            return model.generate(to_model(model, pool[:b]), strategy="greedy", max_new_tokens=n, min_new_tokens=n,
+                                  compile=c)
         for key in times:
             gen(*key)  # warm-up
         keys = list(times)
@@ -83,11 +90,22 @@ def main(argv=None) -> int:
     for d in DTYPES:
         res = results[d]
         same = sum(res["captions"][i] == ref["captions"][i] for i in ref["captions"]) / len(ref["captions"])
-        tps = {b: b * n / matched.median(times[d, b]) for b in (4, 32)}
+        tps = {b: b * n / matched.median(times[d, b, False]) for b in (4, 32)}
         out["dtypes"][d] = {"identical_greedy_captions": same, "CIDEr": res["CIDEr"],
                             "CIDEr_minus_fp32": res["CIDEr"] - ref["CIDEr"], "zeroshot_top1": res["zeroshot_top1"],
                             "zeroshot_minus_fp32": res["zeroshot_top1"] - ref["zeroshot_top1"],
-                            "tokens_per_s": tps, "times_s": {str(b): times[d, b] for b in (4, 32)}}
+                            "tokens_per_s": tps, "times_s": {str(b): times[d, b, False] for b in (4, 32)}}
+        if args.compile:
+            comp = res["compiled_captions"]
+            out.setdefault("compiled", {})[d] = {
+                "identical_greedy_captions": sum(comp[i] == ref["captions"][i] for i in comp) / len(comp),
+                "identical_to_eager_same_dtype": sum(comp[i] == res["captions"][i] for i in comp) / len(comp),
+                "tokens_per_s": {b: b * n / matched.median(times[d, b, True]) for b in (4, 32)},
+                "times_s": {str(b): times[d, b, True] for b in (4, 32)}}
+            c = out["compiled"][d]
+            print(f"{d} compiled: greedy captions = fp32 {c['identical_greedy_captions']:.1%}, = {d} eager "
+                  f"{c['identical_to_eager_same_dtype']:.1%}, tokens/s {c['tokens_per_s'][4]:.0f} / "
+                  f"{c['tokens_per_s'][32]:.0f}")
         rows.append([d, f"{same:.1%}", f"{res['CIDEr']:.3f} ({res['CIDEr'] - ref['CIDEr']:+.3f})",
                      f"{res['zeroshot_top1']:.4f} ({res['zeroshot_top1'] - ref['zeroshot_top1']:+.4f})",
                      f"{tps[4]:.0f}", f"{tps[32]:.0f}"])

@@ -74,6 +74,14 @@ def test_caption_folder_to_json_lines(capsys, trained, collection, tmp_path):
     assert records[0]["caption"] == model.tokenizer.decode(result.tokens)[0]
     assert records[0]["score"] == pytest.approx(float(result.normalized_scores[0]), abs=1e-4)
     assert records[0]["score"] < 0
+    # --compile: the same lines (batches of 5 run padded to 8, the last one of 4 as it is)
+    code, _, err = run(capsys, "caption", collection, "--model", trained["model"], "--out", tmp_path / "c.jsonl",
+                       "--strategy", "greedy", "--score", "--batch-size", 5, "--workers", 0, "--max-new-tokens", 8,
+                       "--compile")
+    assert code == 0, err
+    compiled = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["caption"]) for r in compiled] == [(r["path"], r["caption"]) for r in records]
+    assert [r["score"] for r in compiled] == pytest.approx([r["score"] for r in records], abs=1e-4)
     # several captions per image, and a prefix
     code, _, err = run(capsys, "caption", collection / "a", "--model", trained["model"], "--out", tmp_path / "n.jsonl",
                        "--strategy", "sample", "--num-return-sequences", 3, "--seed", 0, "--prefix", "a large",
