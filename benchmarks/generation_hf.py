@@ -1,9 +1,9 @@
 """Decoding speed against the cached peer: our ``coca.generation.decode`` vs Hugging Face
 ``T5ForConditionalGeneration.generate(use_cache=True)`` on the very same decoder weights.
 
-Run (from the repository root; about 8 minutes on 2 CPU cores):
+Run (from the repository root; about 12 minutes on 2 CPU cores):
 
-    .venv/bin/python benchmarks/generation_hf.py --json benchmarks/results/generation_hf.json
+    .venv/bin/python benchmarks/generation_hf.py --reps 9 --json benchmarks/results/generation_hf.json
 
 open_clip's CoCa ``generate`` has no KV cache (``benchmarks/generation.py``), so most of our lead
 over it is the cache. This is the peer that has one. An HF T5 at the matched decoder size (512

@@ -99,18 +99,17 @@ CLAIMS = [
      lambda r: (_hf_range(r, "ours", "greedy", 2), _hf_range(r, "ours", "greedy", 2, batches=(32,)),
                 _hf_range(r, "ours_compiled", "greedy", 2), _hf_range(r, "ours_compiled", "beam", 2),
                 _hf_range(r, "ours_compiled", "greedy", 2, batches=(32,)))),
-    ("BENCHMARKS.md", "the 1.5x target at batch 1-8 is {} ({} of the 8 greedy ratios at batch 1-8 are below 1.5x: {})",
-     "generation_hf.json",
-     lambda r: (lambda low: ("met" if not low else "**not met** in this run", str(len(low)),
-                             ", ".join(low) or "none"))(
+    ("BENCHMARKS.md", "the 1.5x target at batch 1-8 (greedy, against both HF caches) is {}", "generation_hf.json",
+     lambda r: (lambda low: ("**not met** in this run (" + ", ".join(low) + ")" if low else
+                             "met: every one of those 8 ratios is at least 1.5x",))(
          [f"{x[k]:.2f}x against HF's {k.split('_vs_hf_')[1].replace('_', ' ')} at batch {x['batch']}"
           for x in r["rows"] if x["decoding"] == "greedy" and x["batch"] <= 8
           for k in ("ours_compiled_vs_hf_dynamic_cache", "ours_compiled_vs_hf_static_cache") if x[k] < 1.5])),
     ("README.md", "the matched model it is {}x faster than eager decoding at batch 1-32", "generation_hf.json",
      lambda r: (_range([1 / x["ours_vs_ours_compiled"] for x in r["rows"]]),)),
     ("README.md", "Decoding against Hugging Face's cached T5 `generate` on the same weights: {}x at batch 1-8 (greedy) "
-                  "with `compile=True`", "generation_hf.json",
-     lambda r: (_hf_range(r, "ours_compiled", "greedy"),)),
+                  "with `compile=True`, but eager decoding is {}x", "generation_hf.json",
+     lambda r: (_hf_range(r, "ours_compiled", "greedy"), _hf_range(r, "ours", "greedy"))),
     # generation and training against open_clip
     ("README.md", "greedy, 40 new tokens: {}x the tokens/s of open_clip's `generate` at batch 1", "generation_b1.json",
      lambda r: (f"{_gen(r, 'greedy/ours (KV cache)')['speedup_vs_open_clip']:.1f}",)),
