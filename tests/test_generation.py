@@ -274,6 +274,13 @@ def test_bad_score_arguments(tiny):
         tiny.score(images, torch.full((2, 4), 10**6))
 
 
+def test_a_failed_compile_is_a_clear_error(tiny):
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):
+        with pytest.raises(ValueError, match="compile=True could not compile the decoding step .*C\\+\\+ compiler"):
+            tiny.generate(images_for(tiny, B=2), max_new_tokens=3, compile=True)
+
+
 def test_static_step_equals_the_cached_forward(peaked):
     """The fixed-shape step (all cache slots attended, later ones masked by the bias table,
     keys/values written at a position tensor) gives the cached forward's logits at every step."""

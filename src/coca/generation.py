@@ -121,7 +121,12 @@ def compiled_step(decoder):
         # training model compiled elsewhere in the process and evaluated under no_grad; shapes
         # are bucketed (see _Stepper), so a long-lived server needs a few more graphs than 8
         with torch._inductor.config.patch(freezing=True), torch._dynamo.config.patch(recompile_limit=64):
-            return compiled(*args)
+            try:
+                return compiled(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no working C++ compiler on CPU
+                reason = str(e).strip().splitlines()[0]
+                raise UserError(f"compile=True could not compile the decoding step ({reason}); "
+                                "decode without it (compile=False, or drop --compile)") from e
 
     decoder.__dict__["_compiled_static_step"] = (signature, fn)
     return fn
