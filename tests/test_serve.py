@@ -374,3 +374,23 @@ def test_health_and_page_answer_during_a_long_batch(served):
         responses = [f.result() for f in slow]
     assert all(r.status_code == 200 and len(r.json()["alternatives"]) == 8 for r in responses)
     assert answered_meanwhile >= 1
+
+
+def test_a_compiled_server_captions_like_the_eager_one(trained):
+    """`coca serve --compile`: the model worker's batches go through generate(compile=True) and give
+    the eager server's captions and scores (3 images: a batch padded to 4 inside)."""
+    from coca.serve.app import Server
+    model = coca.load(trained["model"])
+    paths = sorted(os.path.join(trained["captions"], f) for f in os.listdir(trained["captions"]) if f != "00003.png")
+    transform = eval_transform(model.cfg.vision.image_size)
+    images = torch.stack([transform(load_image(p)) for p in paths[:3]])
+    options = tuple(sorted(dict(strategy="beam", num_beams=3, max_new_tokens=20, min_new_tokens=0,
+                                num_return_sequences=2, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                prefix=None).items()))
+    eager = Server(model)._caption_batch(images, options)
+    assert "_compiled_static_step" not in vars(model.text_decoder)
+    compiled = Server(model, compile=True)._caption_batch(images, options)
+    assert "_compiled_static_step" in vars(model.text_decoder)  # the compiled step really ran
+    assert [[a["caption"] for a in r["alternatives"]] for r in compiled] == \
+        [[a["caption"] for a in r["alternatives"]] for r in eager]
+    assert [r["score"] for r in compiled] == pytest.approx([r["score"] for r in eager], abs=1e-4)

@@ -105,7 +105,7 @@ def cmd_serve(args) -> int:
     if not 0 <= args.max_wait_ms <= 1000:
         raise UserError(f"--max-wait-ms must be in [0, 1000], got {args.max_wait_ms}")
     serve(args.model, args.host, args.port, args.dtype, args.index, args.api_key, args.max_batch, args.max_wait_ms,
-          args.device)
+          args.device, compile=args.compile)
     return 0
 
 
@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=16, help="caption requests per generate call")
     s.add_argument("--max-wait-ms", type=float, default=30.0,
                    help="under load, how long a batch waits for more requests (a lone request never waits)")
+    s.add_argument("--compile", action="store_true",
+                   help="caption through a torch.compile'd decoding step: faster per token; the first batch of "
+                        "each power-of-two size and length bucket waits for its compile (seconds)")
     s.add_argument("--device", default="cpu")
     dtype_option(s)
     s.set_defaults(fn=cmd_serve)

@@ -119,9 +119,10 @@ class Server:
     """The model, the optional index, the batcher and the request handlers."""
 
     def __init__(self, model, index=None, api_key: str | None = None, max_batch: int = 16, max_wait_ms: float = 30.0,
-                 max_queue: int = 256):
+                 max_queue: int = 256, compile: bool = False):
         from ..data import eval_transform
         self.model, self.index, self.api_key = model, index, api_key or None
+        self.compile = compile  # captions through generate(compile=True)
         self.tokenizer = model.tokenizer
         self.transform = eval_transform(model.cfg.vision.image_size)
         self.metrics = ServerMetrics()
@@ -136,7 +137,7 @@ class Server:
         opts = dict(options)
         opts.pop("request", None)  # only keeps a sampled request in a batch of its own
         with torch.no_grad():
-            out = self.model.generate(images.to(self.device, self.dtype), return_dict=True, **opts)
+            out = self.model.generate(images.to(self.device, self.dtype), return_dict=True, compile=self.compile, **opts)
         texts = self.tokenizer.decode(out.tokens)
         scores = out.normalized_scores.tolist()
         n = opts.get("num_return_sequences", 1)
@@ -458,7 +459,8 @@ def create_app(server: Server):
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "fp32", index_dir: str | None = None,
-          api_key: str | None = None, max_batch: int = 16, max_wait_ms: float = 30.0, device: str = "cpu") -> None:
+          api_key: str | None = None, max_batch: int = 16, max_wait_ms: float = 30.0, device: str = "cpu",
+          compile: bool = False) -> None:
     import uvicorn
 
     from ..evaluate.common import load_model
@@ -472,8 +474,9 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
               "(set --api-key or COCA_API_KEY)", flush=True)
-    server = Server(model, index, api_key, max_batch, max_wait_ms)
+    server = Server(model, index, api_key, max_batch, max_wait_ms, compile=compile)
     print(f"coca serve: http://{host}:{port}/  (model {model_dir}, {dtype}, "
           f"{'index of ' + str(len(index)) + ' images' if index else 'no index'}, max batch {max_batch}, "
-          f"wait {max_wait_ms} ms)", flush=True)
+          f"wait {max_wait_ms} ms{', compiled decoding: the first batch of each size bucket compiles' if compile else ''})",
+          flush=True)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
