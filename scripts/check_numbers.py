@@ -106,7 +106,7 @@ CLAIMS = [
           for x in r["rows"] if x["decoding"] == "greedy" and x["batch"] <= 8
           for k in ("ours_compiled_vs_hf_dynamic_cache", "ours_compiled_vs_hf_static_cache") if x[k] < 1.5])),
     ("README.md", "the matched model it is {}x faster than eager decoding at batch 1-32", "generation_hf.json",
-     lambda r: (_range([1 / x["ours_vs_ours_compiled"] for x in r["rows"]]),)),
+     lambda r: (_range([x["ours_compiled_tokens_per_s"] / x["ours_tokens_per_s"] for x in r["rows"]]),)),
     ("README.md", "Decoding against Hugging Face's cached T5 `generate` on the same weights: {}x at batch 1-8 (greedy) "
                   "with `compile=True`, but eager decoding is {}x", "generation_hf.json",
      lambda r: (_hf_range(r, "ours_compiled", "greedy"), _hf_range(r, "ours", "greedy"))),

@@ -320,6 +320,10 @@ def test_compiled_decoding_equals_eager_and_follows_weight_changes(peaked):
         changed = peaked.generate(images, max_new_tokens=15, prefix=[17, 42])
         assert torch.equal(peaked.generate(images, max_new_tokens=15, prefix=[17, 42], compile=True), changed)
         assert not torch.equal(changed, first)
+        # a write through .data is invisible to PyTorch's version counter: forget_compiled drops the graphs
+        lm_head.data.copy_(saved)
+        coca.generation.forget_compiled(peaked)
+        assert torch.equal(peaked.generate(images, max_new_tokens=15, prefix=[17, 42], compile=True), first)
     finally:
         with torch.no_grad():
             lm_head.copy_(saved)

@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under load, how long a batch waits for more requests (a lone request never waits)")
     s.add_argument("--compile", action="store_true",
                    help="caption through a torch.compile'd decoding step: faster per token; the first batch of "
-                        "each power-of-two size and length bucket waits for its compile (seconds)")
+                        "each row bucket (images x beams, padded to a power of two) and length bucket waits for its compile (seconds)")
     s.add_argument("--device", default="cpu")
     dtype_option(s)
     s.set_defaults(fn=cmd_serve)

@@ -9,7 +9,7 @@ and to measure what it saves.
 ``compile=True`` runs each step through ``T5Decoder.static_step`` under ``torch.compile``: a
 static cache (every slot attended, later ones masked), one graph for all steps, weights frozen into
 it (on CPU the Linear layers then use prepacked GEMM weights). It pays a compile of seconds per
-shape bucket (batch padded to a power of two, length to a multiple of 16), so it is for captioning
+shape bucket (rows padded to a power of two, length to a multiple of 16), so it is for captioning
 many images; tokens equal the eager cached path's (tested).
 
 Controls, with Hugging Face's semantics: ``repetition_penalty`` (CTRL: a logit of a token already
@@ -30,6 +30,8 @@ visual tokens computed on the way.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -100,36 +102,58 @@ class LogitsProcessors:
 
 
 def _weights_signature(module) -> tuple:
-    """Changes when any weight is replaced or updated in place (``_version`` counts in-place writes)."""
-    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+    """Changes when a weight is replaced or updated in place through the tensor (``_version``
+    counts those writes; writes through ``.data`` are not counted: see ``forget_compiled``)."""
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in (*module.parameters(), *module.buffers()))
+
+
+# decoder -> (weights signature, compiled step); weak, so a model's copy or pickle carries none of it
+_COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# inductor and dynamo settings are process-wide, and so is torch.compiler.reset(): one compiled step at a time
+_COMPILE_LOCK = threading.RLock()
+
+
+def forget_compiled(model) -> None:
+    """Drop the compiled decoding graphs of ``model`` (or of its decoder): needed only after its
+    weights were changed through ``.data``, which PyTorch does not count as a change. Like a weight
+    change seen by ``compile=True``, it resets every ``torch.compile`` cache in the process."""
+    decoder = getattr(model, "text_decoder", model)
+    with _COMPILE_LOCK:
+        if _COMPILED_STEPS.pop(decoder, None) is not None:
+            torch.compiler.reset()
 
 
 def compiled_step(decoder):
-    """``decoder.static_step`` under ``torch.compile`` (one graph per batch size, length and dtype;
-    weights frozen into it, so Linear layers use prepacked GEMM weights on CPU). Kept on the
-    decoder; if its weights have changed since, compiled graphs are dropped and built again."""
-    signature = _weights_signature(decoder)
-    held = decoder.__dict__.get("_compiled_static_step")
-    if held is not None and held[0] == signature:
-        return held[1]
-    if held is not None:  # frozen weights are stale: the compiled code cache would serve them again
-        torch.compiler.reset()
-    compiled = torch.compile(decoder.static_step, fullgraph=True, dynamic=False)
+    """``decoder.static_step`` under ``torch.compile`` (one graph per row count, length and dtype;
+    weights frozen into it, so Linear layers use prepacked GEMM weights on CPU). If the decoder's
+    weights have changed since it was compiled, its graphs are dropped and built again."""
+    with _COMPILE_LOCK:
+        signature = _weights_signature(decoder)
+        held = _COMPILED_STEPS.get(decoder)
+        if held is not None and held[0] == signature:
+            return held[1]
+        if held is not None:  # frozen weights are stale: the compiled code cache would serve them again
+            torch.compiler.reset()
+        compiled = torch.compile(decoder.static_step, fullgraph=True, dynamic=False)
 
-    def fn(*args):
-        # freezing scoped to this step: set globally it would also freeze the weights of a
-        # training model compiled elsewhere in the process and evaluated under no_grad; shapes
-        # are bucketed (see _Stepper), so a long-lived server needs a few more graphs than 8
-        with torch._inductor.config.patch(freezing=True), torch._dynamo.config.patch(recompile_limit=64):
-            try:
-                return compiled(*args)
-            except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no working C++ compiler on CPU
-                reason = str(e).strip().splitlines()[0]
-                raise UserError(f"compile=True could not compile the decoding step ({reason}); "
-                                "decode without it (compile=False, or drop --compile)") from e
+        def fn(*args):
+            # freezing scoped to this step: set globally it would also freeze the weights of a
+            # training model compiled elsewhere in the process and evaluated under no_grad
+            with _COMPILE_LOCK, torch._inductor.config.patch(freezing=True), \
+                    torch._dynamo.config.patch(recompile_limit=64):
+                try:
+                    return compiled(*args)
+                except torch._dynamo.exc.FailOnRecompileLimitHit:
+                    # more shape buckets than graphs allowed (a long-lived server): this shape runs
+                    # the same step uncompiled, which gives the same tokens
+                    return decoder.static_step(*args)
+                except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no working C++ compiler on CPU
+                    reason = str(e).strip().splitlines()[0]
+                    raise UserError(f"compile=True could not compile the decoding step ({reason}); "
+                                    "decode without it (compile=False, or drop --compile)") from e
 
-    decoder.__dict__["_compiled_static_step"] = (signature, fn)
-    return fn
+        _COMPILED_STEPS[decoder] = (signature, fn)
+        return fn
 
 
 class _Stepper:
@@ -143,19 +167,18 @@ class _Stepper:
         self.static_step = None
         if use_cache and compile:
             # Shapes are bucketed so that a new batch size or length rarely compiles a new graph:
-            # images padded to a power of two (copies of the last one; rows are independent, so the
-            # real rows' results do not change) and the length rounded up to a multiple of 16.
-            B = visual_tokens.shape[0]
-            padded = 1 << (B - 1).bit_length()
-            if padded > B:
-                visual_tokens = torch.cat([visual_tokens, visual_tokens[-1:].expand(padded - B, -1, -1)])
-            self.rows = B * repeat
-            self.cache = self.decoder.new_cache(visual_tokens, -(-max_len // 16) * 16, repeat=repeat, static=True)
+            # rows (images x beams or samples) padded to a power of two with copies of the last
+            # one (rows are independent, so the real rows' results do not change), and the length
+            # rounded up to a multiple of 16.
+            self.rows = visual_tokens.shape[0] * repeat
+            padded = 1 << (self.rows - 1).bit_length()
+            self.cache = self.decoder.new_cache(visual_tokens, -(-max_len // 16) * 16, repeat=repeat, static=True,
+                                                rows=padded)
             self.static_step = compiled_step(self.decoder)
             # fixed inputs, refilled each step: a new tensor (or a view with the growing
             # sequence's strides) would not match the compiled graph's guards
             self.position = torch.zeros(1, dtype=torch.long, device=visual_tokens.device)
-            self.token = torch.zeros(padded * repeat, 1, dtype=torch.long, device=visual_tokens.device)
+            self.token = torch.zeros(padded, 1, dtype=torch.long, device=visual_tokens.device)
         elif use_cache:
             self.cache = self.decoder.new_cache(visual_tokens, max_len, repeat=repeat)
         else:

@@ -279,13 +279,19 @@ class T5Decoder(nn.Module):
     def cross_kv(self, visual_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
         return [block.cross_attn.project_kv(visual_tokens) for block in self.blocks]
 
-    def new_cache(self, visual_tokens: Tensor, max_len: int, repeat: int = 1, static: bool = False) -> DecoderCache:
+    def new_cache(self, visual_tokens: Tensor, max_len: int, repeat: int = 1, static: bool = False,
+                  rows: int | None = None) -> DecoderCache:
         """Allocate a cache for ``max_len`` decoder positions and project the visual keys/values
         once per image; with ``repeat`` (beam search) each image's projection serves its beams.
-        ``static``: zero-filled buffers and the bias table that ``static_step`` reads."""
+        ``static``: zero-filled buffers and the bias table that ``static_step`` reads. ``rows``:
+        pad to that many rows with copies of the last (fixed shapes for the compiled step)."""
         cross = self.cross_kv(visual_tokens)
         if repeat > 1:
             cross = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in cross]
+        if rows is not None and rows > cross[0][0].shape[0]:
+            extra = rows - cross[0][0].shape[0]
+            cross = [(torch.cat([k, k[-1:].expand(extra, -1, -1, -1)]), torch.cat([v, v[-1:].expand(extra, -1, -1, -1)]))
+                     for k, v in cross]
         # contiguous once here: the projection's [B, N, 2, H, Dh] views would be copied by every step
         cross = [(k.contiguous(), v.contiguous()) for k, v in cross]
         B, dtype = cross[0][0].shape[0], cross[0][0].dtype
