@@ -30,6 +30,7 @@ visual tokens computed on the way.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from dataclasses import dataclass
@@ -135,14 +136,23 @@ def compiled_step(decoder):
         if held is not None:  # frozen weights are stale: the compiled code cache would serve them again
             torch.compiler.reset()
         compiled = torch.compile(decoder.static_step, fullgraph=True, dynamic=False)
+        shapes_compiled = set()
 
         def fn(*args):
-            # freezing scoped to this step: set globally it would also freeze the weights of a
-            # training model compiled elsewhere in the process and evaluated under no_grad
-            with _COMPILE_LOCK, torch._inductor.config.patch(freezing=True), \
-                    torch._dynamo.config.patch(recompile_limit=64):
+            # The settings are read only while compiling, so only a call with a new shape enters them
+            # (they cost tens of µs a step otherwise). Freezing is scoped to this step: set globally
+            # it would also freeze the weights of a training model compiled elsewhere in the process
+            # and evaluated under no_grad.
+            tokens, bias_table = args[0], args[-1]
+            shape = (tokens.shape[0], bias_table.shape[0], bias_table.dtype, bias_table.device)
+            with _COMPILE_LOCK, contextlib.ExitStack() as settings:
+                if shape not in shapes_compiled:
+                    settings.enter_context(torch._inductor.config.patch(freezing=True))
+                    settings.enter_context(torch._dynamo.config.patch(recompile_limit=64))
                 try:
-                    return compiled(*args)
+                    out = compiled(*args)
+                    shapes_compiled.add(shape)
+                    return out
                 except torch._dynamo.exc.FailOnRecompileLimitHit:
                     # more shape buckets than graphs allowed (a long-lived server): this shape runs
                     # the same step uncompiled, which gives the same tokens

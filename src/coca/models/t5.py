@@ -200,8 +200,9 @@ class LayerCache:
     def __init__(self, batch: int, n_heads: int, max_len: int, d_kv: int, dtype, device, zeros: bool = False):
         # zeros for the static step, which attends over every slot: a masked slot weighs exactly 0,
         # and 0 * garbage could be NaN
-        self.k = (torch.zeros if zeros else torch.empty)(batch, n_heads, max_len, d_kv, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k) if not zeros else torch.zeros_like(self.k)
+        allocate = torch.zeros if zeros else torch.empty
+        self.k = allocate(batch, n_heads, max_len, d_kv, dtype=dtype, device=device)
+        self.v = allocate(batch, n_heads, max_len, d_kv, dtype=dtype, device=device)
         self.length = 0
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
