@@ -29,6 +29,7 @@ table reports the median over repetitions; one untimed warm-up run of each comes
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -227,7 +228,7 @@ def decode_floor(reduced: dict, size, n: int, reps: int, compiled: bool = False)
     image = torch.randn(1, 3, size.image_size, size.image_size)
     rows, out = [], {"read_bandwidth_GBps": bw, "rows": []}
     with torch.no_grad():
-        for (d, model), comp in [(item, c) for c in ((False, True) if compiled else (False,)) for item in reduced.items()]:
+        for comp, (d, model) in itertools.product((False, True) if compiled else (False,), reduced.items()):
             x = in_dtype(model, image)
             gen = lambda k: model.generate(x, strategy="greedy", max_new_tokens=k, min_new_tokens=k,  # noqa: E731
                                            compile=comp)
