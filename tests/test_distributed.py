@@ -282,8 +282,11 @@ def test_plan_finds_the_fewest_checkpointed_blocks_that_fit():
 
 
 def test_bf16_losses_of_the_single_and_deepspeed_engines_agree(tmp_path):
-    """BF16 means autocast over fp32 weights in one process and bf16 weights under DeepSpeed; norms
-    and the temperature are computed in fp32 in both, so the first steps' losses agree to 5e-4."""
+    """BF16 means autocast over fp32 weights in one process and bf16 weights under DeepSpeed; norms,
+    the temperature and (on CPU) attention are computed in fp32 in both, so the first step's losses
+    agree to 1.5e-4 (bf16 attention under DeepSpeed alone gave 2.4e-4). Later steps agree to 5e-3:
+    Adam's first updates are about +-lr per weight whatever the gradient's size, so the engines'
+    differently rounded bf16 gradients move the weights apart."""
     needs_deepspeed()
     import json
 
@@ -302,8 +305,9 @@ def test_bf16_losses_of_the_single_and_deepspeed_engines_agree(tmp_path):
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [r["loss"] for r in rows if "split" not in r]
     assert len(losses["single"]) == len(losses["ds"]) == 3
-    for a, b in zip(losses["single"], losses["ds"]):
-        assert a == pytest.approx(b, rel=5e-4)
+    assert losses["single"][0] == pytest.approx(losses["ds"][0], rel=1.5e-4)
+    for a, b in zip(losses["single"][1:], losses["ds"][1:]):
+        assert a == pytest.approx(b, rel=5e-3)
 
 
 def test_deepspeed_run_of_zero_steps_exports_the_loaded_model(tmp_path):

@@ -126,6 +126,45 @@ def test_bf16_autocast_forward_backward(tiny):
     assert tiny.visual.conv1.weight.dtype == torch.float32  # fp32 master weights
 
 
+def test_attention_runs_in_fp32_when_cpu_training_in_bf16(monkeypatch):
+    """On CPU, attention that will be back-propagated runs in fp32 over bf16 inputs, under autocast
+    (single/DDP BF16) and with bf16 weights (DeepSpeed BF16) alike; inference keeps bf16."""
+    from coca.models import attention as attention_module
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, None if attn_mask is None else attn_mask.dtype))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    bias = torch.randn(1, 3, 9, 9, generator=g) * 3
+
+    def by_hand(q, k, v):  # fp32 softmax(q k^T * scale + bias) v of the same bf16 inputs
+        return ((q.float() @ k.float().transpose(-1, -2) * 0.25 + bias).softmax(-1) @ v.float())
+
+    fp32 = (torch.float32,) * 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention_module.attention(q, k, v, bias, scale=0.25)
+    assert seen.pop() == fp32 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), by_hand(q, k, v), atol=1e-2, rtol=1e-2)
+    out = attention_module.attention(q, k, v, bias, scale=0.25)  # bf16 weights, no autocast
+    assert seen.pop() == fp32 and out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    by_hand(q, k, v).square().sum().backward()
+    for ours, ref in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(ours, ref, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():  # inference in bf16: as given
+        attention_module.attention(q, k, v, bias)
+    assert seen.pop() == (torch.bfloat16,) * 4
+    attention_module.attention(q.float(), k.float(), v.float())  # fp32: as given
+    assert seen.pop() == (torch.float32,) * 3 + (None,)
+
+
 def test_gradient_checkpointing_gives_same_gradients(tiny):
     images, tokens = batch(tiny)
     tiny.train()

@@ -116,6 +116,23 @@ def test_train_transform_crop_boxes_follow_scale_and_ratio():
         assert 0.5 * 8000 * 0.9 <= h * w <= 8000 and 0.7 <= w / h <= 1.45
 
 
+def test_crop_scale_one_keeps_the_whole_image_like_random_resized_crop():
+    """scale (1, 1): the whole image, or for an aspect outside RandomResizedCrop's ratio range its
+    fallback centre crop, without the 10 tries (which for such images can only fail, and for
+    others find the whole image give or take a rounded pixel)."""
+    from torchvision.transforms import v2
+    whole = TrainTransform(64, crop_scale_min=1.0)
+    expected = {(64, 64): (0, 0, 64, 64), (80, 100): (0, 0, 80, 100), (100, 80): (0, 0, 100, 80),
+                (64, 200): (0, 57, 64, 85), (200, 64): (57, 0, 85, 64), (90, 67): (0, 0, 89, 67)}
+    for (height, width), box in expected.items():
+        assert whole.crop_box(height, width, torch.Generator().manual_seed(0)) == box
+        if width / height > 4 / 3 or width / height < 3 / 4:  # torchvision reaches its fallback: the same box
+            for seed in range(5):
+                torch.manual_seed(seed)
+                tv = v2.RandomResizedCrop(64, scale=(1.0, 1.0)).make_params([torch.zeros(3, height, width)])
+                assert box == (tv["top"], tv["left"], tv["height"], tv["width"])
+
+
 def test_synthetic_dataset_is_deterministic_with_disjoint_splits():
     a, b = SyntheticScenes(50, seed=3), SyntheticScenes(50, seed=3)
     assert a.captions() == b.captions()

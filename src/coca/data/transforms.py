@@ -138,7 +138,9 @@ class TrainTransform:
                    aug.flip_swap_words)
 
     def crop_box(self, height: int, width: int, g: torch.Generator) -> tuple[int, int, int, int]:
-        """RandomResizedCrop's sampling (10 tries, then the centre crop), from generator ``g``."""
+        """RandomResizedCrop's sampling (10 tries, then its fallback), from generator ``g``."""
+        if self.scale[0] >= 1.0:  # only the whole area may be drawn: the tries would find nothing else
+            return self.fallback_box(height, width)
         area = height * width
         log_ratio = (math.log(self.RATIO[0]), math.log(self.RATIO[1]))
         for _ in range(10):
@@ -150,8 +152,16 @@ class TrainTransform:
                 top = int(torch.randint(0, height - h + 1, (), generator=g))
                 left = int(torch.randint(0, width - w + 1, (), generator=g))
                 return top, left, h, w
-        side = min(height, width)
-        return (height - side) // 2, (width - side) // 2, side, side
+        return self.fallback_box(height, width)
+
+    def fallback_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """RandomResizedCrop's fallback: the whole image, or its centre cut to the nearest allowed aspect."""
+        w, h = width, height
+        if width / height < self.RATIO[0]:
+            h = round(width / self.RATIO[0])
+        elif width / height > self.RATIO[1]:
+            w = round(height * self.RATIO[1])
+        return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, image: Image.Image, caption: str, seed: int) -> tuple[torch.Tensor, str]:
         g = torch.Generator().manual_seed(seed)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
+from .attention import attention, compute_dtype
 
 
 class RMSNorm(nn.Module):
@@ -112,9 +113,7 @@ class T5Attention(nn.Module):
             q, k, v = self._heads(self.qkv(x), 3)
             if cache is not None:
                 k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
-            dropout_p=self.dropout if self.training else 0.0, scale=1.0)
+        out = attention(q, k, v, bias, dropout_p=self.dropout if self.training else 0.0, scale=1.0)
         return self.o(out.transpose(1, 2).reshape(B, L, self.n_heads * self.d_kv))
 
 
@@ -152,14 +151,6 @@ class T5Block(nn.Module):
         if cross_kv is not None:
             x = x + self.dropout(self.cross_attn(self.ln_cross(x), None, kv=cross_kv))
         return x + self.dropout(self.ff(self.ln_ff(x)))
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype attention runs in: the autocast dtype when autocast is on, else x's own."""
-    dev = x.device.type
-    if dev != "meta" and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
 
 
 def padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
+from .attention import attention
 
 
 class LayerNorm(nn.LayerNorm):
@@ -59,7 +60,7 @@ class MultiHeadAttention(nn.Module):
         else:
             (q,) = self._split(self.q(x), 1)
             k, v = self._split(self.kv(context), 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.out(out.transpose(1, 2).reshape(B, L, -1))
 
 
