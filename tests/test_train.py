@@ -65,6 +65,26 @@ def test_shipped_configs_load():
     assert large.data.tokenizer_vocab_size == 32000 and large.model.text.context_length == 77
 
 
+def test_precision_auto_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch):
+    from pathlib import Path
+
+    from coca.train import loop
+    cpu = torch.device("cpu")
+    for has, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(loop, "cpu_has_bf16_matmul", lambda has=has: has)
+        assert loop.resolve_precision("auto", cpu) == expected
+        assert loop.resolve_precision("fp32", cpu) == "fp32" and loop.resolve_precision("bf16", cpu) == "bf16"
+    for supported, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert loop.resolve_precision("auto", torch.device("cuda")) == expected
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    monkeypatch.undo()
+    assert loop.cpu_has_bf16_matmul() == (" amx_bf16" in flags or " avx512_bf16" in flags)
+    assert load_run_config(None, ["train.precision=auto"]).train.precision == "auto"
+    with pytest.raises(ConfigError, match="train.precision must be 'bf16', 'fp32' or 'auto', got 'fp16'"):
+        load_run_config(None, ["train.precision=fp16"])
+
+
 def test_swap_left_right():
     assert swap_left_right("a red circle left of a blue square") == "a red circle right of a blue square"
     assert swap_left_right("Left, RIGHT and leftover", "all") == "Right, LEFT and leftover"

@@ -448,7 +448,8 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 500            # 0 disables periodic validation
     val_batches: int = 8
-    precision: str = "bf16"         # bf16 autocast with fp32 master weights, or fp32
+    precision: str = "bf16"         # bf16 autocast with fp32 master weights, fp32, or auto: bf16 on a GPU or a CPU
+                                    # with bf16 matmul instructions (AMX, AVX512-BF16), fp32 on other CPUs
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     seed: int = 0
     threads: int = 0                # CPU threads for torch; 0 leaves torch's default
@@ -493,8 +494,8 @@ class TrainConfig:
                               f"CoCa forward does not gather), got {self.zero_stage}")
         if self.val_every < 0 or self.threads < 0:
             raise ConfigError("train.val_every and train.threads must be >= 0")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in ("bf16", "fp32", "auto"):
+            raise ConfigError(f"train.precision must be 'bf16', 'fp32' or 'auto', got {self.precision!r}")
         if not self.run_dir:
             raise ConfigError("train.run_dir must be set")
 

@@ -63,6 +63,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16; read from /proc/cpuinfo).
+    Elsewhere bf16 matmuls are emulated and a BF16 step is slower than fp32."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16_matmul() else "fp32"
+
+
 def prepare_tokenizer(cfg: RunConfig, run_dir: Path, log) -> Tokenizer:
     ctx = cfg.model.text.context_length
     if cfg.data.tokenizer:
@@ -168,6 +186,9 @@ class Trainer:
             device = torch.device("cuda", world.local_rank)
             torch.cuda.set_device(device)
         self.device, main = device, world.is_main
+        if tc.precision == "auto":  # decided here, and saved in config.yaml as decided
+            tc.precision = resolve_precision(tc.precision, device)
+            self.say(f"train.precision=auto: {tc.precision} on this {device.type}")
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
