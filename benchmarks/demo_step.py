@@ -1,0 +1,99 @@
+"""The demo's training step by precision: fp32, BF16 autocast with bf16 attention (how BF16 ran
+before ``models/attention.py``), and BF16 autocast with fp32 attention (now); plus this CPU's
+fp32 and bf16 matmul rates at the demo's shapes.
+
+Run (from the repository root; about 1 minute on 2 cores):
+
+    .venv/bin/python benchmarks/demo_step.py --json benchmarks/results/demo_step.json
+
+``configs/demo.yaml`` (coca-tiny as the demo trains it), one Trainer per row, the same 8 batches
+of the demo's data for every row (drawn once, before timing, so data loading is not timed).
+Each repetition runs every row over the 8 batches in turn (2 untimed steps first); the table
+reports the median seconds per step over the repetitions. The bf16-attention row replaces
+``compute_dtype`` so that attention and its position bias run in the autocast dtype, as before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def matmul_rates(threads: int) -> dict:
+    """GFLOP/s of [4160, 128] x [128, 384] (the vision tower's QKV at batch 64) in fp32 and bf16."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(4160, 128, dtype=dtype), torch.randn(128, 384, dtype=dtype)
+        for _ in range(5):
+            a @ b
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                a @ b
+            times.append((time.perf_counter() - t0) / 20)
+        out[str(dtype).removeprefix("torch.")] = round(2 * 4160 * 128 * 384 / statistics.median(times) / 1e9)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json")
+    args = p.parse_args()
+    from coca.config import load_run_config
+    from coca.data.loader import train_batches
+    from coca.demo import DEMO_CONFIG
+    from coca.models import attention, t5
+    from coca.train.loop import Trainer
+
+    real_dtype = attention.compute_dtype
+
+    def autocast_dtype(x):  # attention in the autocast dtype, as before
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+    rows = {"fp32": ("fp32", real_dtype), "bf16, bf16 attention (before)": ("bf16", autocast_dtype),
+            "bf16, fp32 attention (now)": ("bf16", real_dtype)}
+    tmp = tempfile.mkdtemp()
+    trainers = {}
+    for name, (precision, _) in rows.items():
+        cfg = load_run_config(str(DEMO_CONFIG), [f"train.run_dir={tmp}/{len(trainers)}", "data.workers=0",
+                                                 f"train.precision={precision}"])
+        trainer = Trainer(cfg, log=lambda *a: None)
+        trainer.build()
+        trainer.resume()
+        trainers[name] = trainer
+    first = next(iter(trainers.values()))
+    stream = train_batches(cfg.data, cfg.model.vision.image_size, first.tokenizer, 0)
+    batches = [[(b["images"], b["tokens"])] for b in (next(stream) for _ in range(8))]
+    times = {name: [] for name in rows}
+    for rep in range(args.reps):
+        for name, trainer in trainers.items():
+            attention.compute_dtype = t5.compute_dtype = rows[name][1]
+            for micro in batches[:2]:
+                trainer.train_step(micro)
+            t0 = time.perf_counter()
+            for micro in batches:
+                trainer.train_step(micro)
+            times[name].append((time.perf_counter() - t0) / len(batches))
+    attention.compute_dtype = t5.compute_dtype = real_dtype
+    result = {"benchmark": "demo_step", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": args.reps,
+              "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), "matmul_gflops": matmul_rates(2),
+              "rows": [{"row": name, "median_s": round(statistics.median(t), 4), "per_rep_s": [round(x, 4) for x in t]}
+                       for name, t in times.items()]}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
