@@ -518,8 +518,11 @@ def test_semantic_dedup_removes_exactly_the_pairs_an_independent_computation_lin
                                             dim=-1).half().float()  # stored as float16
     cos = (emb @ emb.T).numpy()
     off_diagonal = np.sort(cos[np.triu_indices(len(cos), 1)])
-    threshold = float(off_diagonal[int(0.97 * len(off_diagonal))])  # the top 3% of pairs
-    threshold = round(threshold + 5e-4, 3)  # not on a pair's cosine
+    # about the top 3% of pairs: the middle of the widest gap between neighbouring cosines there,
+    # so that no pair's cosine lies near the threshold
+    lo, hi = int(0.965 * len(off_diagonal)), int(0.975 * len(off_diagonal))
+    i = lo + int(np.argmax(off_diagonal[lo + 1:hi + 1] - off_diagonal[lo:hi]))
+    threshold = float(off_diagonal[i] + off_diagonal[i + 1]) / 2
     assert np.abs(off_diagonal - threshold).min() > 2e-4
     rejects, keys = prepare(tmp_path / "semantic", f"dedup.semantic_model={scene_model}",
                             f"dedup.semantic_threshold={threshold}", "dedup.exact_images=false",
