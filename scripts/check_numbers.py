@@ -102,9 +102,11 @@ CLAIMS = [
     ("BENCHMARKS.md", "the 1.5x target at batch 1-8 (greedy, against both HF caches) is {}", "generation_hf.json",
      lambda r: (lambda low: ("**not met** in this run (" + ", ".join(low) + ")" if low else
                              "met: every one of those 8 ratios is at least 1.5x",))(
-         [f"{x[k]:.2f}x against HF's {k.split('_vs_hf_')[1].replace('_', ' ')} at batch {x['batch']}"
+         # from the tokens/s, not the ratios rounded to 2 places (1.498 would read 1.50)
+         [f"{ratio:.3f}x against HF's {cache.replace('_', ' ')} at batch {x['batch']}"
           for x in r["rows"] if x["decoding"] == "greedy" and x["batch"] <= 8
-          for k in ("ours_compiled_vs_hf_dynamic_cache", "ours_compiled_vs_hf_static_cache") if x[k] < 1.5])),
+          for cache in ("dynamic_cache", "static_cache")
+          for ratio in [x["ours_compiled_tokens_per_s"] / x[f"hf_{cache}_tokens_per_s"]] if ratio < 1.5])),
     ("README.md", "the matched model it is {}x faster than eager decoding at batch 1-32", "generation_hf.json",
      lambda r: (_range([x["ours_compiled_tokens_per_s"] / x["ours_tokens_per_s"] for x in r["rows"]]),)),
     ("README.md", "Decoding against Hugging Face's cached T5 `generate` on the same weights: {}x at batch 1-8 (greedy) "
