@@ -28,11 +28,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropo
               scale: float | None = None) -> Tensor:
     """``F.scaled_dot_product_attention`` in ``compute_dtype(q)``; ``bias`` is an additive mask."""
     dtype = compute_dtype(q)
+    mask = None if bias is None else bias.to(dtype)
     if q.dtype == dtype:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(dtype),
-                                              dropout_p=dropout_p, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     with torch.autocast(q.device.type, enabled=False):  # bf16 in, fp32 attention, bf16 out
-        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype),
-                                             attn_mask=None if bias is None else bias.to(dtype),
+        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
                                              dropout_p=dropout_p, scale=scale)
     return out.to(q.dtype)
