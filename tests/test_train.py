@@ -65,7 +65,7 @@ def test_shipped_configs_load():
     assert large.data.tokenizer_vocab_size == 32000 and large.model.text.context_length == 77
 
 
-def test_precision_auto_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch):
+def test_precision_auto_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, tmp_path):
     from pathlib import Path
 
     from coca.train import loop
@@ -80,6 +80,11 @@ def test_precision_auto_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch):
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     monkeypatch.undo()
     assert loop.cpu_has_bf16_matmul() == (" amx_bf16" in flags or " avx512_bf16" in flags)
+    for line, has in (("flags\t\t: fpu avx512f avx512_bf16 sse", True), ("flags\t\t: fpu amx_tile amx_bf16", True),
+                      ("flags\t\t: fpu avx512f avx512_fp16 amx_tile", False), ("model name\t: amx_bf16 cpu", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\n{line}\n")
+        assert loop.cpu_has_bf16_matmul(str(tmp_path / "cpuinfo")) == has, line
+    assert not loop.cpu_has_bf16_matmul(str(tmp_path / "missing"))
     assert load_run_config(None, ["train.precision=auto"]).train.precision == "auto"
     with pytest.raises(ConfigError, match="train.precision must be 'bf16', 'fp32' or 'auto', got 'fp16'"):
         load_run_config(None, ["train.precision=fp16"])

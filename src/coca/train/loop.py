@@ -63,11 +63,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cpu_has_bf16_matmul() -> bool:
+def cpu_has_bf16_matmul(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16; read from /proc/cpuinfo).
     Elsewhere bf16 matmuls are emulated and a BF16 step is slower than fp32."""
     try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        flags = next((line for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         return False
     return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
