@@ -298,6 +298,99 @@ def test_static_step_equals_the_cached_forward(peaked):
             static.advance()
 
 
+def test_single_query_attention_only_in_compiled_cpu_decoding():
+    """The written-out attention equals an independent float64 softmax attention (additive mask,
+    scale given or 1/sqrt(d)), and is chosen only when tracing one query without gradients."""
+    from torch.nn import functional as F
+
+    from coca.models.attention import attention, single_query_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (1, 11, 11))
+    mask = torch.randn(1, 3, 1, 11, generator=g)
+    for scale in (None, 1.0):
+        s = 8 ** -0.5 if scale is None else scale
+        want = ((q.double() @ k.double().transpose(-1, -2)) * s + mask.double()).softmax(-1) @ v.double()
+        torch.testing.assert_close(single_query_attention(q, k, v, mask, scale), want.float(), rtol=1e-5, atol=1e-6)
+    traced = []
+
+    def record(gm, example_inputs):
+        traced.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    for query_len, grad in ((1, False), (1, True), (2, False)):
+        torch._dynamo.reset()
+        qq = torch.randn(2, 3, query_len, 8, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            torch.compile(attention, backend=record, fullgraph=True)(qq, k, v, mask[..., :1, :].expand(1, 3, query_len, 11))
+        sdpa = F.scaled_dot_product_attention in traced[-1]
+        assert sdpa == (query_len > 1 or grad), (query_len, grad, traced[-1])
+    torch._dynamo.reset()
+    with torch.no_grad():  # eager: SDPA
+        seen = []
+
+        class Spy(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                seen.append(func)
+                return func(*args, **(kwargs or {}))
+
+        with Spy():
+            attention(q, k, v, mask)
+        assert F.scaled_dot_product_attention in seen
+
+
+def test_compiled_step_runs_two_row_linears_as_batched_matmuls(peaked):
+    """At two rows on CPU the traced step replaces every fp32 Linear (blocks and LM head) by a
+    batched matmul and keeps the Linear at one and four rows; eagerly the step never enters the
+    mode. It never calls SDPA (one query: ``single_query_attention``). The two-row compiled
+    decoding gives eager decoding's tokens."""
+    from torch import nn
+
+    from coca.models.t5 import TwoRowLinearAsBatchedMatmul
+    dec = peaked.text_decoder
+    # the cross K/V projections run before the step
+    n_linear = sum(type(m) is nn.Linear for m in dec.modules()) - len(dec.blocks)
+    traced = {}
+
+    def record(gm, example_inputs):
+        traced[len(traced)] = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        return gm.forward
+
+    with torch.no_grad():
+        for rows in (1, 2, 4):
+            _, visual = peaked.encode_image_tokens(images_for(peaked, B=rows))
+            cache = dec.new_cache(visual, 16, static=True)
+            step = torch.compile(dec.static_step, backend=record, fullgraph=True, dynamic=False)
+            step(torch.full((rows, 1), 5), torch.tensor([0]), [c.k for c in cache.layers], [c.v for c in cache.layers],
+                 cache.cross, cache.bias_table)
+            ops = traced[len(traced) - 1]
+            bmm = sum(t is torch.bmm for t in ops)
+            linear = sum(t is torch._C._nn.linear for t in ops)
+            assert (bmm, linear) == ((n_linear, 0) if rows == 2 else (0, n_linear)), (rows, bmm, linear)
+            assert torch.nn.functional.scaled_dot_product_attention not in ops  # single_query_attention instead
+        torch._dynamo.reset()
+        # the mode itself: two rows of an fp32 Linear without bias, nothing else
+        lin, x = nn.Linear(8, 5, bias=False), torch.randn(2, 1, 8)
+        with TwoRowLinearAsBatchedMatmul():
+            torch.testing.assert_close(lin(x), x @ lin.weight.T, rtol=0, atol=1e-6)
+        seen = []
+
+        class Spy(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                seen.append(func)
+                return func(*args, **(kwargs or {}))
+
+        with Spy(), TwoRowLinearAsBatchedMatmul():
+            lin(x)
+            lin(torch.randn(3, 1, 8))
+            nn.Linear(8, 5)(x)  # with a bias
+            lin.to(torch.bfloat16)(x.bfloat16())
+        assert [f for f in seen if f in (torch.bmm, torch._C._nn.linear)] == [torch.bmm] + [torch._C._nn.linear] * 3
+    images = images_for(peaked, B=2)
+    for kwargs in (dict(strategy="greedy"), dict(strategy="greedy", prefix=[17, 42])):
+        assert torch.equal(peaked.generate(images, max_new_tokens=15, compile=True, **kwargs),
+                           peaked.generate(images, max_new_tokens=15, **kwargs)), kwargs
+
+
 def test_compiled_decoding_equals_eager_and_follows_weight_changes(peaked):
     """``compile=True``: same tokens as eager decoding for greedy with a prefix and for beam search,
     at a batch size that is padded to its power-of-two bucket (3 -> 4); and after the weights change

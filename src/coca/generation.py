@@ -8,7 +8,8 @@ and to measure what it saves.
 
 ``compile=True`` runs each step through ``T5Decoder.static_step`` under ``torch.compile``: a
 static cache (every slot attended, later ones masked), one graph for all steps, weights frozen into
-it (on CPU the Linear layers then use prepacked GEMM weights). It pays a compile of seconds per
+it (on CPU the Linear layers then use prepacked GEMM weights, except at two rows; attention for
+the one new position is written out for inductor to fuse). It pays a compile of seconds per
 shape bucket (rows padded to a power of two, length to a multiple of 16), so it is for captioning
 many images; tokens equal the eager cached path's (tested).
 

@@ -13,11 +13,13 @@ computed once (``DecoderCache.cross``) and reused for every step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
@@ -226,6 +228,24 @@ class WriteAt:
         return self.k, self.v
 
 
+class TwoRowLinearAsBatchedMatmul(TorchFunctionMode):
+    """Entered by the compiled CPU step at two rows: an fp32 Linear without bias runs as a batched
+    matmul of one batch. Inductor turns a frozen Linear into MKL's packed GEMM, which at two rows
+    streams the weights more slowly than the plain GEMM a batched matmul calls, so slowly that the
+    step took longer at two rows than at four (``benchmarks/decode_step.py``). At one row and at
+    four or more the packed GEMM is the faster, so they keep it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        if func is F.linear and bias is None:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            if weight.dtype == torch.float32 and x.shape[:-1].numel() == 2:
+                out = torch.bmm(x.reshape(1, 2, x.shape[-1]), weight.t().unsqueeze(0))
+                return out.reshape(*x.shape[:-1], weight.shape[0])
+        return func(*args, **kwargs)
+
+
 class DecoderCache:
     """Per-layer self-attention caches plus the cross-attention keys/values of the visual tokens.
     A static cache (for ``T5Decoder.static_step``) also holds ``bias_table`` [max_len, H, max_len]:
@@ -303,11 +323,13 @@ class T5Decoder(nn.Module):
         ``position`` (LongTensor [1]); ``keys``/``values``/``cross``/``bias_table`` from a static
         ``new_cache``. Writes this position's keys/values and returns next-token logits [B, V] (fp32).
         Same blocks and arithmetic as the cached ``forward``; only the shapes stay constant."""
-        x = self.embed_tokens(tokens)
-        bias = bias_table.index_select(0, position)[:, :, None]  # [1, H, 1, max_len]
-        for i, block in enumerate(self.blocks):
-            x = block(x, bias, cross[i], WriteAt(keys[i], values[i], position))
-        return self.lm_head(self.final_norm(x))[:, -1].float()
+        two_rows = tokens.shape[0] == 2 and tokens.device.type == "cpu" and torch.compiler.is_compiling()
+        with TwoRowLinearAsBatchedMatmul() if two_rows else contextlib.nullcontext():
+            x = self.embed_tokens(tokens)
+            bias = bias_table.index_select(0, position)[:, :, None]  # [1, H, 1, max_len]
+            for i, block in enumerate(self.blocks):
+                x = block(x, bias, cross[i], WriteAt(keys[i], values[i], position))
+            return self.lm_head(self.final_norm(x))[:, -1].float()
 
     def forward(self, tokens: Tensor, visual_tokens: Tensor | None = None, cache: DecoderCache | None = None,
                 inputs_embeds: Tensor | None = None, return_hidden: bool = False,
