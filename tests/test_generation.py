@@ -365,7 +365,8 @@ def test_compiled_step_runs_two_row_linears_as_batched_matmuls(peaked):
             ops = traced[len(traced) - 1]
             bmm = sum(t is torch.bmm for t in ops)
             linear = sum(t is torch._C._nn.linear for t in ops)
-            assert (bmm, linear) == ((n_linear, 0) if rows == 2 else (0, n_linear)), (rows, bmm, linear)
+            two_row_path = rows == 2 and coca.models.t5._MODES_TRACEABLE  # off before PyTorch 2.6
+            assert (bmm, linear) == ((n_linear, 0) if two_row_path else (0, n_linear)), (rows, bmm, linear)
             assert torch.nn.functional.scaled_dot_product_attention not in ops  # single_query_attention instead
         torch._dynamo.reset()
         # the mode itself: two rows of an fp32 Linear without bias, nothing else

@@ -228,6 +228,11 @@ class WriteAt:
         return self.k, self.v
 
 
+# dynamo traces a TorchFunctionMode entered inside a compiled region from PyTorch 2.6 on; before,
+# it is a graph break, which the step's fullgraph compile would turn into an error
+_MODES_TRACEABLE = torch.__version__ >= (2, 6)
+
+
 class TwoRowLinearAsBatchedMatmul(TorchFunctionMode):
     """Entered by the compiled CPU step at two rows: an fp32 Linear without bias runs as a batched
     matmul of one batch. Inductor turns a frozen Linear into MKL's packed GEMM, which at two rows
@@ -323,7 +328,8 @@ class T5Decoder(nn.Module):
         ``position`` (LongTensor [1]); ``keys``/``values``/``cross``/``bias_table`` from a static
         ``new_cache``. Writes this position's keys/values and returns next-token logits [B, V] (fp32).
         Same blocks and arithmetic as the cached ``forward``; only the shapes stay constant."""
-        two_rows = tokens.shape[0] == 2 and tokens.device.type == "cpu" and torch.compiler.is_compiling()
+        two_rows = (tokens.shape[0] == 2 and tokens.device.type == "cpu" and _MODES_TRACEABLE
+                    and torch.compiler.is_compiling())
         with TwoRowLinearAsBatchedMatmul() if two_rows else contextlib.nullcontext():
             x = self.embed_tokens(tokens)
             bias = bias_table.index_select(0, position)[:, :, None]  # [1, H, 1, max_len]
