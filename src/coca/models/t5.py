@@ -327,7 +327,8 @@ class T5Decoder(nn.Module):
         """One decoding step with fixed shapes, for ``torch.compile``: ``tokens`` [B, 1] at
         ``position`` (LongTensor [1]); ``keys``/``values``/``cross``/``bias_table`` from a static
         ``new_cache``. Writes this position's keys/values and returns next-token logits [B, V] (fp32).
-        Same blocks and arithmetic as the cached ``forward``; only the shapes stay constant."""
+        Same blocks and arithmetic as the cached ``forward``; only the shapes stay constant (and,
+        compiled on CPU, two kernel choices: ``TwoRowLinearAsBatchedMatmul``, ``single_query_attention``)."""
         two_rows = (tokens.shape[0] == 2 and tokens.device.type == "cpu" and _MODES_TRACEABLE
                     and torch.compiler.is_compiling())
         with TwoRowLinearAsBatchedMatmul() if two_rows else contextlib.nullcontext():
