@@ -15,7 +15,7 @@ def _fmt_params(n: int) -> str:
 
 
 def cmd_list(args) -> int:
-    from .config import get_preset, list_presets
+    from .config import get_preset, list_presets, list_recipes, recipes_dir
     from .models.coca import create_model
     from .summary import parameter_counts
     print(f"{'preset':<16} {'image':>6} {'vision':>18} {'text (enc+dec)':>18} {'vocab':>7} {'params':>9}")
@@ -25,6 +25,11 @@ def cmd_list(args) -> int:
         total = parameter_counts(create_model(name, device="meta"))["total"]
         print(f"{name:<16} {v.image_size:>6} {f'ViT {v.width}x{v.layers} /{v.patch_size}':>18} "
               f"{f'{t.d_model}x({t.encoder_layers}+{t.decoder_layers})':>18} {t.vocab_size:>7} {_fmt_params(total):>9}")
+    print(f"\n{'recipe':<24} (--config NAME: shipped with the package, in {recipes_dir()})")
+    for name in list_recipes():
+        text = (recipes_dir() / f"{name}.yaml").read_text().splitlines()
+        first = text[0].lstrip("# ").strip() if text and text[0].startswith("#") else ""
+        print(f"{name:<24} {first}")
     return 0
 
 
@@ -248,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"coca {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("list", help="list the model presets")
+    s = sub.add_parser("list", help="list the model presets and the shipped run recipes")
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser("info", help="parameter table and forward FLOPs of a preset (built on the meta device)")
@@ -380,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--input", nargs="+", required=True,
                    help="tar shards (brace patterns allowed), directories of them, or CSV/TSV/Parquet files")
     d.add_argument("--output", required=True, help="output directory (rerun the same command to resume)")
-    d.add_argument("--config", help="prepare config YAML (configs/prepare.yaml documents every key)")
+    d.add_argument("--config", help="prepare config: a YAML path or the shipped recipe name `prepare` (it documents every key)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set filters.min_side=128 --set engine=ray")
     d.set_defaults(fn=cmd_data_prepare)
@@ -407,13 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_tokenizer_train)
 
     s = sub.add_parser("train", help="train or resume a run from a YAML config")
-    s.add_argument("--config", help="run config YAML (configs/*.yaml); omitted: built-in defaults")
+    s.add_argument("--config", help="run config: a YAML path or a shipped recipe name (`coca list`); omitted: built-in defaults")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=3e-4 --set train.steps=100 (repeatable)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("plan", help="per-GPU memory, FLOPs, step time and GPU-hours of a run config")
-    s.add_argument("--config", help="run config YAML (e.g. configs/coca-large-v2.yaml)")
+    s.add_argument("--config", help="run config: a YAML path or a shipped recipe name (e.g. coca-large-v2)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     s.add_argument("--gpus", type=int, default=1)
     s.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU (default 80, A100 80GB)")

@@ -655,15 +655,39 @@ def init_model_config(train: TrainConfig, spec: Any) -> CoCaConfig:
     return merged
 
 
+def recipes_dir():
+    """The run recipes shipped inside the package (``configs/`` in a checkout links here)."""
+    from pathlib import Path
+    return Path(__file__).parent / "configs"
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes (``coca train --config NAME``)."""
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def resolve_config_path(path: str):
+    """A config file by path, or else a shipped recipe by name (``demo``, ``coca-large-v2.yaml``):
+    a file that exists always wins, so a user's own ``demo.yaml`` in the working directory is read."""
+    from pathlib import Path
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name.removesuffix(".yaml").removesuffix(".yml")
+    shipped = recipes_dir() / f"{name}.yaml"
+    if p.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise InputNotFound(f"config file {path!r} not found, and it is not a shipped recipe "
+                        f"(`coca list` shows them: {', '.join(list_recipes())})")
+
+
 def read_config_data(path: str | None, overrides: list[str] | None) -> dict:
-    """The mapping in a YAML file (or {} without one) with ``--set key=value`` overrides merged in."""
+    """The mapping in a YAML file (or {} without one) with ``--set key=value`` overrides merged in;
+    ``path`` may also name a shipped recipe (``resolve_config_path``)."""
     import yaml
     data: dict = {}
     if path:
-        from pathlib import Path
-        p = Path(path)
-        if not p.is_file():
-            raise InputNotFound(f"config file {path!r} not found")
+        p = resolve_config_path(path)
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

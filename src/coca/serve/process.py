@@ -16,14 +16,16 @@ def free_port() -> int:
 
 
 def spawn_server(model_dir: str, *extra: str, env: dict | None = None, timeout: float = 60.0,
-                 quiet: bool = False) -> tuple[subprocess.Popen, str]:
-    """``coca serve --model DIR --port FREE *extra`` on loopback; returns (process, base URL) once
+                 quiet: bool = False, python: str = sys.executable, cwd: str | None = None) -> tuple[subprocess.Popen, str]:
+    """``coca serve --model DIR --port FREE *extra`` on loopback, run by ``python`` (another
+    environment's interpreter to test an installed package); returns (process, base URL) once
     /health answers, or raises with the server's output if it exits or does not come up."""
     import httpx
     port = free_port()
     out = subprocess.DEVNULL if quiet else subprocess.PIPE
-    proc = subprocess.Popen([sys.executable, "-m", "coca.cli", "serve", "--model", str(model_dir), "--port", str(port),
-                             *map(str, extra)], env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([python, "-m", "coca.cli", "serve", "--model", str(model_dir), "--port", str(port),
+                             *map(str, extra)], env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                            cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:
