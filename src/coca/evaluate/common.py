@@ -69,10 +69,10 @@ def image_batches(paths: Sequence[str | os.PathLike], image_size: int, batch_siz
                   skipped: list | None = None, desc: str = "images") -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (positions, [B, 3, S, S]) over ``paths`` in order; bad images go to ``skipped`` as
     {"path", "reason"} and are left out of the batches (with a progress bar on stderr)."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
     loader = torch.utils.data.DataLoader(ImageFiles(paths, image_size), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
-    with tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True, leave=False) as bar:
+    with progress_bar(len(paths), desc=desc, unit="img", leave=False) as bar:
         for items in loader:
             good = [(i, x) for i, x in items if not isinstance(x, Skipped)]
             if skipped is not None:

@@ -26,10 +26,10 @@ def _call(fn, item):  # a plain function for ray.remote, which does not take par
 
 def parallel_map(fn, items: list, engine: str, workers: int = 0, ray_address: str = "", desc: str = "") -> list:
     """``[fn(x) for x in items]``, run on local processes (engine local) or Ray (engine ray)."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
     if not items:
         return []
-    with tqdm(total=len(items), desc=desc, leave=False) as bar:
+    with progress_bar(len(items), desc=desc, unit="task", leave=False) as bar:
         if engine == "ray":
             return _ray_map(fn, items, workers, ray_address, desc, bar)
         workers = min(workers or os.cpu_count() or 1, len(items))

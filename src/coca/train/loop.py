@@ -406,8 +406,8 @@ class Trainer:
                    if tc.val_every and main else [])
         bar = None
         if tc.progress and main:
-            from tqdm import tqdm
-            bar = tqdm(total=tc.steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True)
+            from ..progress import progress_bar
+            bar = progress_bar(tc.steps, desc="train", unit="step", initial=p.step)
         self.t_start = window_t = time.time()
         window_samples, last = 0, {}
         try:
