@@ -126,6 +126,75 @@ def test_bf16_autocast_forward_backward(tiny):
     assert tiny.visual.conv1.weight.dtype == torch.float32  # fp32 master weights
 
 
+def within_one_bf16_rounding(got: torch.Tensor, exact: torch.Tensor) -> bool:
+    """``got`` (bf16) is the float64 ``exact`` rounded once to bf16, give or take fp32's own error:
+    within 2^-8 relative (bf16's unit roundoff) plus 1e-6 of the largest value."""
+    err = (got.double() - exact).abs()
+    return bool((err <= exact.abs() * 2.0 ** -8 + 1e-6 * exact.abs().max()).all())
+
+
+@pytest.mark.parametrize("form", ["autocast", "bf16 weights"])
+def test_norms_compute_in_fp32_over_bf16_inputs(form):
+    """Both BF16 forms (autocast over fp32 weights; DeepSpeed's bf16 weights) must normalise in fp32:
+    rows with a large mean (8 +- 1, where bf16's spacing is 2^-4) lose the variance if the mean or
+    the mean square is taken in bf16. Exact within one final rounding, on any CPU."""
+    from coca.models.t5 import RMSNorm
+    from coca.models.vit import LayerNorm
+    torch.manual_seed(0)
+    x = (8 + torch.randn(4, 16, 128)).to(torch.bfloat16)
+    for norm in (LayerNorm(128), RMSNorm(128)):
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.uniform_(-0.5, 0.5)
+        xd, w = x.double(), norm.weight.detach().to(torch.bfloat16).double()
+        if isinstance(norm, LayerNorm):
+            b = norm.bias.detach().to(torch.bfloat16).double()
+            exact = (xd - xd.mean(-1, keepdim=True)) / (xd.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt() * w + b
+        else:
+            exact = xd / (xd.square().mean(-1, keepdim=True) + norm.eps).sqrt() * w
+        if form == "bf16 weights":
+            norm.to(torch.bfloat16)
+            out = norm(x)
+        else:
+            with torch.no_grad():  # the weights as autocast would see them, for an exact reference
+                norm.weight.copy_(norm.weight.to(torch.bfloat16).float())
+                if getattr(norm, "bias", None) is not None:
+                    norm.bias.copy_(norm.bias.to(torch.bfloat16).float())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = norm(x)
+        assert out.dtype == torch.bfloat16
+        assert within_one_bf16_rounding(out, exact), (type(norm).__name__, (out.double() - exact).abs().max())
+
+
+def test_losses_compute_in_fp32_over_bf16_inputs():
+    """Given bf16 embeddings and logits, the losses are the float64 losses of the same values to
+    fp32 accuracy (a missing cast would round the logits to bf16: 2^-8 of a logit of 14, ~0.05).
+    The chunked caption loss rounds its logits to bf16 once, so it is within 2 * 2^-8 * max|logit|
+    (cross-entropy moves by at most twice its largest logit change)."""
+    from coca.losses import caption_loss, chunked_caption_loss, contrastive_loss
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(8, 64), dim=-1).to(torch.bfloat16)
+    txt = F.normalize(img.float() + 0.3 * torch.randn(8, 64), dim=-1).to(torch.bfloat16)
+    scale = torch.tensor(1 / 0.07)
+    labels = torch.arange(8)
+
+    def exact_contrastive(a, b):
+        logits = scale.double() * a.double() @ b.double().T
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    assert contrastive_loss(img, txt, scale).item() == pytest.approx(exact_contrastive(img, txt).item(), rel=1e-5)
+    hidden, weight = torch.randn(4, 10, 32).to(torch.bfloat16), (torch.randn(50, 32) / 4).to(torch.bfloat16)
+    tokens = torch.randint(1, 50, (4, 10))
+    tokens[:, 7:] = 0
+    logits = hidden.double() @ weight.double().T
+    exact = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), ignore_index=0).item()
+    assert caption_loss((hidden @ weight.T), tokens).item() == pytest.approx(
+        F.cross_entropy((hidden @ weight.T).double().flatten(0, 1), tokens.flatten(), ignore_index=0).item(), rel=1e-5)
+    chunked = chunked_caption_loss(hidden, weight, tokens, chunk_tokens=8).item()
+    assert abs(chunked - exact) <= 2 * 2.0 ** -8 * logits.abs().max().item()
+
+
 def test_attention_runs_in_fp32_when_cpu_training_in_bf16(monkeypatch):
     """On CPU, attention that will be back-propagated runs in fp32 over bf16 inputs, under autocast
     (single/DDP BF16) and with bf16 weights (DeepSpeed BF16) alike; inference keeps bf16."""
