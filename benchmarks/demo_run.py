@@ -5,6 +5,12 @@ Run (from the repository root, on an otherwise idle machine; ~5 minutes on 2 cor
 
     .venv/bin/python benchmarks/demo_run.py --out runs/demo_timed --json benchmarks/results/demo_run.json
 
+and on a CPU without AMX (the JSON names the CPU and any kernel restriction in the environment):
+
+    .venv/bin/python benchmarks/demo_run.py --json benchmarks/results/demo_run_no_amx.json
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+        .venv/bin/python benchmarks/demo_run.py --json benchmarks/results/demo_run_avx2.json
+
 The recipes it replaced, timed the same way (the README's table of what bought the time):
 
     .venv/bin/python benchmarks/demo_run.py --set train.precision=fp32 --set data.augment.crop_scale_min=0.9 \
@@ -41,7 +47,9 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "coca.cli", "demo", "--out", args.out, *overrides], check=True)
     wall = time.perf_counter() - t0
     metrics = json.loads((Path(args.out) / "metrics.json").read_text())
-    result = {"benchmark": "demo_run", "overrides": args.set, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
+    from coca.train.loop import cpu_description
+    result = {"benchmark": "demo_run", "overrides": args.set, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "cpu": cpu_description(), "cpus": os.cpu_count(),
               "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
               "wall_s_with_startup": round(wall, 1), "metrics": metrics}
     print(json.dumps(result, indent=1))
