@@ -4,12 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all faults install system-packages clean
+.PHONY: demo test test-all faults install system-packages constraints clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the versions the tests last passed with (reproducible installs).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --upgrade pip -c constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +33,10 @@ faults: $(STAMP)
 # Includes the tests marked slow.
 test-all: $(STAMP) system-packages
 	COCA_SLOW=1 $(BIN)/python -m pytest -q
+
+# Newer releases: rewrite constraints.txt from an unconstrained install, then `make test` before committing it.
+constraints:
+	PYTHON=$(PYTHON) bash scripts/update-constraints.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
