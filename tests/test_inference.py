@@ -189,7 +189,13 @@ def test_precision_refusals(tiny):
         apply_precision(tiny, "fp16")
 
 
-def test_int8_linear_rows_are_independent_and_match_the_quantisation_formula():
+@pytest.mark.parametrize("kernel", ["as probed", "fp32 products"])
+def test_int8_linear_rows_are_independent_and_match_the_quantisation_formula(kernel, monkeypatch):
+    """Both ways of taking the integer products (torch._int_mm where it is exact, the same integers
+    in fp32 where it is not) give the quantisation formula's values, computed in float64."""
+    from coca import precision
+    if kernel == "fp32 products":
+        monkeypatch.setattr(precision, "_INT_MM_EXACT", False)
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     q = Int8Linear(linear)
@@ -208,3 +214,13 @@ def test_int8_linear_rows_are_independent_and_match_the_quantisation_formula():
     with torch.no_grad():
         plain = linear(x[1:])
     assert ((y[1:] - plain).norm() / plain.norm()) < 0.02
+
+
+def test_int8_linear_is_exact_with_the_kernels_of_a_cpu_without_vnni():
+    """oneDNN's int8 kernel without VNNI returns wrong sums (PyTorch 2.14): restricted to AVX2, as
+    on such a CPU, Int8Linear must still match the formula (it detects the kernel and uses fp32)."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    test = f"{__file__}::test_int8_linear_rows_are_independent_and_match_the_quantisation_formula"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
