@@ -47,7 +47,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "coca.cli", "demo", "--out", args.out, *overrides], check=True)
     wall = time.perf_counter() - t0
     metrics = json.loads((Path(args.out) / "metrics.json").read_text())
-    from coca.train.loop import cpu_description
+    from coca.cpu import cpu_description
     result = {"benchmark": "demo_run", "overrides": args.set, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "cpu": cpu_description(), "cpus": os.cpu_count(),
               "loadavg_before": load_before, "loadavg_after": os.getloadavg(),

@@ -86,7 +86,7 @@ def main() -> None:
                 trainer.train_step(micro)
             times[name].append((time.perf_counter() - t0) / len(batches))
     attention.compute_dtype = t5.compute_dtype = real_dtype
-    from coca.train.loop import cpu_description
+    from coca.cpu import cpu_description
     result = {"benchmark": "demo_step", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": args.reps,
               "cpu": cpu_description(),
               "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), "matmul_gflops": matmul_rates(),

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cpu import isolate_inductor_cache
 from .errors import UserError
 
 STRATEGIES = ("greedy", "beam", "sample")
@@ -136,6 +137,7 @@ def compiled_step(decoder):
             return held[1]
         if held is not None:  # frozen weights are stale: the compiled code cache would serve them again
             torch.compiler.reset()
+        isolate_inductor_cache()
         compiled = torch.compile(decoder.static_step, fullgraph=True, dynamic=False)
         shapes_compiled = set()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..cpu import isolate_inductor_cache
 from ..errors import UserError
 from .checkpoint import (
     DS_TAG,
@@ -42,6 +43,7 @@ class SingleEngine:
         self.steps_in_backward = False  # the optimiser steps in step(), after the finiteness check
         self.wrap()
         if compile:  # after wrapping, as PyTorch recommends for DDP; the plain module stays self.model
+            isolate_inductor_cache()
             self.wrapped = torch.compile(self.wrapped)
 
     def wrap(self) -> None:

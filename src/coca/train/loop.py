@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
 import signal
 import time
 from collections import Counter
@@ -27,6 +25,7 @@ import torch
 import yaml
 
 from ..config import ConfigError, RunConfig
+from ..cpu import cpu_has_bf16_matmul
 from ..data.loader import train_batches, training_captions, val_batches
 from ..errors import TrainingDiverged, UserError
 from ..evaluate.tasks import Evaluation
@@ -63,43 +62,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
     return device
-
-
-# Environment variables that restrict the CPU kernels PyTorch uses (oneDNN, MKL, ATen's own).
-ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
-
-
-def _cpuinfo_value(key: str, cpuinfo: str = "/proc/cpuinfo") -> str:
-    try:
-        return next((line.split(":", 1)[1].strip() for line in Path(cpuinfo).read_text().splitlines()
-                     if line.startswith(key)), "")
-    except OSError:
-        return ""
-
-
-def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU model, its bf16 matmul instructions and any kernel restriction in the environment,
-    e.g. ``AMD EPYC (avx512_bf16, no AMX)`` or ``... ONEDNN_MAX_CPU_ISA=AVX2``: how a timing is labelled."""
-    flags = set(_cpuinfo_value("flags", cpuinfo).split())
-    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags] or ["no bf16 instructions"]
-    if "amx_bf16" not in flags:
-        bf16.append("no AMX")
-    limits = " ".join(f"{k}={os.environ[k]}" for k in ISA_LIMITS if os.environ.get(k))
-    return f"{_cpuinfo_value('model name', cpuinfo) or platform.machine()} ({', '.join(bf16)})" + (f" {limits}" if limits else "")
-
-
-# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) below which its bf16 matmuls are emulated in fp32.
-_ONEDNN_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
-
-
-def cpu_has_bf16_matmul(cpuinfo: str = "/proc/cpuinfo", env=None) -> bool:
-    """Whether bf16 matmuls run in hardware here: the CPU has AMX-BF16 or AVX512-BF16 (read from
-    /proc/cpuinfo) and ``ONEDNN_MAX_CPU_ISA`` does not restrict oneDNN to an ISA without them.
-    Elsewhere bf16 matmuls are emulated and a BF16 step is several times slower than fp32
-    (``benchmarks/demo_step.py`` under each ISA: README, "The demo")."""
-    flags = set(_cpuinfo_value("flags", cpuinfo).split())
-    limit = (os.environ if env is None else env).get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    return bool({"amx_bf16", "avx512_bf16"} & flags) and limit not in _ONEDNN_BELOW_BF16
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
