@@ -1,9 +1,13 @@
-"""The one error type for bad input from the person running coca: a wrong argument, a missing or
-malformed file, an invalid config value. The ``coca`` command prints its message and exits with
+"""The error types for bad input from the person running coca: a wrong argument, a missing or
+malformed file, an invalid config value, a full disk, a diverged run. ``UserError`` is the base;
+four kinds subclass it: ``InputNotFound``, ``NotADirectory``, ``DiskFull`` and
+``TrainingDiverged`` (and other modules derive their own: ``coca.config.ConfigError``,
+``coca.prepare.engine.WorkerDied``). The ``coca`` command prints the message of any of them and exits with
 status 2; any other exception is a bug and shows its traceback.
 
-They subclass the built-in types a Python caller would expect (``ValueError``,
-``FileNotFoundError``, ``NotADirectoryError``), so ``except ValueError`` still catches them.
+Each also subclasses the built-in type a Python caller would expect (``ValueError`` for all;
+``FileNotFoundError``, ``NotADirectoryError``, ``OSError``, ``FloatingPointError``), so
+``except ValueError`` (or ``except FileNotFoundError`` ...) still catches them.
 """
 
 

@@ -1,8 +1,18 @@
 """`coca plan`: per-GPU memory, FLOPs and time of a run before it is launched.
 
-Memory per GPU under DeepSpeed ZeRO-2 with BF16 (DeepSpeed's bf16 mode: bf16 weights, fp32 master
-weights and Adam moments in the optimiser, partitioned over the data-parallel ranks; fp32
-gradient accumulation, partitioned):
+The memory is always that of one layout, DeepSpeed ZeRO stage 2 in BF16 over ``--gpus``
+data-parallel ranks, whatever the run config's ``train.engine``, ``train.precision`` and
+``train.zero_stage`` say: those keys are not read for memory, and the activations are always
+measured in bf16. A run with ``engine: single`` or ``ddp`` (fp32 weights, gradients and Adam
+moments on every rank, none partitioned: 16 bytes per parameter against this layout's
+4 + 16 / N), in fp32, or at another ZeRO stage needs a different amount than this plan reports. ``train.engine`` changes one thing only, the FLOPs of GradCache's extra pass
+(below). From the run config the plan reads the model, ``data.batch_size``,
+``train.accum_steps``, ``train.activation_checkpointing``, ``loss.caption_chunk_tokens``,
+``train.steps`` and the shard count of ``data.train`` (for its warning).
+
+Memory per GPU in that layout (DeepSpeed's bf16 mode: bf16 weights, fp32 master weights and
+Adam moments in the optimiser, partitioned over the data-parallel ranks; fp32 gradient
+accumulation, partitioned):
 
     parameters            2 bytes x P                       (bf16, replicated)
     gradients             2 bytes x P  +  4 bytes x P / N   (bf16 gradients of the backward pass;
@@ -19,7 +29,8 @@ FLOPs come from ``torch.utils.flop_counter`` on the same meta forward pass: a tr
 3x the forward FLOPs (the model FLOPs MFU counts) plus, with activation checkpointing, the
 forward of every checkpointed block once more (about 4x with every block checkpointed) and, with
 ``loss.caption_chunk_tokens``, the LM head once more, plus
-GradCache's extra encoder pass with accumulation. The time per step is all of it at the stated
+GradCache's extra pass with accumulation (the image and text encoders; under
+``train.engine: deepspeed`` the whole forward, decoder included). The time per step is all of it at the stated
 utilisation. ``train.activation_checkpointing: N`` checkpoints the first N blocks of each stack;
 the plan reports the fewest that fit the stated memory.
 """

@@ -3,7 +3,13 @@
 The ViT follows CLIP (Radford et al. 2021): a bias-free patch convolution, a class token,
 learned absolute positions, ``ln_pre``, pre-LN residual blocks, and ``ln_post`` — here applied
 to every token, because CoCa pools the whole token sequence rather than the class token.
-Parameter names mirror open_clip's so CLIP ViT-L/14 weights map one to one (``coca.convert``).
+Most parameter names are open_clip's (``conv1``, ``class_embedding``, ``positional_embedding``,
+``ln_pre``, ``ln_post``, and per block ``ln_1``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``); three are
+not, and ``coca.convert.vit_state_from_clip`` renames them when it imports CLIP / open_clip weights:
+open_clip's ``transformer.resblocks.N`` is ``blocks.N`` here, its ``attn.in_proj_weight`` /
+``attn.in_proj_bias`` are ``attn.qkv.weight`` / ``attn.qkv.bias``, and its ``attn.out_proj`` is
+``attn.out``. CLIP's output projection (``proj``) is not imported: CoCa pools and projects with
+its own layers. The tensors themselves map one to one, unchanged.
 """
 
 from __future__ import annotations
