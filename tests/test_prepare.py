@@ -269,6 +269,20 @@ def test_csv_and_parquet_input(tmp_path):
                  "--set", "caption_column=text"]) == 2
 
 
+def test_upper_case_tar_input_is_read_as_a_tar(tmp_path):
+    samples = [(f"s{i}", jpeg(random_photo(i, 96)), f"picture number {i} of a garden") for i in range(4)]
+    (shard,) = write_shards(samples, tmp_path / "in", 10)
+    upper = tmp_path / "in" / "SHARD.TAR"
+    os.rename(shard, upper)
+    for source in (upper, upper.parent):  # the shard itself, and a directory that holds it
+        out = tmp_path / f"out_{source.name}"
+        assert main(["data", "prepare", "--input", str(source), "--output", str(out),
+                     "--set", "filters.min_side=64", "--set", "workers=1"]) == 0
+        kept, _ = read_output(out)
+        assert sorted(info["source_key"] for _, info in kept.values()) == ["s0", "s1", "s2", "s3"]
+        assert rejects_of(out) == []
+
+
 def test_similarity_filter_with_a_coca_checkpoint(tmp_path):
     import torch
 

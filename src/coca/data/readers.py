@@ -31,11 +31,25 @@ from .samples import MAX_PIXELS, Skipped, decode_caption, decode_image
 
 __all__ = [
     "CocoCaptionsSource", "CsvSource", "FolderSource", "WebDatasetSource", "expand_braces", "split_shards",
-    "IMAGE_EXTENSIONS", "WDS_IMAGE_EXTENSIONS",
+    "IMAGE_EXTENSIONS", "WDS_IMAGE_EXTENSIONS", "TAR_SUFFIXES", "TABLE_SUFFIXES", "is_tar",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # files any folder reader takes
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # image members of a webdataset sample
+TAR_SUFFIXES = (".tar", ".tar.gz")  # the shards a directory of them is listed for
+CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}  # a table's separator by suffix (any other is sniffed)
+PARQUET_SUFFIX = ".parquet"
+TABLE_SUFFIXES = (*CSV_SEPARATORS, PARQUET_SUFFIX)
+
+
+def is_tar(path: str | os.PathLike) -> bool:
+    """A tar shard, by its file name in any case: ``.tar`` anywhere in it (``x.tar``, ``x.TAR``, ``x.tar.gz``)."""
+    return ".tar" in Path(path).name.lower()
+
+
+def has_suffix(path: str | os.PathLike, suffixes: str | tuple[str, ...]) -> bool:
+    """Whether the file name ends with one of ``suffixes``, in any case."""
+    return Path(path).name.lower().endswith(suffixes)
 
 
 def _read_bytes(path: Path) -> bytes | None:
@@ -116,11 +130,9 @@ class CsvSource:
             raise UserError(f"CSV file {str(self.path)!r} has a header but no data rows")
 
     def _infer_sep(self, text: str) -> str:
-        suffix = self.path.suffix.lower()
-        if suffix == ".tsv":
-            return "\t"
-        if suffix == ".csv":
-            return ","
+        sep = CSV_SEPARATORS.get(self.path.suffix.lower())
+        if sep is not None:
+            return sep
         first_line = text.splitlines()[0]
         try:
             return csv.Sniffer().sniff(first_line, delimiters=",\t;|").delimiter

@@ -34,7 +34,16 @@ import numpy as np
 import yaml
 
 from ..config import ConfigError
-from ..data.readers import CsvSource, expand_braces, read_tar_groups
+from ..data.readers import (
+    PARQUET_SUFFIX,
+    TABLE_SUFFIXES,
+    TAR_SUFFIXES,
+    CsvSource,
+    expand_braces,
+    has_suffix,
+    is_tar,
+    read_tar_groups,
+)
 from ..data.samples import Skipped
 from ..errors import InputNotFound, UserError
 from ..io import atomic_write_bytes, atomic_write_text, commit_dir
@@ -45,7 +54,6 @@ from .engine import parallel_map
 from .filters import process_sample
 from .semantic import EMBEDDINGS_FILE, check_model, embed_images
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 REJECT_COLUMNS = ("uid", "key", "source", "reason", "duplicate_of", "eval_file", "similarity")
 
 
@@ -58,7 +66,7 @@ class Task:
 
     @property
     def is_tar(self) -> bool:
-        return ".tar" in Path(self.path).name
+        return is_tar(self.path)
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -69,7 +77,7 @@ def list_tasks(inputs: list[str], cfg: PrepareConfig) -> list[Task]:
         for p in expand_braces(pattern):
             path = Path(p)
             if path.is_dir():
-                found = sorted(str(x) for x in path.iterdir() if x.name.endswith((".tar", ".tar.gz")))
+                found = sorted(str(x) for x in path.iterdir() if has_suffix(x, TAR_SUFFIXES))
                 if not found:
                     raise InputNotFound(f"input directory {p!r} has no .tar shards")
                 paths += found
@@ -79,15 +87,14 @@ def list_tasks(inputs: list[str], cfg: PrepareConfig) -> list[Task]:
                 raise InputNotFound(f"input {p!r} not found")
     tasks: list[Task] = []
     for p in paths:
-        name = Path(p).name.lower()
-        if ".tar" in name:
+        if is_tar(p):
             tasks.append(Task(len(tasks), p))
-        elif name.endswith(TABLE_SUFFIXES):
+        elif has_suffix(p, TABLE_SUFFIXES):
             n = len(_read_table(p, cfg.image_column, cfg.caption_column, cfg.image_root))
             for start in range(0, n, cfg.rows_per_task):
                 tasks.append(Task(len(tasks), p, start, min(n, start + cfg.rows_per_task)))
         else:
-            raise UserError(f"input {p!r}: expected .tar shards, a directory of them, or .csv/.tsv/.parquet")
+            raise UserError(f"input {p!r}: expected .tar shards, a directory of them, or {'/'.join(TABLE_SUFFIXES)}")
     if not tasks:
         raise UserError("no input samples")
     return tasks
@@ -96,7 +103,7 @@ def list_tasks(inputs: list[str], cfg: PrepareConfig) -> list[Task]:
 @functools.lru_cache(maxsize=4)
 def _read_table(path: str, image_column: str, caption_column: str, image_root: str) -> list[tuple[Path | None, object]]:
     """(image path, raw caption) rows of a CSV/TSV (``CsvSource``) or Parquet file."""
-    if not path.lower().endswith(".parquet"):
+    if not has_suffix(path, PARQUET_SUFFIX):
         src = CsvSource(path, image_root or None, image_column, caption_column)
         return [(src.image_path(i), src.raw_caption(i)) for i in range(len(src))]
     import pyarrow.parquet as pq
