@@ -612,10 +612,11 @@ def init_model_config(train: TrainConfig, spec: Any) -> CoCaConfig:
     from pathlib import Path
 
     import yaml
-    run_dir, init_dir = Path(train.run_dir), Path(train.init_from)
-    saved = run_dir / "config.yaml"
-    if saved.is_file() and any((run_dir / "checkpoints").glob("step_*")):
-        base, source = yaml.safe_load(saved.read_text())["model"], str(saved)
+
+    from .layout import RunLayout
+    run, init_dir = RunLayout(train.run_dir), Path(train.init_from)
+    if run.has_started():
+        base, source = yaml.safe_load(run.config.read_text())["model"], str(run.config)
     else:
         path = init_dir / "config.json"
         if not init_dir.is_dir():

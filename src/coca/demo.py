@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import load_run_config
 from .io import atomic_write_text
+from .layout import RunLayout
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
@@ -42,7 +43,7 @@ def run_demo(out_dir: str | Path, overrides: list[str] | None = None, log=print)
         "final_train_loss": summary["last"].get("loss"), "skipped_samples": summary["skipped"],
         "train_time_s": round(train_s, 1), "eval_time_s": round(time.time() - t1, 1),
     }
-    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    plot_curves(RunLayout(out).metrics, out / "curves.png")
     draw_gallery(gallery[:16], results.zeroshot_predictions, out / "gallery.png")
     metrics["wall_time_s"] = round(time.time() - t0, 1)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Atomic training checkpoints that a run directory resumes from by itself.
 
-Layout: ``RUN_DIR/checkpoints/step_00000500/{model.safetensors, state.pt}``. A checkpoint is
+Layout: ``RUN_DIR/checkpoints/step_00000500/{model.safetensors, state.pt}`` (the name: ``coca.layout``). A checkpoint is
 written into a hidden temporary directory, every file fsynced, then renamed into place, so a
 crash at any moment leaves either the previous complete checkpoint or the new one. ``state.pt``
 (optimiser, scheduler, RNG, data position) holds only tensors and plain Python values and is
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,16 +20,15 @@ from safetensors.torch import load_file, save
 
 from ..errors import UserError
 from ..io import _fsync_dir, atomic_write_bytes, disk_full
+from ..layout import is_temporary, step_name, step_of
 from ..models.coca import load_checked, unique_state
-
-NAME = re.compile(r"^step_(\d{8})$")
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary directories are ignored)."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)), key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None), key=lambda p: p.name)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -40,7 +38,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def save_checkpoint(root: Path, step: int, model, state: dict, keep: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
+    final = root / step_name(step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in unique_state(model).items()}
@@ -110,7 +108,7 @@ def clean_temporaries(root: Path) -> None:
     """Remove half-written checkpoints left by a killed run."""
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".step_"):
+            if is_temporary(p.name):
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -123,7 +121,7 @@ def save_deepspeed_checkpoint(root: Path, step: int, engine, state: dict, keep: 
     """Every rank writes its ZeRO shard into a temporary directory; rank 0 then renames it into
     place (after all ranks finished), so a complete ``step_N`` is all a resumed run ever sees."""
     import torch.distributed as dist
-    final = root / f"step_{step:08d}"
+    final = root / step_name(step)
     tmp = root / f".{final.name}.tmp"
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import torch
 
 from ..cpu import isolate_inductor_cache
 from ..errors import UserError
+from ..layout import step_name
 from .checkpoint import (
     DS_TAG,
     consolidated_model,
@@ -109,7 +110,7 @@ class SingleEngine:
 
     def save(self, root: Path, step: int, state: dict, keep: int) -> Path:
         """Rank 0 writes weights + optimiser + schedule + ``state``; every rank waits for it."""
-        path = root / f"step_{step:08d}"
+        path = root / step_name(step)
         if self.world.is_main:
             state = {**state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
             path = save_checkpoint(root, step, self.model, state, keep)

@@ -30,6 +30,7 @@ from ..data.loader import train_batches, training_captions, val_batches
 from ..errors import TrainingDiverged, UserError
 from ..evaluate.tasks import Evaluation
 from ..io import atomic_write_bytes, atomic_write_text
+from ..layout import step_name
 from ..losses import CoCaLoss, contrastive_accuracy
 from ..models.coca import create_model
 from ..tokenizer import Tokenizer
@@ -430,7 +431,7 @@ class Trainer:
                 self.evaluate()  # at the end (also of a run of 0 steps: the loaded model's numbers)
             if p.step < tc.steps:  # stopped early (agreed by all ranks): save where it stopped
                 latest = latest_checkpoint(self.ckpt_root)
-                path = latest if latest is not None and latest.name == f"step_{p.step:08d}" else self.checkpoint()
+                path = latest if latest is not None and latest.name == step_name(p.step) else self.checkpoint()
                 name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal on another rank"
                 self.say(f"stopped by signal ({name}) at step {p.step}; checkpoint {path}")
         finally:
