@@ -304,44 +304,18 @@ def test_static_step_equals_the_cached_forward(peaked):
             static.advance()
 
 
-def test_single_query_attention_only_in_compiled_cpu_decoding():
-    """The written-out attention equals an independent float64 softmax attention (additive mask,
-    scale given or 1/sqrt(d)), and is chosen only when tracing one query without gradients."""
-    from torch.nn import functional as F
-
-    from coca.models.attention import attention, single_query_attention
+def test_single_query_attention_equals_softmax_attention():
+    """The written-out attention of compiled decoding equals an independent float64 softmax
+    attention (additive mask, scale given or 1/sqrt(d))."""
+    from coca.models.attention import SINGLE_QUERY, attention
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (1, 11, 11))
     mask = torch.randn(1, 3, 1, 11, generator=g)
     for scale in (None, 1.0):
         s = 8 ** -0.5 if scale is None else scale
         want = ((q.double() @ k.double().transpose(-1, -2)) * s + mask.double()).softmax(-1) @ v.double()
-        torch.testing.assert_close(single_query_attention(q, k, v, mask, scale), want.float(), rtol=1e-5, atol=1e-6)
-    traced = []
-
-    def record(gm, example_inputs):
-        traced.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
-        return gm.forward
-
-    for query_len, grad in ((1, False), (1, True), (2, False)):
-        torch._dynamo.reset()
-        qq = torch.randn(2, 3, query_len, 8, requires_grad=grad)
-        with torch.set_grad_enabled(grad):
-            torch.compile(attention, backend=record, fullgraph=True)(qq, k, v, mask[..., :1, :].expand(1, 3, query_len, 11))
-        sdpa = F.scaled_dot_product_attention in traced[-1]
-        assert sdpa == (query_len > 1 or grad), (query_len, grad, traced[-1])
-    torch._dynamo.reset()
-    with torch.no_grad():  # eager: SDPA
-        seen = []
-
-        class Spy(torch.overrides.TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                seen.append(func)
-                return func(*args, **(kwargs or {}))
-
-        with Spy():
-            attention(q, k, v, mask)
-        assert F.scaled_dot_product_attention in seen
+        got = attention(q, k, v, mask, scale=scale, impl=SINGLE_QUERY)
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_step_runs_two_row_linears_as_batched_matmuls(peaked):

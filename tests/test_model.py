@@ -195,10 +195,15 @@ def test_losses_compute_in_fp32_over_bf16_inputs():
     assert abs(chunked - exact) <= 2 * 2.0 ** -8 * logits.abs().max().item()
 
 
-def test_attention_runs_in_fp32_when_cpu_training_in_bf16(monkeypatch):
-    """On CPU, attention that will be back-propagated runs in fp32 over bf16 inputs, under autocast
-    (single/DDP BF16) and with bf16 weights (DeepSpeed BF16) alike; inference keeps bf16."""
+def test_attention_runs_in_the_implementation_its_caller_chose(monkeypatch):
+    """SDPA_FP32 computes fp32 attention over bf16 inputs, under autocast (single/DDP BF16) and with
+    bf16 weights (DeepSpeed BF16) alike, gradients included; SDPA keeps the inputs' dtype (the
+    autocast dtype under autocast). BF16 training on CPU chooses SDPA_FP32, everything else SDPA."""
     from coca.models import attention as attention_module
+    from coca.models.attention import SDPA, SDPA_FP32, set_attention
+    from coca.models.t5 import T5Attention
+    from coca.models.vit import MultiHeadAttention
+    from coca.train.precision import training_attention
     seen = []
     real = F.scaled_dot_product_attention
 
@@ -215,10 +220,10 @@ def test_attention_runs_in_fp32_when_cpu_training_in_bf16(monkeypatch):
 
     fp32 = (torch.float32,) * 4
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attention_module.attention(q, k, v, bias, scale=0.25)
+        out = attention_module.attention(q, k, v, bias, scale=0.25, impl=SDPA_FP32)
     assert seen.pop() == fp32 and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), by_hand(q, k, v), atol=1e-2, rtol=1e-2)
-    out = attention_module.attention(q, k, v, bias, scale=0.25)  # bf16 weights, no autocast
+    out = attention_module.attention(q, k, v, bias, scale=0.25, impl=SDPA_FP32)  # bf16 weights, no autocast
     assert seen.pop() == fp32 and out.dtype == torch.bfloat16
     out.float().square().sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
@@ -227,12 +232,24 @@ def test_attention_runs_in_fp32_when_cpu_training_in_bf16(monkeypatch):
     by_hand(q, k, v).square().sum().backward()
     for ours, ref in zip(grads, (q.grad, k.grad, v.grad)):
         torch.testing.assert_close(ours, ref, atol=2e-2, rtol=2e-2)
-    with torch.no_grad():  # inference in bf16: as given
-        attention_module.attention(q, k, v, bias)
+    attention_module.attention(q, k, v, bias)  # SDPA: as given
     assert seen.pop() == (torch.bfloat16,) * 4
-    attention_module.attention(q.float(), k.float(), v.float())  # fp32: as given
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # SDPA under autocast: the autocast dtype
+        attention_module.attention(q.float(), k.float(), v.float(), bias)
+    assert seen.pop() == (torch.bfloat16,) * 4
+    attention_module.attention(q.float(), k.float(), v.float())
     assert seen.pop() == (torch.float32,) * 3 + (None,)
 
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training_attention(cpu, "bf16") is SDPA_FP32
+    assert training_attention(cpu, "fp32") is SDPA and training_attention(cuda, "bf16") is SDPA
+    model = coca.create_model("coca-tiny")
+    set_attention(model, SDPA_FP32)
+    t, v = model.cfg.text, model.cfg.vision
+    owners = [m for m in model.modules() if isinstance(m, (MultiHeadAttention, T5Attention))]
+    assert len(owners) == v.layers + 2 + t.encoder_layers + 2 * t.decoder_layers  # 2 poolers; self + cross
+    assert all(m.attention_impl is SDPA_FP32 for m in owners)
+    assert model.text_encoder.attention_impl is model.text_decoder.attention_impl is SDPA_FP32  # bias dtype
 
 def test_gradient_checkpointing_gives_same_gradients(tiny):
     images, tokens = batch(tiny)

@@ -68,29 +68,30 @@ def test_shipped_configs_load():
 def test_precision_auto_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, tmp_path):
     from pathlib import Path
 
-    from coca.train import loop
+    from coca import cpu as cpu_facts
+    from coca.train import precision
     cpu = torch.device("cpu")
     for has, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(loop, "cpu_has_bf16_matmul", lambda has=has: has)
-        assert loop.resolve_precision("auto", cpu) == expected
-        assert loop.resolve_precision("fp32", cpu) == "fp32" and loop.resolve_precision("bf16", cpu) == "bf16"
+        monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda has=has: has)
+        assert precision.resolve_precision("auto", cpu) == expected
+        assert precision.resolve_precision("fp32", cpu) == "fp32" and precision.resolve_precision("bf16", cpu) == "bf16"
     for supported, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
-        assert loop.resolve_precision("auto", torch.device("cuda")) == expected
+        assert precision.resolve_precision("auto", torch.device("cuda")) == expected
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     monkeypatch.undo()
-    assert loop.cpu_has_bf16_matmul(env={}) == (" amx_bf16" in flags or " avx512_bf16" in flags)
+    assert cpu_facts.cpu_has_bf16_matmul(env={}) == (" amx_bf16" in flags or " avx512_bf16" in flags)
     for line, has in (("flags\t\t: fpu avx512f avx512_bf16 sse", True), ("flags\t\t: fpu amx_tile amx_bf16", True),
                       ("flags\t\t: fpu avx512f avx512_fp16 amx_tile", False), ("model name\t: amx_bf16 cpu", False)):
         (tmp_path / "cpuinfo").write_text(f"processor\t: 0\n{line}\n")
-        assert loop.cpu_has_bf16_matmul(str(tmp_path / "cpuinfo"), env={}) == has, line
-    assert not loop.cpu_has_bf16_matmul(str(tmp_path / "missing"), env={})
+        assert cpu_facts.cpu_has_bf16_matmul(str(tmp_path / "cpuinfo"), env={}) == has, line
+    assert not cpu_facts.cpu_has_bf16_matmul(str(tmp_path / "missing"), env={})
     # oneDNN restricted below AVX512-BF16 emulates bf16 (the demo's BF16 step measured several times
     # slower than fp32 under ONEDNN_MAX_CPU_ISA=AVX2), so auto is fp32 there whatever the CPU has
     (tmp_path / "cpuinfo").write_text("flags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
     for limit, has in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", False), ("AVX512_CORE_BF16", True),
                        ("AVX512_CORE_AMX", True), ("ALL", True), ("", True)):
-        assert loop.cpu_has_bf16_matmul(str(tmp_path / "cpuinfo"), env={"ONEDNN_MAX_CPU_ISA": limit}) == has, limit
+        assert cpu_facts.cpu_has_bf16_matmul(str(tmp_path / "cpuinfo"), env={"ONEDNN_MAX_CPU_ISA": limit}) == has, limit
     assert load_run_config(None, ["train.precision=auto"]).train.precision == "auto"
     with pytest.raises(ConfigError, match="train.precision must be 'bf16', 'fp32' or 'auto', got 'fp16'"):
         load_run_config(None, ["train.precision=fp16"])

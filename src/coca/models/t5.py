@@ -13,17 +13,15 @@ computed once (``DecoderCache.cross``) and reused for every step.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
-from .attention import attention, compute_dtype
+from .attention import SDPA, AttentionImpl, attention
 
 
 class RMSNorm(nn.Module):
@@ -90,6 +88,7 @@ class T5Attention(nn.Module):
             self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
+        self.attention_impl = SDPA  # chosen by whoever runs the model: ``set_attention``
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         # [B, L, n*H*Dh] -> n x [B, H, L, Dh]
@@ -101,11 +100,12 @@ class T5Attention(nn.Module):
         return self._heads(self.kv(context), 2)
 
     def forward(self, x: Tensor, bias: Tensor | None, kv: tuple[Tensor, Tensor] | None = None,
-                cache: "LayerCache | None" = None) -> Tensor:
+                cache: "LayerCache | None" = None, impl: AttentionImpl | None = None) -> Tensor:
         """x: [B, L, D]. bias: additive [B|1, H, L, S] (position bias + masks) or None.
 
         Self-attention: keys/values come from x (and, with a cache, from the earlier steps).
-        Cross-attention: ``kv`` holds the projected context keys/values.
+        Cross-attention: ``kv`` holds the projected context keys/values. ``impl`` overrides
+        ``attention_impl`` for this call (the compiled decoding step's kernel).
         """
         B, L, _ = x.shape
         if self.cross:
@@ -115,7 +115,8 @@ class T5Attention(nn.Module):
             q, k, v = self._heads(self.qkv(x), 3)
             if cache is not None:
                 k, v = cache.append(k, v)
-        out = attention(q, k, v, bias, dropout_p=self.dropout if self.training else 0.0, scale=1.0)
+        out = attention(q, k, v, bias, dropout_p=self.dropout if self.training else 0.0, scale=1.0,
+                        impl=impl or self.attention_impl)
         return self.o(out.transpose(1, 2).reshape(B, L, self.n_heads * self.d_kv))
 
 
@@ -148,10 +149,10 @@ class T5Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, bias: Tensor | None, cross_kv: tuple[Tensor, Tensor] | None = None,
-                cache: "LayerCache | None" = None) -> Tensor:
-        x = x + self.dropout(self.self_attn(self.ln_self(x), bias, cache=cache))
+                cache: "LayerCache | None" = None, impl: AttentionImpl | None = None) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.ln_self(x), bias, cache=cache, impl=impl))
         if cross_kv is not None:
-            x = x + self.dropout(self.cross_attn(self.ln_cross(x), None, kv=cross_kv))
+            x = x + self.dropout(self.cross_attn(self.ln_cross(x), None, kv=cross_kv, impl=impl))
         return x + self.dropout(self.ff(self.ln_ff(x)))
 
 
@@ -171,6 +172,7 @@ class T5Encoder(nn.Module):
         self.blocks = nn.ModuleList([T5Block(cfg, cross=False) for _ in range(cfg.encoder_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.ln_eps)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.attention_impl = SDPA  # sets the position bias's dtype; ``set_attention`` changes it
         self.grad_checkpointing = 0  # the first N blocks recompute their forward in backward
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
@@ -180,7 +182,7 @@ class T5Encoder(nn.Module):
             attention_mask = tokens != self.cfg.pad_id
         x = self.dropout(self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds)
         L = tokens.shape[1]
-        bias_dtype = compute_dtype(x)
+        bias_dtype = self.attention_impl.compute_dtype(x)
         bias = self.position_bias(L, L).to(bias_dtype) + padding_bias(attention_mask.bool(), bias_dtype)
         for i, block in enumerate(self.blocks):
             x = checkpoint(block, x, bias, use_reentrant=False) if i < self.grad_checkpointing and self.training else block(x, bias)
@@ -228,29 +230,6 @@ class WriteAt:
         return self.k, self.v
 
 
-# dynamo traces a TorchFunctionMode entered inside a compiled region from PyTorch 2.6 on; before,
-# it is a graph break, which the step's fullgraph compile would turn into an error
-_MODES_TRACEABLE = torch.__version__ >= (2, 6)
-
-
-class TwoRowLinearAsBatchedMatmul(TorchFunctionMode):
-    """Entered by the compiled CPU step at two rows: an fp32 Linear without bias runs as a batched
-    matmul of one batch. Inductor turns a frozen Linear into MKL's packed GEMM, which at two rows
-    streams the weights more slowly than the plain GEMM a batched matmul calls, so slowly that the
-    step took longer at two rows than at four (``benchmarks/decode_step.py``). At one row and at
-    four or more the packed GEMM is the faster, so they keep it."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        if func is F.linear and bias is None:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            if weight.dtype == torch.float32 and x.shape[:-1].numel() == 2:
-                out = torch.bmm(x.reshape(1, 2, x.shape[-1]), weight.t().unsqueeze(0))
-                return out.reshape(*x.shape[:-1], weight.shape[0])
-        return func(*args, **kwargs)
-
-
 class DecoderCache:
     """Per-layer self-attention caches plus the cross-attention keys/values of the visual tokens.
     A static cache (for ``T5Decoder.static_step``) also holds ``bias_table`` [max_len, H, max_len]:
@@ -291,6 +270,7 @@ class T5Decoder(nn.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.ln_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.attention_impl = SDPA  # sets the position bias's dtype; ``set_attention`` changes it
         self.grad_checkpointing = 0  # the first N blocks recompute their forward in backward
 
     def cross_kv(self, visual_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -316,27 +296,24 @@ class T5Decoder(nn.Module):
                   for _ in self.blocks]
         bias_table = None
         if static:
-            bias_dtype = compute_dtype(cross[0][0])
+            bias_dtype = self.attention_impl.compute_dtype(cross[0][0])
             bias = self.position_bias(max_len, max_len)[0].to(bias_dtype)  # [H, query, key]
             future = torch.ones(max_len, max_len, dtype=torch.bool, device=bias.device).triu(diagonal=1)
             bias_table = bias.masked_fill(future, torch.finfo(bias_dtype).min).transpose(0, 1).contiguous()
         return DecoderCache(layers, cross, bias_table)
 
     def static_step(self, tokens: Tensor, position: Tensor, keys: list[Tensor], values: list[Tensor],
-                    cross: list[tuple[Tensor, Tensor]], bias_table: Tensor) -> Tensor:
+                    cross: list[tuple[Tensor, Tensor]], bias_table: Tensor, impl: AttentionImpl | None = None) -> Tensor:
         """One decoding step with fixed shapes, for ``torch.compile``: ``tokens`` [B, 1] at
         ``position`` (LongTensor [1]); ``keys``/``values``/``cross``/``bias_table`` from a static
         ``new_cache``. Writes this position's keys/values and returns next-token logits [B, V] (fp32).
-        Same blocks and arithmetic as the cached ``forward``; only the shapes stay constant (and,
-        compiled on CPU, two kernel choices: ``TwoRowLinearAsBatchedMatmul``, ``single_query_attention``)."""
-        two_rows = (tokens.shape[0] == 2 and tokens.device.type == "cpu" and _MODES_TRACEABLE
-                    and torch.compiler.is_compiling())
-        with TwoRowLinearAsBatchedMatmul() if two_rows else contextlib.nullcontext():
-            x = self.embed_tokens(tokens)
-            bias = bias_table.index_select(0, position)[:, :, None]  # [1, H, 1, max_len]
-            for i, block in enumerate(self.blocks):
-                x = block(x, bias, cross[i], WriteAt(keys[i], values[i], position))
-            return self.lm_head(self.final_norm(x))[:, -1].float()
+        Same blocks and arithmetic as the cached ``forward``; only the shapes stay constant.
+        ``impl``: the attention implementation of this step (default: the blocks' own)."""
+        x = self.embed_tokens(tokens)
+        bias = bias_table.index_select(0, position)[:, :, None]  # [1, H, 1, max_len]
+        for i, block in enumerate(self.blocks):
+            x = block(x, bias, cross[i], WriteAt(keys[i], values[i], position), impl=impl)
+        return self.lm_head(self.final_norm(x))[:, -1].float()
 
     def forward(self, tokens: Tensor, visual_tokens: Tensor | None = None, cache: DecoderCache | None = None,
                 inputs_embeds: Tensor | None = None, return_hidden: bool = False,
@@ -352,7 +329,7 @@ class T5Decoder(nn.Module):
         x = self.dropout(self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds)
         offset = 0 if cache is None else cache.length
         total = offset + L
-        bias_dtype = compute_dtype(x)
+        bias_dtype = self.attention_impl.compute_dtype(x)
         bias = self.position_bias(L, total, q_offset=offset).to(bias_dtype)
         if L > 1:  # causal mask within the new positions; a single new token may see everything
             causal = torch.ones(L, total, dtype=torch.bool, device=x.device).tril(diagonal=offset)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
-from .attention import attention
+from .attention import SDPA, attention
 
 
 class LayerNorm(nn.LayerNorm):
@@ -54,6 +54,7 @@ class MultiHeadAttention(nn.Module):
             self.q = nn.Linear(dim, dim)
             self.kv = nn.Linear(kv_dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
+        self.attention_impl = SDPA  # chosen by whoever runs the model: ``set_attention``
 
     def _split(self, x: Tensor, n: int) -> tuple[Tensor, ...]:
         B, L, _ = x.shape  # [B, L, n*dim] -> n x [B, heads, L, head_dim]
@@ -66,7 +67,7 @@ class MultiHeadAttention(nn.Module):
         else:
             (q,) = self._split(self.q(x), 1)
             k, v = self._split(self.kv(context), 2)
-        out = attention(q, k, v)
+        out = attention(q, k, v, impl=self.attention_impl)
         return self.out(out.transpose(1, 2).reshape(B, L, -1))
 
 

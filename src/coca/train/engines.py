@@ -16,6 +16,7 @@ import torch
 from ..cpu import isolate_inductor_cache
 from ..errors import UserError
 from ..layout import step_name
+from ..models.attention import set_attention
 from .checkpoint import (
     DS_TAG,
     consolidated_model,
@@ -25,6 +26,7 @@ from .checkpoint import (
     save_deepspeed_checkpoint,
 )
 from .distributed import World, barrier
+from .precision import training_attention
 
 
 def base_lr(optimizer) -> float:
@@ -236,6 +238,7 @@ class DeepSpeedEngine:
 
 def build_engine(kind: str, model, optimizer, scheduler, device: torch.device, world: World,
                  precision: str = "fp32", ds_config: dict | None = None, compile: bool = False):
+    set_attention(model, training_attention(device, precision))  # before compiling: traced as chosen
     if kind == "deepspeed":
         return DeepSpeedEngine(model, optimizer, scheduler, device, world, ds_config or {}, compile)
     engine = DDPEngine if kind == "ddp" else SingleEngine

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import ConfigError, RunConfig
-from ..cpu import cpu_has_bf16_matmul
+from ..config import RunConfig
 from ..data.loader import train_batches, training_captions, val_batches
 from ..errors import TrainingDiverged, UserError
 from ..evaluate.tasks import Evaluation
@@ -46,6 +45,7 @@ from .distributed import barrier, deepspeed_config, global_sum, init_world, shut
 from .engines import build_engine
 from .metrics import MetricsLog, TensorBoard
 from .optim import build_optimizer, build_scheduler, describe_groups, freeze
+from .precision import resolve_device, resolve_precision
 from .step import StepResult, train_step
 from .warmstart import init_tokenizer, load_init_weights
 
@@ -54,23 +54,6 @@ MAX_NONFINITE_IN_A_ROW = 20
 # all bad must end with a clear error, never loop forever. A stream with some bad samples
 # recovers long before (at half the samples bad, 2 pairs short 50 times in a row is ~1e-15).
 MAX_SHORT_STEPS_IN_A_ROW = 50
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
-    return device
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16_matmul() else "fp32"
 
 
 def prepare_tokenizer(cfg: RunConfig, run_dir: Path, log) -> Tokenizer:
