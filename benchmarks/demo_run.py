@@ -11,7 +11,7 @@ and on a CPU without AMX (the JSON names the CPU and any kernel restriction in t
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
         .venv/bin/python benchmarks/demo_run.py --json benchmarks/results/demo_run_avx2.json
 
-The recipes it replaced, timed the same way (the README's table of what bought the time):
+The recipes it replaced, timed the same way (docs/performance.md's table of what bought the time):
 
     .venv/bin/python benchmarks/demo_run.py --set train.precision=fp32 --set data.augment.crop_scale_min=0.9 \
         --set data.augment.brightness=0.15 --set data.augment.contrast=0.15 --set data.augment.saturation=0.1 \

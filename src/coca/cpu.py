@@ -39,7 +39,7 @@ def cpu_has_bf16_matmul(cpuinfo: str = "/proc/cpuinfo", env=None) -> bool:
     """Whether bf16 matmuls run in hardware here: the CPU has AMX-BF16 or AVX512-BF16 (read from
     /proc/cpuinfo) and ``ONEDNN_MAX_CPU_ISA`` does not restrict oneDNN to an ISA without them.
     Elsewhere bf16 matmuls are emulated and a BF16 step is several times slower than fp32
-    (``benchmarks/demo_step.py`` under each ISA: README, "The demo")."""
+    (``benchmarks/demo_step.py`` under each ISA: docs/performance.md, "The demo")."""
     flags = set(_cpuinfo_value("flags", cpuinfo).split())
     limit = (os.environ if env is None else env).get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
     return bool({"amx_bf16", "avx512_bf16"} & flags) and limit not in _ONEDNN_BELOW_BF16
