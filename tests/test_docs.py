@@ -3,6 +3,7 @@
 - every number they quote from a benchmark equals the results file it comes from
   (``scripts/check_numbers.py``);
 - the README stays short, starts with the two commands, and its Python example runs;
+- the parameter counts it and docs/architecture.md state are the models' own;
 - its command table names every ``coca`` subcommand, and only those;
 - every relative link (and ``#anchor``) resolves, every page in docs/ is linked from the README;
 - the code map in docs/architecture.md names files that exist, and every tracked module.
@@ -295,6 +296,24 @@ def test_the_code_tour_names_six_files_that_exist():
     files = re.findall(r"(?m)^\| \[`([^`]+)`\]\(([^)]+)\) \|", section)
     assert len(files) == 6
     assert all(name == target and (ROOT / name).is_file() for name, target in files)
+
+
+def test_the_parameter_counts_are_the_models():
+    import coca
+    from coca.summary import parameter_counts
+    readme = (ROOT / "README.md").read_text()
+    arch = (ROOT / "docs/architecture.md").read_text()
+    info = arch[arch.index("`coca info coca-large-v2`"):]
+    info = info[:info.index("```", info.index("```") + 3)]
+    for preset in coca.list_models():
+        counts = parameter_counts(coca.create_model(preset, device="meta"))
+        for text in (readme, arch):
+            row = next(line for line in text.splitlines() if line.startswith(f"| `{preset}` |"))
+            assert f"| {counts['total']:,} |" in row, (preset, row)
+        if preset == "coca-large-v2":
+            assert f"**{counts['total']:,}**" in readme
+            for component, n in counts.items():
+                assert re.search(rf"(?m)^{component if component != 'total' else 'total'}\s.*\b{n:,}\b", info), component
 
 
 # ---------------------------------------------------------------------------------------------
