@@ -50,13 +50,17 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class RunLayout:
-    """The paths of one run directory (``train.run_dir``)."""
+class Layout:
+    """A directory whose paths are its attributes (``Entry``) and methods."""
 
     root: Path
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
+
+
+class RunLayout(Layout):
+    """The paths of one run directory (``train.run_dir``)."""
 
     config = Entry("config.yaml")
     tokenizer = Entry("tokenizer.model")

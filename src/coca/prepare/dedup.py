@@ -50,6 +50,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +76,24 @@ from .hashing import (
     verified_edges,
     within_distance,
 )
+from .layout import UID_DIGITS, WorkLayout
 
-REASONS = ("duplicate_exact", "duplicate_near_image", "duplicate_caption", "duplicate_semantic")
-UID_TASK = 10 ** 7  # uid = f"{task:06d}{row:07d}": the id's task is id // UID_TASK
+
+class Reason(IntEnum):
+    """Why a sample is a duplicate: its code in the partitioned path's ``labels.npy``, and its
+    ``reason`` in ``dedup.parquet`` (``label``)."""
+
+    EXACT = 0
+    NEAR_IMAGE = 1
+    CAPTION = 2
+    SEMANTIC = 3
+
+    @property
+    def label(self) -> str:
+        return f"duplicate_{self.name.lower()}"
+
+
+REASONS = tuple(r.label for r in Reason)  # by code
 MAX_CC_ROUNDS = 200
 
 
@@ -101,7 +117,7 @@ def find_duplicates(meta, cfg: PrepareConfig, semantic_edges=None) -> tuple[list
     stages = []
     if d.exact_images and n:
         keys = np.array([bytes.fromhex(h) for h in meta["pixel_sha1"]], dtype="S20")
-        stages.append(("duplicate_exact", star_edges([keys], np.arange(n))))
+        stages.append((Reason.EXACT.label, star_edges([keys], np.arange(n))))
     if d.near_images and n:
         hashes = np.asarray(meta["phash"]).view(np.uint64)  # stored as signed int64
         a, b, _ = near_pairs(hashes, d.phash_max_distance)
@@ -109,23 +125,23 @@ def find_duplicates(meta, cfg: PrepareConfig, semantic_edges=None) -> tuple[list
             ra, rb = region_pairs(np.asarray(meta["regions"]).view(np.uint64), d.region_max_distance,
                                   d.region_min_agree)
             a, b = unique_edges(np.r_[a, ra], np.r_[b, rb])
-        stages.append(("duplicate_near_image", (a, b)))
+        stages.append((Reason.NEAR_IMAGE.label, (a, b)))
     best = {}
     if semantic_edges is not None:
-        stages.append(("duplicate_semantic", semantic_edges[:2]))
+        stages.append((Reason.SEMANTIC.label, semantic_edges[:2]))
         best = dict(zip(*(x.tolist() for x in sem.best_similarity(*semantic_edges))))
     if d.captions and n:
         keys = np.array([bytes.fromhex(h) for h in meta["caption_sha1"]], dtype="S20")
         exact = star_edges([keys], np.arange(n))
         near = near_captions(np.asarray(meta["minhash"], dtype=np.uint32), d.caption_jaccard)
-        stages.append(("duplicate_caption", unique_edges(np.r_[exact[0], near[0]], np.r_[exact[1], near[1]])))
+        stages.append((Reason.CAPTION.label, unique_edges(np.r_[exact[0], near[0]], np.r_[exact[1], near[1]])))
     for reason, (a, b) in stages:
         for i, j in zip(a.tolist(), b.tolist()):
             uf.union(i, j, reason)
     rep = [uf.find(i) for i in range(n)]
     reasons = [uf.reason.get(i) if rep[i] != i else None for i in range(n)]
     return ([r if r != i else None for i, r in enumerate(rep)], reasons,
-            [best.get(i) if why == "duplicate_semantic" else None for i, why in enumerate(reasons)])
+            [best.get(i) if why == Reason.SEMANTIC.label else None for i, why in enumerate(reasons)])
 
 
 def read_meta(path, columns: list[str]) -> dict:
@@ -141,7 +157,7 @@ def read_meta(path, columns: list[str]) -> dict:
             out[name] = values.astype(np.uint32) if name == "minhash" else values.view(np.uint64)
             out[name] = out[name].reshape(len(table), -1) if len(table) else out[name].reshape(0, 1)
         elif name == "uid":
-            out[name] = np.array(column.to_pylist(), dtype="S13")
+            out[name] = np.array(column.to_pylist(), dtype=f"S{UID_DIGITS}")
         else:
             out[name] = column.to_pylist()
     return out
@@ -180,14 +196,18 @@ class DedupPlan:
     caption_jaccard: float
 
     @property
-    def root(self) -> Path:
-        return Path(self.work) / "dedup"
+    def layout(self) -> WorkLayout:
+        return WorkLayout(self.work)
+
+    def task_part(self, task):
+        """The node partition of a filter task's samples (a task's range lies in one partition)."""
+        return task * self.parts // self.n_tasks
 
     def node_part(self, ids: np.ndarray) -> np.ndarray:
-        return (ids // UID_TASK) * self.parts // self.n_tasks
+        return self.task_part(WorkLayout.task_of(ids))
 
     def meta_file(self, task: int) -> Path:
-        return Path(self.work) / "filter" / f"task_{task:06d}" / "meta.parquet"
+        return self.layout.meta_file(task)
 
 
 EXACT = np.dtype([("key", "S20"), ("id", "<i8")])
@@ -268,7 +288,7 @@ def _peak_rss_mb() -> float:
 
 def emit_task(task: int, plan: DedupPlan) -> dict:
     """Pass 1: one filter task's keys, by key partition."""
-    final = plan.root / "emit" / f"task_{task:06d}"
+    final = plan.layout.emit_dir(task)
     if final.is_dir():
         return json.loads((final / "done.json").read_text())
     columns = (["uid", "pixel_sha1", "phash"] + (["regions"] if plan.region_masks else [])
@@ -327,10 +347,10 @@ def emit_task(task: int, plan: DedupPlan) -> dict:
 
 def bucket_task(q: int, plan: DedupPlan) -> dict:
     """Pass 2: the edges of key partition ``q``, by node partition."""
-    final = plan.root / "buckets" / f"part_{q:06d}"
+    final = plan.layout.bucket_dir(q)
     if final.is_dir():
         return json.loads((final / "done.json").read_text())
-    sources = [plan.root / "emit" / f"task_{t:06d}" for t in range(plan.n_tasks)]
+    sources = [plan.layout.emit_dir(t) for t in range(plan.n_tasks)]
     empty = np.zeros(0, np.int64)
     image, caption, semantic, written = [(empty, empty)], [(empty, empty)], [(empty, empty)], 0
     exact_dups = empty
@@ -386,8 +406,8 @@ def unique_edges_directed(src: np.ndarray, dst: np.ndarray):
 
 def _cc_inputs(name: str, rnd: int, plan: DedupPlan) -> list[tuple[list[Path], str]]:
     if rnd > 0:
-        return [(sorted((plan.root / f"cc_{name}" / f"round_{rnd - 1:03d}").glob("part_*")), "edges")]
-    buckets = [plan.root / "buckets" / f"part_{q:06d}" for q in range(plan.parts)]
+        return [(plan.layout.cc_parts(name, rnd - 1), "edges")]
+    buckets = [plan.layout.bucket_dir(q) for q in range(plan.parts)]
     files = {"image": ["image"], "visual": ["image", "semantic"], "all": ["image", "semantic", "caption"]}[name]
     return [(buckets, f) for f in files]
 
@@ -401,7 +421,7 @@ def cc_round_task(job: tuple[str, int, int], plan: DedupPlan) -> dict:
     nodes already form stars around their smallest node (when all do, the components are found)
     and writes the next round's edges (large-star on even rounds, small-star on odd ones)."""
     name, rnd, p = job
-    final = plan.root / f"cc_{name}" / f"round_{rnd:03d}" / f"part_{p:06d}"
+    final = plan.layout.cc_dir(name, rnd, p)
     if final.is_dir():
         return json.loads((final / "done.json").read_text())
     src, dst, starts, lengths = _neighbours(_read_cc_input(name, rnd, p, plan))
@@ -430,21 +450,22 @@ def _star_labels(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def label_task(p: int, plan: DedupPlan, rounds: dict) -> dict:
     """Pass 4: ``duplicate_of`` and reason of the duplicates among node partition ``p``'s nodes."""
-    final = plan.root / "labels" / f"part_{p:06d}"
+    final = plan.layout.label_dir(p)
     if final.is_dir():
         return json.loads((final / "done.json").read_text())
-    buckets = [plan.root / "buckets" / f"part_{q:06d}" for q in range(plan.parts)]
+    buckets = [plan.layout.bucket_dir(q) for q in range(plan.parts)]
     exact_dups = read_partition(buckets, "exact_dups", p, np.dtype("<i8"))
     near_nodes, _ = _star_labels(_read_cc_input("image", rounds["image"], p, plan))
     names = _cc_names(plan)
     visual_nodes = _star_labels(_read_cc_input("visual", rounds["visual"], p, plan))[0] if "visual" in names else near_nodes
     nodes, reps = _star_labels(_read_cc_input(names[-1], rounds[names[-1]], p, plan))
-    reason = np.where(np.isin(nodes, exact_dups), 0, np.where(np.isin(nodes, near_nodes), 1,
-                                                               np.where(np.isin(nodes, visual_nodes), 3, 2))).astype(np.int8)
+    reason = np.where(np.isin(nodes, exact_dups), Reason.EXACT, np.where(
+        np.isin(nodes, near_nodes), Reason.NEAR_IMAGE,
+        np.where(np.isin(nodes, visual_nodes), Reason.SEMANTIC, Reason.CAPTION))).astype(np.int8)
     best = read_partition(buckets, "similarity", p, SIMILARITY)
     ids, sims = sem.highest_per_node(best["id"], best["sim"])  # a node's edges may span key partitions
     at = np.searchsorted(ids, nodes)
-    semantic = reason == 3
+    semantic = reason == Reason.SEMANTIC
     semantic[semantic] &= (at[semantic] < ids.size)
     semantic[semantic] &= ids[at[semantic]] == nodes[semantic]
     sim = np.full(nodes.size, np.nan, np.float32)
@@ -459,9 +480,9 @@ def partitioned_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig, run, lo
     Returns ``work/dedup.parquet`` and per-pass measurements (seconds, bytes, peak RSS)."""
     import pyarrow.parquet as pq
     d = cfg.dedup
-    root = work / "dedup"
-    root.mkdir(exist_ok=True)
-    n = sum(pq.ParquetFile(work / "filter" / f"task_{t:06d}" / "meta.parquet").metadata.num_rows
+    layout = WorkLayout(work)
+    layout.dedup.mkdir(exist_ok=True)
+    n = sum(pq.ParquetFile(layout.meta_file(t)).metadata.num_rows
             for t in range(n_tasks))
     variants = _hash_variants(work, n_tasks)
     masks = hash_tables(n * variants, d.phash_max_distance)[0] if n else []
@@ -471,12 +492,12 @@ def partitioned_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig, run, lo
                      d.semantic_threshold if d.semantic_model and n else 0.0, d.semantic_probes,
                      d.exact_images, d.near_images, d.captions, d.caption_jaccard)
     report = {"samples": n, "partitions": plan.parts, "lsh_tables": len(masks), "region_tables": len(region_masks)}
-    if plan.semantic_threshold and not (root / "centroids.npy").is_file():
+    if plan.semantic_threshold and not layout.centroids.is_file():
         t0 = time.time()
         centroids = semantic_centroids(work, n_tasks, n, d.semantic_cluster_size)
         buf = io.BytesIO()
         np.save(buf, centroids)
-        atomic_write_bytes(root / "centroids.npy", buf.getvalue())
+        atomic_write_bytes(layout.centroids, buf.getvalue())
         report["centroids"] = {"clusters": len(centroids), "seconds": round(time.time() - t0, 2)}
 
     def timed(pass_name, fn, items):
@@ -505,23 +526,23 @@ def partitioned_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig, run, lo
     labels = {}
     for t in range(n_tasks):
         meta = pq.read_table(plan.meta_file(t), columns=["uid", "key", "source"]).to_pydict()
-        p = int(plan.node_part(np.array([t * UID_TASK]))[0])
+        p = plan.task_part(t)
         if p not in labels:
-            rec = np.load(root / "labels" / f"part_{p:06d}" / "labels.npy")
+            rec = np.load(layout.label_dir(p) / "labels.npy")
             labels = {p: dict(zip(rec["id"].tolist(), zip(rec["rep"].tolist(), rec["reason"].tolist(),
                                                           rec["sim"].tolist())))}
         for u in meta["uid"]:
             rep, why, sim = labels[p].get(int(u), (None, None, None))
-            dup_of.append(None if rep is None else f"{rep:013d}")
+            dup_of.append(None if rep is None else WorkLayout.format_uid(rep))
             reason.append(None if why is None else REASONS[why])
-            similarity.append(sim if why == 3 and not math.isnan(sim) else None)
+            similarity.append(sim if why == Reason.SEMANTIC and not math.isnan(sim) else None)
         uid += meta["uid"]
         key += meta["key"]
         source += meta["source"]
-    write_dedup_table(work / "dedup.parquet", uid, key, source, dup_of, reason, similarity)
+    write_dedup_table(layout.dedup_file, uid, key, source, dup_of, reason, similarity)
     log(f"dedup (partitioned): {plan.parts} partitions, {len(masks)} LSH tables, "
         f"{sum(r is not None for r in dup_of)} duplicates among {n} samples")
-    return work / "dedup.parquet", report
+    return layout.dedup_file, report
 
 
 def _cc_names(plan: DedupPlan) -> list[str]:
@@ -530,7 +551,7 @@ def _cc_names(plan: DedupPlan) -> list[str]:
 
 
 def _centroids(plan: DedupPlan) -> np.ndarray:
-    return np.load(plan.root / "centroids.npy")
+    return np.load(plan.layout.centroids)
 
 
 def semantic_centroids(work: Path, n_tasks: int, n: int, cluster_size: int) -> np.ndarray:
@@ -539,7 +560,7 @@ def semantic_centroids(work: Path, n_tasks: int, n: int, cluster_size: int) -> n
     k = sem.n_clusters(n, cluster_size)
     rows, chunks, start = sem.centroid_sample_rows(n, k), [], 0
     for t in range(n_tasks):
-        f = work / "filter" / f"task_{t:06d}" / sem.EMBEDDINGS_FILE
+        f = WorkLayout(work).filter_dir(t) / sem.EMBEDDINGS_FILE
         emb = np.load(f, mmap_mode="r")
         mine = rows[(rows >= start) & (rows < start + len(emb))] - start
         chunks.append(np.asarray(emb[mine]))
@@ -550,15 +571,15 @@ def semantic_centroids(work: Path, n_tasks: int, n: int, cluster_size: int) -> n
 def _hash_variants(work: Path, n_tasks: int) -> int:
     import pyarrow.parquet as pq
     for t in range(n_tasks):
-        rows = pq.read_table(work / "filter" / f"task_{t:06d}" / "meta.parquet", columns=["phash"]).column(0)
+        rows = pq.read_table(WorkLayout(work).meta_file(t), columns=["phash"]).column(0)
         if len(rows):
             return len(rows[0].as_py())
     return 1
 
 
 def single_process_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig) -> Path:
-    columns = meta_columns(cfg)
-    parts = [read_meta(work / "filter" / f"task_{t:06d}" / "meta.parquet", columns) for t in range(n_tasks)]
+    columns, layout = meta_columns(cfg), WorkLayout(work)
+    parts = [read_meta(layout.meta_file(t), columns) for t in range(n_tasks)]
     parts = [p for p in parts if len(p["uid"])]  # a task whose samples were all rejected has none
     meta = {c: ([x for p in parts for x in p[c]] if c in ("key", "source", "pixel_sha1", "caption_sha1")
                 else np.concatenate([p[c] for p in parts])) for c in columns} if parts else {c: [] for c in columns}
@@ -566,11 +587,11 @@ def single_process_duplicates(work: Path, n_tasks: int, cfg: PrepareConfig) -> P
     n = len(meta["uid"])
     if cfg.dedup.semantic_model and n:  # the partitioned path's steps, on the same arrays
         centroids = semantic_centroids(work, n_tasks, n, cfg.dedup.semantic_cluster_size)
-        emb = np.concatenate([np.load(work / "filter" / f"task_{t:06d}" / sem.EMBEDDINGS_FILE) for t in range(n_tasks)])
+        emb = np.concatenate([np.load(layout.filter_dir(t) / sem.EMBEDDINGS_FILE) for t in range(n_tasks)])
         cluster, ids, vectors = sem.probe_records(np.arange(n, dtype=np.int64), emb, centroids, cfg.dedup.semantic_probes)
         semantic_edges = sem.clustered_edges(ids, vectors, cluster, cfg.dedup.semantic_threshold)
     dup_of, reasons, similarity = find_duplicates(meta, cfg, semantic_edges)
     uids = [u.decode() for u in meta["uid"]]
-    write_dedup_table(work / "dedup.parquet", uids, meta["key"], meta["source"],
+    write_dedup_table(layout.dedup_file, uids, meta["key"], meta["source"],
                       [None if d is None else uids[d] for d in dup_of], reasons, similarity)
-    return work / "dedup.parquet"
+    return layout.dedup_file

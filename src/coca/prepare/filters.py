@@ -9,6 +9,7 @@ from PIL import Image
 
 from ..data.samples import Skipped, decode_caption, decode_image, normalise_caption
 from .config import SCRIPTS, FilterConfig
+from .dedup import REASONS as DUPLICATE_REASONS
 from .hashing import caption_hash, image_hashes, minhash, pixel_hash
 
 REJECT_REASONS = (
@@ -18,8 +19,8 @@ REJECT_REASONS = (
     # filters
     "too_small", "bad_aspect", "no_content", "caption_too_short", "caption_too_long", "boilerplate_caption", "script",
     "low_similarity",
-    # deduplication
-    "duplicate_exact", "duplicate_near_image", "duplicate_caption",
+    # decontamination (dedup.against) and deduplication
+    "eval_overlap", *DUPLICATE_REASONS,
 )
 
 _IMAGE_FILE = re.compile(r"^[\w\-. ()\[\]]+\.(jpe?g|png|gif|webp|bmp|tiff?|heic)$", re.IGNORECASE)

@@ -52,6 +52,7 @@ from .decontaminate import build_eval_index, eval_index
 from .dedup import partitioned_duplicates, single_process_duplicates
 from .engine import parallel_map
 from .filters import process_sample
+from .layout import WorkLayout, shard_name
 from .semantic import EMBEDDINGS_FILE, check_model, embed_images
 
 REJECT_COLUMNS = ("uid", "key", "source", "reason", "duplicate_of", "eval_file", "similarity")
@@ -144,7 +145,7 @@ def filter_task(task: Task, cfg: PrepareConfig, work: str) -> dict:
     """Filter and hash one input task into ``work/filter/task_N`` (skipped if already done)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    final = Path(work) / "filter" / f"task_{task.index:06d}"
+    final = WorkLayout(work).filter_dir(task.index)
     if final.is_dir():
         return json.loads((final / "counts.json").read_text())
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
@@ -156,7 +157,7 @@ def filter_task(task: Task, cfg: PrepareConfig, work: str) -> dict:
     with tarfile.open(tmp / "samples.tar", "w") as tf:
         for n, item in enumerate(read_task(task, cfg)):
             counts["input"] += 1
-            uid = f"{task.index:06d}{n:07d}"
+            uid = WorkLayout.uid(task.index, n)
             if isinstance(item, Skipped):
                 rejects.append({"uid": uid, "key": item.key, "source": task.path, "reason": item.reason,
                                 "duplicate_of": None})
@@ -267,7 +268,7 @@ def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 def dedup_stage(work: Path, tasks: list[Task], cfg: PrepareConfig, log) -> Path:
     """``work/dedup.parquet`` (skipped if already written), in one process or partitioned
     (``dedup.partitioned``; by default with the Ray engine). Both give the same file."""
-    out = work / "dedup.parquet"
+    out = WorkLayout(work).dedup_file
     if out.is_file():
         return out
     t0 = time.time()
@@ -294,15 +295,16 @@ def shard_task(job: tuple[int, list[str]], work: str, out: str) -> int:
     """Write output shard ``job[0]`` with the samples ``job[1]`` (uids), in that order, copying
     their members from the filter tasks' tars."""
     index, uids = job
-    final = Path(out) / f"{index:06d}.tar"
+    final = Path(out) / shard_name(index)
     if final.is_file():
         return len(uids)
-    by_task: dict[str, set[str]] = {}
+    layout = WorkLayout(work)
+    by_task: dict[int, set[str]] = {}
     for uid in uids:
-        by_task.setdefault(uid[:6], set()).add(uid)
+        by_task.setdefault(layout.task_of(uid), set()).add(uid)
     members: dict[str, bytes] = {}
     for task_id, wanted in by_task.items():
-        with tarfile.open(Path(work) / "filter" / f"task_{task_id}" / "samples.tar") as tf:
+        with tarfile.open(layout.filter_dir(task_id) / "samples.tar") as tf:
             for member in tf:
                 if member.name.split(".")[0] in wanted:
                     members[member.name] = tf.extractfile(member).read()
@@ -321,7 +323,8 @@ def shard_task(job: tuple[int, list[str]], work: str, out: str) -> int:
 
 def _remove_temporaries(out: Path, work: Path) -> None:
     """Half-written task directories and shards of a crashed run (one driver per output directory)."""
-    for p in [*(work / "filter").glob(".task_*"), *out.glob(".*.tar.tmp*"), *(work / "dedup").rglob(".*.tmp*")]:
+    layout = WorkLayout(work)
+    for p in [*layout.filter_temporaries(), *out.glob(".*.tar.tmp*"), *layout.dedup.rglob(".*.tmp*")]:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -332,6 +335,7 @@ def run_prepare(inputs: list[str], output: str, cfg: PrepareConfig, log=print) -
     t0 = time.time()
     out = Path(output)
     work = out / "_work"
+    layout = WorkLayout(work)
     work.mkdir(parents=True, exist_ok=True)
     config_file = out / "prepare_config.yaml"
     settings = {"inputs": list(inputs), **cfg.to_dict()}
@@ -345,7 +349,7 @@ def run_prepare(inputs: list[str], output: str, cfg: PrepareConfig, log=print) -
         atomic_write_text(config_file, yaml.safe_dump(settings, sort_keys=False))
     _remove_temporaries(out, work)
     tasks = list_tasks(inputs, cfg)
-    done = sum((work / "filter" / f"task_{t.index:06d}").is_dir() for t in tasks)
+    done = sum(layout.filter_dir(t.index).is_dir() for t in tasks)
     log(f"{len(tasks)} input tasks ({done} already done), engine {cfg.engine}")
     against = build_eval_index(cfg.dedup.against, work, cfg.filters.max_pixels, functools.partial(_run_tasks, cfg=cfg),
                                log) if cfg.dedup.against else None
@@ -366,7 +370,7 @@ def run_prepare(inputs: list[str], output: str, cfg: PrepareConfig, log=print) -
     written = _run_tasks(functools.partial(shard_task, work=str(work), out=str(out)), jobs, "shard", cfg)
 
     # every rejection, with its reason: filter rejects of all tasks, then duplicates
-    tables = [pq.read_table(work / "filter" / f"task_{t.index:06d}" / "rejects.parquet") for t in tasks]
+    tables = [pq.read_table(layout.filter_dir(t.index) / "rejects.parquet") for t in tasks]
     dup_rows = [{"uid": u, "key": k, "source": src, "reason": r, "duplicate_of": d, "similarity": sim}
                 for u, k, src, d, r, sim in zip(dedup["uid"], dedup["key"], dedup["source"], dedup["duplicate_of"],
                                                 dedup["reason"], dedup["similarity"]) if d is not None]

@@ -19,6 +19,8 @@ import tarfile
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from .layout import WorkLayout
+
 WORDS = ("red blue green yellow small large old new wooden metal bright dark happy quiet busy empty "
          "dog cat house tree car boat street river mountain city beach garden kitchen window table "
          "woman man child bird horse flower bridge train road field sky cloud lamp chair book").split()
@@ -310,8 +312,6 @@ def synthetic_hash_records(work, n: int, n_tasks: int, seed: int = 0, variants: 
     ``captions``, one in 20 captions is a near copy (8 of 64 MinHash values changed) of another.
     With 4 variants the last equals the first for 9 in 10 samples (a picture without borders).
     Returns counts of what was planted."""
-    from pathlib import Path
-
     import pyarrow as pa
     import pyarrow.parquet as pq
     rng = np.random.default_rng(seed)
@@ -360,7 +360,7 @@ def synthetic_hash_records(work, n: int, n_tasks: int, seed: int = 0, variants: 
     for t in range(n_tasks):
         lo, hi = bounds[t], bounds[t + 1]
         rows = hi - lo
-        uid = [f"{t:06d}{r:07d}" for r in range(rows)]
+        uid = [WorkLayout.uid(t, r) for r in range(rows)]
         table = pa.table({
             "uid": uid, "key": [f"s{lo + r}" for r in range(rows)], "source": [f"synthetic:{lo + r}" for r in range(rows)],
             "width": pa.array(np.full(rows, 224, np.int32)), "height": pa.array(np.full(rows, 224, np.int32)),
@@ -374,7 +374,7 @@ def synthetic_hash_records(work, n: int, n_tasks: int, seed: int = 0, variants: 
                 np.arange(0, rows * 64 + 1, 64, dtype=np.int32) if captions else np.zeros(rows + 1, np.int32),
                 pa.array(sigs[lo:hi].reshape(-1) if captions else np.zeros(0, np.uint32), pa.uint32())),
         })
-        d = Path(work) / "filter" / f"task_{t:06d}"
+        d = WorkLayout(work).filter_dir(t)
         d.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, d / "meta.parquet")
     return {"samples": n, "exact_copies": int(exact.size), "near_copies": int(near.size), "chain_links": int(links.size),
