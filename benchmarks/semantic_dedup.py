@@ -105,6 +105,7 @@ def million(args) -> dict:
     from coca.prepare.config import load_prepare_config
     from coca.prepare.dedup import partitioned_duplicates
     from coca.prepare.engine import parallel_map
+    from coca.prepare.layout import WorkLayout
     from coca.prepare.planted import synthetic_hash_records
     work = Path(tempfile.mkdtemp(prefix="semantic_", dir=os.environ.get("TMPDIR")))
     try:
@@ -121,7 +122,7 @@ def million(args) -> dict:
             x = everything[src] + 0.25 * rng.standard_normal(args.dim, dtype=np.float32) / np.sqrt(args.dim)
             everything[c] = x / np.linalg.norm(x)  # cosine about 0.97 to its source
         for t in range(tasks):
-            np.save(work / "filter" / f"task_{t:06d}" / sem.EMBEDDINGS_FILE,
+            np.save(WorkLayout(work).filter_dir(t) / sem.EMBEDDINGS_FILE,
                     everything[bounds[t]:bounds[t + 1]].astype(np.float16))
         del everything
         cfg = load_prepare_config(None, [f"workers={args.workers}", "dedup.exact_images=false", "dedup.near_images=false",
