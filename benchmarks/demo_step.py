@@ -64,13 +64,12 @@ def main() -> None:
         cfg = load_run_config(str(DEMO_CONFIG), [f"train.run_dir={tmp}/{len(trainers)}", "data.workers=0",
                                                  f"train.precision={precision}"])
         trainer = Trainer(cfg, log=lambda *a: None)
-        trainer.build()
-        trainer.resume()
+        trainer.setup()
         if attention is not None:
-            set_attention(trainer.model, attention)
+            set_attention(trainer.parts.model, attention)
         trainers[name] = trainer
     first = next(iter(trainers.values()))
-    stream = train_batches(cfg.data, cfg.model.vision.image_size, first.tokenizer, 0)
+    stream = train_batches(cfg.data, cfg.model.vision.image_size, first.parts.tokenizer, 0)
     batches = [[(b["images"], b["tokens"])] for b in (next(stream) for _ in range(8))]
     times = {name: [] for name in rows}
     for rep in range(args.reps):

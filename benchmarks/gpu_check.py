@@ -8,7 +8,7 @@ It writes one JSON file and prints one table:
 1. ``matmul``: the device's measured dense bf16 matmul peak (square matmuls, best of several),
    next to the datasheet peak given with ``--datasheet-tflops`` (H100/H200 SXM: 989, A100: 312).
 2. ``train``: our ``coca-large-v2`` training step (forward, contrastive + caption loss, backward,
-   AdamW; bf16 autocast with fp32 master weights; the trainer's own ``train_step`` on the single
+   AdamW; bf16 autocast with fp32 master weights; the trainer's own step (``run_step``) of the single
    engine) at the largest micro-batch that fits, searched by doubling, with and without
    activation checkpointing: samples/s, MFU against the measured and the datasheet peak (model
    FLOPs = 3 x forward, the recomputed forward not counted), peak memory against ``coca plan``'s
@@ -102,13 +102,13 @@ def ours_step_factory(preset: str, device, checkpointing: bool):
     from coca.train.distributed import World
     from coca.train.engines import build_engine
     from coca.train.optim import build_optimizer, build_scheduler
-    from coca.train.step import train_step
     torch.manual_seed(0)
     model = coca.create_model(preset).to(device).train()
     model.set_grad_checkpointing(checkpointing)
     opt_cfg = OptimConfig(lr=1e-4)
     optimizer = build_optimizer(model, opt_cfg)
-    engine = build_engine("single", model, optimizer, build_scheduler(optimizer, opt_cfg, 1000), device, World(), "bf16")
+    engine = build_engine("single", model, optimizer, build_scheduler(optimizer, opt_cfg, 1000), device, World(), "bf16",
+                          grad_clip=1.0)
     loss_fn = CoCaLoss(1.0, 1.0, model.cfg.text.pad_id)
     cfg = model.cfg
 
@@ -116,9 +116,7 @@ def ours_step_factory(preset: str, device, checkpointing: bool):
         images, tokens = synthetic_batch(batch, cfg.vision.image_size, cfg.text.vocab_size, device)
 
         def step():
-            result = train_step(engine, [(images, tokens)], loss_fn)
-            engine.step(1.0)
-            return result
+            return engine.run_step([(images, tokens)], loss_fn)
         return step
     return model, make
 

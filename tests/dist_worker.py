@@ -5,7 +5,7 @@ with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, as torchrun does).
 
 Builds the test model and the fixed global batch (tests/dist_common.py), takes this rank's rows
 (SPLIT: comma-separated row counts per rank), runs one optimiser step through coca's real training
-step (coca.train.step.train_step on the engine the trainer would build) and
+step (``run_step`` of the engine the trainer would build) and
 writes the global loss and the updated parameters (rank 0) to OUT_FILE. With NAN_RANK, that rank's
 second decoder call returns NaN, so the first step's loss is not finite there: the step must be
 skipped on every rank without touching the weights, and a second, clean step must then equal the
@@ -23,7 +23,6 @@ from dist_common import build, global_batch, run_config  # noqa: E402
 from coca.losses import CoCaLoss  # noqa: E402
 from coca.train.distributed import deepspeed_config, global_sum, init_world, shutdown  # noqa: E402
 from coca.train.engines import build_engine  # noqa: E402
-from coca.train.step import train_step  # noqa: E402
 
 
 def main() -> None:
@@ -56,10 +55,10 @@ def main() -> None:
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if engine.input_dtype is not None:
             micro = [(i.to(engine.input_dtype), t) for i, t in micro]
-        skipped = train_step(engine, micro, loss_fn)
-        if skipped.finite:
-            raise AssertionError("the poisoned step was reported finite")
-        engine.zero_grad()  # as the trainer does after a skipped step
+        engine.run_step(micro, loss_fn)
+        skipped = engine.streak.value() == 1
+        if not skipped:
+            raise AssertionError("the poisoned step was not counted as non-finite")
         changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
         if changed:
             raise AssertionError(f"the skipped step changed {len(changed)} tensors, e.g. {changed[:3]}")
@@ -68,11 +67,10 @@ def main() -> None:
                 torch.save({"first_step_finite": False, "unchanged_after_skip": True}, out_file)
             shutdown(world)
             return
-    step = train_step(engine, micro, loss_fn)
-    assert step.finite
-    engine.step(0.0)
+    step = engine.run_step(micro, loss_fn)
+    assert step.counted and engine.streak.value() == 0
     result = {k: global_sum(v, world, "cpu") / world.world_size for k, v in step.losses.as_floats().items()}
-    result["first_step_finite"] = None if skipped is None else skipped.finite
+    result["first_step_finite"] = None if skipped is None else not skipped
     result["unchanged_after_skip"] = None if skipped is None else True
     if world.is_main:
         result["params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}

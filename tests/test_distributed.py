@@ -99,12 +99,10 @@ def test_grad_cache_in_one_process_equals_the_whole_batch(tmp_path):
     from coca.losses import CoCaLoss
     from coca.train.distributed import World
     from coca.train.engines import build_engine
-    from coca.train.step import train_step
     model, optimizer, scheduler = build()
     images, tokens = global_batch()
     engine = build_engine("single", model, optimizer, scheduler, torch.device("cpu"), World())
-    step = train_step(engine, list(zip(images.chunk(4), tokens.chunk(4))), CoCaLoss(1.0, 1.0, 0))
-    engine.step(0.0)
+    step = engine.run_step(list(zip(images.chunk(4), tokens.chunk(4))), CoCaLoss(1.0, 1.0, 0))
     check_matches_single_process({**step.losses.as_floats(), "params": model.state_dict()})
 
 

@@ -414,31 +414,73 @@ def test_compiled_training_step_matches_eager(tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
 
 
-def test_nonfinite_step_is_skipped_on_the_device_without_a_host_check():
-    """Fused AdamW skips the update of a non-finite step itself (found_inf): the trainer needs no
-    host synchronisation to decide. The weights and the optimiser's step count stay as they were."""
+def test_nonfinite_step_is_skipped_on_the_device_without_a_host_check(monkeypatch):
+    """Fused AdamW skips the update of a non-finite step itself (found_inf): the engine's step needs
+    no host synchronisation to decide. The weights and the optimiser's step count stay as they
+    were; the step counts (the schedule advanced), the streak is one, and a clean step resets it."""
     from coca.config import OptimConfig
     from coca.losses import CoCaLoss
+    from coca.train import engines
     from coca.train.distributed import World
     from coca.train.engines import build_engine
     from coca.train.optim import build_optimizer, build_scheduler
-    from coca.train.step import train_step
     torch.manual_seed(0)
     model = coca.create_model(load_run_config(None, ["model.text.vocab_size=64"]).model).train()
     opt = build_optimizer(model, OptimConfig(lr=1e-3))
-    engine = build_engine("single", model, opt, build_scheduler(opt, OptimConfig(), 10), torch.device("cpu"), World())
-    assert engine.skips_on_device
+    engine = build_engine("single", model, opt, build_scheduler(opt, OptimConfig(), 10), torch.device("cpu"), World(),
+                          grad_clip=1.0)
     images, tokens = torch.randn(4, 3, 64, 64), torch.randint(3, 64, (4, 8))
     poison = {"on": True}
     model.text_decoder.register_forward_hook(lambda m, a, out: out * float("nan") if poison["on"] else out)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train_step(engine, [(images, tokens)], CoCaLoss(1.0, 1.0, 0))
-    assert isinstance(result.finite, torch.Tensor) and not bool(result.finite)
-    _, applied = engine.step_unless_nonfinite(1.0, result.finite)
-    assert not bool(applied)
+    host_reads = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: host_reads.append(t) or real_bool(t))
+    outcome = engine.run_step([(images, tokens)], CoCaLoss(1.0, 1.0, 0))
+    assert not host_reads  # decided on the device
+    monkeypatch.undo()
+    assert outcome.counted and not torch.isfinite(outcome.losses.loss) and engine.streak.value() == 1
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(float(s["step"]) == 0 for s in opt.state.values())  # Adam's bias correction did not advance
+    assert engine.scheduler.last_epoch == 1
     poison["on"] = False
-    result = train_step(engine, [(images, tokens)], CoCaLoss(1.0, 1.0, 0))
-    _, applied = engine.step_unless_nonfinite(1.0, result.finite)
-    assert bool(applied) and not torch.equal(model.visual.conv1.weight, before["visual.conv1.weight"])
+    outcome = engine.run_step([(images, tokens)], CoCaLoss(1.0, 1.0, 0))
+    assert outcome.counted and engine.streak.value() == 0
+    assert not torch.equal(model.visual.conv1.weight, before["visual.conv1.weight"])
+
+
+def test_compiled_captioning_while_training_leaves_the_training_graph_compiled(tmp_path, monkeypatch):
+    """train.compile with a captioning evaluation that decodes through the compiled step, every
+    step: the evaluation's ``CompiledDecoder`` recompiles its own graphs for the new weights at each
+    evaluation and never drops the training model's, which compiles once, at the first step
+    (``torch.compiler.reset()`` on a weight change made it compile again after every evaluation).
+    Dynamo's own backend for the training model (``eager``: its graph is counted and run as traced)
+    keeps the test short; the decoding step compiles with inductor as it ships."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from coca.evaluate.synthetic import write_eval_sets
+    from coca.evaluate.tasks import Evaluation
+    from coca.train import train
+    sets = write_eval_sets(tmp_path / "eval", n_classify=2, n_caption=4)
+    training_compiles = CompileCounterWithBackend("eager")
+    real_compile = torch.compile
+
+    def compile_counting_modules(obj, **kwargs):  # the training model is a module, the decoding step a method
+        return real_compile(obj, **{**kwargs, "backend": training_compiles}) if isinstance(obj, torch.nn.Module) \
+            else real_compile(obj, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_counting_modules)
+    seen = []  # (evaluation, training compiles so far) at each evaluation
+    real_run = Evaluation.run
+    monkeypatch.setattr(Evaluation, "run", lambda self, *a: seen.append((self, training_compiles.frame_count))
+                        or real_run(self, *a))
+    caption = {"task": "caption", "images": sets["captions"], "annotations": sets["annotations"], "compile": True,
+               "strategy": "greedy", "max_new_tokens": 4, "batch_size": 4, "workers": 0}
+    train(config(tmp_path, "train.steps=3", "train.checkpoint_every=3", "train.compile=true", "train.eval_every=1",
+                 "train.eval=" + json.dumps([caption])), log=lambda *a: None)
+    evaluation = seen[0][0]
+    assert len(seen) == 3 and all(e is evaluation for e, _ in seen)  # after steps 1 and 2, and at the end
+    assert evaluation.compiled.compiles == 3  # new weights at each evaluation: its graphs rebuilt
+    assert [n for _, n in seen] == [training_compiles.frame_count] * 3 and training_compiles.frame_count >= 1
+    evals = [r for r in train_lines(tmp_path / "run") if r.get("split") == "eval"]
+    assert [r["step"] for r in evals] == [1, 2, 3] and all("caption.CIDEr" in r for r in evals), evals

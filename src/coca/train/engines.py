@@ -1,6 +1,6 @@
-"""One engine per backend: a single process, PyTorch DDP, DeepSpeed ZeRO. Each owns how it runs the
-forward and backward pass, steps the optimiser, saves and loads a checkpoint and exports the
-final model, so the trainer never asks which one it has.
+"""One engine per backend: a single process, PyTorch DDP, DeepSpeed ZeRO. Each implements
+``Engine``: it runs the step (forward, backward, the non-finite decision and the update), saves
+and loads a checkpoint and exports the final model, so the trainer never asks which one it has.
 
 ``engine.model`` is always the plain CoCa module (for evaluation, GradCache's first pass and
 saving); ``engine.wrapped`` is what runs the training forward pass.
@@ -8,14 +8,19 @@ saving); ``engine.wrapped`` is what runs the training forward pass.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import json
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from ..cpu import isolate_inductor_cache
 from ..errors import UserError
-from ..layout import step_name
+from ..io import atomic_write_text
+from ..layout import RunLayout, step_name
+from ..losses import CoCaLoss, Losses
 from ..models.attention import set_attention
 from .checkpoint import (
     DS_TAG,
@@ -25,8 +30,59 @@ from .checkpoint import (
     save_checkpoint,
     save_deepspeed_checkpoint,
 )
-from .distributed import World, barrier
+from .distributed import World, barrier, deepspeed_config
+from .optim import step_unless_nonfinite
 from .precision import training_attention
+from .step import forward_backward
+
+
+@dataclass
+class Outcome:
+    """What one ``run_step`` did."""
+    losses: Losses                   # this rank's shares, detached
+    logit_scale: torch.Tensor        # the (clamped) inverse temperature the step used
+    rows: int                        # pairs on this rank
+    grad_norm: torch.Tensor | None   # before clipping; None when the engine does not report it
+    # True: an optimiser step (the schedule advanced; a non-finite update was skipped on the
+    # device). False: the loss was not finite on some rank, seen on the host; nothing changed.
+    counted: bool
+
+
+class NonFiniteStreak:
+    """Non-finite steps in a row: one counter, on the device where the decision is made, so that
+    counting never waits for it; ``value()`` reads it (a synchronisation: log steps, checkpoints)."""
+
+    def __init__(self, device: torch.device, start: int = 0):
+        self.count = torch.tensor(start, device=device)
+
+    def record(self, applied) -> None:
+        """``applied``: a bool, or a bool tensor on the counter's device."""
+        self.count = torch.where(torch.as_tensor(applied, device=self.count.device), 0, self.count + 1)
+
+    def value(self) -> int:
+        return int(self.count)
+
+    def restore(self, n: int) -> None:
+        """The count a checkpoint saved."""
+        self.count = torch.tensor(n, device=self.count.device)
+
+
+class Engine(Protocol):
+    """What the trainer, validation and ``forward_backward`` use of an engine."""
+    model: torch.nn.Module           # the plain CoCa module
+    device: torch.device
+    input_dtype: torch.dtype | None  # what images are cast to (None: left fp32)
+    streak: NonFiniteStreak
+
+    def autocast(self) -> AbstractContextManager: ...
+    def forward(self, images, tokens, return_logits: bool = True) -> dict: ...
+    def no_sync(self, skip_sync: bool) -> AbstractContextManager: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def run_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: CoCaLoss) -> Outcome: ...
+    def last_lr(self) -> float: ...
+    def save(self, root: Path, step: int, state: dict, keep: int) -> Path: ...
+    def load(self, path: Path) -> dict: ...
+    def export(self, model_dir: Path, tokenizer, checkpoint_root: Path, model_cfg) -> Path: ...
 
 
 def base_lr(optimizer) -> float:
@@ -36,14 +92,16 @@ def base_lr(optimizer) -> float:
 
 
 class SingleEngine:
-    """One process (also the base of DDP): autocast with fp32 master weights for BF16."""
+    """One process (also the base of DDP): autocast with fp32 master weights for BF16. The backward
+    always runs; the fused optimiser skips a non-finite update on the device, so no step waits
+    for the host."""
 
     def __init__(self, model, optimizer, scheduler, device: torch.device, world: World, precision: str = "fp32",
-                 compile: bool = False):
+                 compile: bool = False, grad_clip: float = 0.0):
         self.model, self.wrapped, self.optimizer, self.scheduler = model, model, optimizer, scheduler
-        self.device, self.world, self.precision = device, world, precision
+        self.device, self.world, self.precision, self.grad_clip = device, world, precision, grad_clip
         self.input_dtype = None  # images stay fp32; autocast casts inside the matmuls
-        self.steps_in_backward = False  # the optimiser steps in step(), after the finiteness check
+        self.streak = NonFiniteStreak(device)
         self.wrap()
         if compile:  # after wrapping, as PyTorch recommends for DDP; the plain module stays self.model
             isolate_inductor_cache()
@@ -65,47 +123,26 @@ class SingleEngine:
         """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP)."""
         return nullcontext()
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     def backward(self, loss) -> None:
         loss.backward()
 
-    def _clip(self, grad_clip: float, always_norm: bool = False):
-        """Clip the trainable gradients to ``grad_clip`` (0: no clipping); returns their norm before
-        clipping (None without clipping unless ``always_norm``)."""
+    def run_step(self, micro_batches, loss_fn: CoCaLoss) -> Outcome:
+        """Forward + backward, clip, and the update unless the loss or the (all-reduced) gradient
+        norm is not finite, decided on the device; the schedule advances either way."""
+        self.optimizer.zero_grad(set_to_none=True)
+        done = forward_backward(self, micro_batches, loss_fn)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]) if always_norm else None
-
-    def step(self, grad_clip: float = 0.0):
-        """Clip, optimiser step, schedule step. Returns the gradient norm before clipping (or None)."""
-        norm = self._clip(grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        return norm
-
-    @property
-    def skips_on_device(self) -> bool:
-        """The optimiser can skip a non-finite step on the device (fused AdamW's ``found_inf``), so
-        the step needs no host synchronisation to decide."""
-        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False) and self.optimizer.defaults.get("fused"))
-
-    def step_unless_nonfinite(self, grad_clip: float, loss_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clip and step, the update skipped on the device when the loss or the (all-reduced)
-        gradient norm is not finite. Returns (gradient norm, step applied) as device tensors."""
-        norm = self._clip(grad_clip, always_norm=True)
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         # under DDP the norm is of the all-reduced gradients, the same on every rank: decide on it
         # alone there, so that every rank skips the same steps
-        ok = torch.isfinite(norm) if self.world.parallel else torch.isfinite(norm) & loss_finite
-        self.optimizer.found_inf, self.optimizer.grad_scale = (~ok).float(), None
-        try:
-            self.optimizer.step()
-        finally:
-            del self.optimizer.found_inf, self.optimizer.grad_scale
+        ok = torch.isfinite(norm) if self.world.parallel else torch.isfinite(norm) & torch.isfinite(done.losses.loss)
+        step_unless_nonfinite(self.optimizer, ok)
         self.scheduler.step()
-        return norm, ok
+        self.streak.record(ok)
+        return Outcome(done.losses, done.logit_scale, done.rows, norm, counted=True)
 
     def last_lr(self) -> float:
         return base_lr(self.optimizer)
@@ -157,7 +194,9 @@ class DDPEngine(SingleEngine):
 
 class DeepSpeedEngine:
     """DeepSpeed ZeRO (stage 0-2) over the run's torch AdamW; BF16 here means bf16 weights with
-    fp32 master copies in the optimiser, so no autocast and bf16 images."""
+    fp32 master copies in the optimiser, so no autocast and bf16 images. DeepSpeed updates inside
+    the last micro-batch's backward, so a step's loss is checked on the host before any backward;
+    its clipping is in its config."""
 
     def __init__(self, model, optimizer, scheduler, device: torch.device, world: World, ds_config: dict,
                  compile: bool = False):
@@ -167,7 +206,7 @@ class DeepSpeedEngine:
         self.model, self.device, self.world = model, device, world
         bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
         self.input_dtype = torch.bfloat16 if bf16 else None
-        self.steps_in_backward = True  # DeepSpeed updates inside the accumulation boundary's backward
+        self.streak = NonFiniteStreak(device)
 
         # Workaround, kept here alone: DeepSpeed's initial broadcast views every parameter as bytes
         # (p.data.view(torch.uint8)), which fails for 0-dim tensors such as the temperature, and it
@@ -196,9 +235,6 @@ class DeepSpeedEngine:
     def no_sync(self, skip_sync: bool):
         return nullcontext()  # DeepSpeed reduces only at the accumulation boundary by itself
 
-    def zero_grad(self) -> None:
-        pass  # DeepSpeed zeroes its (partitioned) gradients in step()
-
     def backward(self, loss) -> None:
         # our losses already carry the accumulation scaling; DeepSpeed must not divide again.
         # DeepSpeed counts micro-batches in step(): called after every backward, it reduces and
@@ -206,12 +242,12 @@ class DeepSpeedEngine:
         self.wrapped.backward(loss, scale_wrt_gas=False)
         self.wrapped.step()
 
-    skips_on_device = False  # DeepSpeed steps inside backward: the trainer checks the loss before it
-
-    def step(self, grad_clip: float = 0.0):
-        """DeepSpeed has already stepped in the last ``backward``; its clipping is in its config."""
-        norm = self.wrapped.get_global_grad_norm()
-        return None if norm is None else torch.as_tensor(float(norm))
+    def run_step(self, micro_batches, loss_fn: CoCaLoss) -> Outcome:
+        done = forward_backward(self, micro_batches, loss_fn, check_first=True)
+        self.streak.record(done.backward_ran)
+        norm = self.wrapped.get_global_grad_norm() if done.backward_ran else None
+        return Outcome(done.losses, done.logit_scale, done.rows, None if norm is None else torch.as_tensor(float(norm)),
+                       counted=done.backward_ran)
 
     def last_lr(self) -> float:
         return base_lr(self.optimizer)
@@ -237,9 +273,25 @@ class DeepSpeedEngine:
 
 
 def build_engine(kind: str, model, optimizer, scheduler, device: torch.device, world: World,
-                 precision: str = "fp32", ds_config: dict | None = None, compile: bool = False):
-    set_attention(model, training_attention(device, precision))  # before compiling: traced as chosen
+                 precision: str = "fp32", ds_config: dict | None = None, compile: bool = False,
+                 grad_clip: float = 0.0) -> Engine:
+    """The ``kind`` engine (single, ddp, deepspeed) with the attention ``training_attention``
+    picks for this device and precision, set before any compile so that it is traced as chosen.
+    ``ds_config``: DeepSpeed's JSON (which holds its clipping); ``grad_clip``: the others'."""
+    set_attention(model, training_attention(device, precision))
     if kind == "deepspeed":
         return DeepSpeedEngine(model, optimizer, scheduler, device, world, ds_config or {}, compile)
     engine = DDPEngine if kind == "ddp" else SingleEngine
-    return engine(model, optimizer, scheduler, device, world, precision, compile)
+    return engine(model, optimizer, scheduler, device, world, precision, compile, grad_clip)
+
+
+def engine_for_run(cfg, model, optimizer, scheduler, device: torch.device, world: World, layout: RunLayout) -> Engine:
+    """``build_engine`` for a run config; DeepSpeed's JSON is derived from it and written to the
+    run directory (``deepspeed_config.json``)."""
+    tc, ds_config = cfg.train, None
+    if tc.engine == "deepspeed":
+        ds_config = deepspeed_config(cfg, world, tc.deepspeed_config)
+        if world.is_main:
+            atomic_write_text(layout.deepspeed_config, json.dumps(ds_config, indent=1) + "\n")
+    return build_engine(tc.engine, model, optimizer, scheduler, device, world, tc.precision, ds_config, tc.compile,
+                        cfg.optim.grad_clip)

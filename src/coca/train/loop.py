@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data.loader import train_batches, training_captions, val_batches
 from ..errors import TrainingDiverged, UserError
 from ..evaluate.tasks import Evaluation
 from ..io import atomic_write_bytes, atomic_write_text
-from ..layout import step_name
+from ..layout import RunLayout, step_name
 from ..losses import CoCaLoss, contrastive_accuracy
 from ..models.coca import create_model
 from ..tokenizer import Tokenizer
@@ -41,12 +41,11 @@ from .checkpoint import (
     latest_checkpoint,
     set_aside,
 )
-from .distributed import barrier, deepspeed_config, global_sum, init_world, shutdown
-from .engines import build_engine
+from .distributed import World, barrier, global_sum, init_world, shutdown
+from .engines import Engine, Outcome, engine_for_run
 from .metrics import MetricsLog, TensorBoard
 from .optim import build_optimizer, build_scheduler, describe_groups, freeze
 from .precision import resolve_device, resolve_precision
-from .step import StepResult, train_step
 from .warmstart import init_tokenizer, load_init_weights
 
 MAX_NONFINITE_IN_A_ROW = 20
@@ -117,7 +116,7 @@ def run_evaluations(evaluations: list[Evaluation], model, tokenizer, log) -> dic
         t0 = time.time()
         try:
             result = evaluation.run(model, tokenizer)
-        except (ValueError, OSError) as e:
+        except UserError as e:  # bad input (an image set no longer readable); a bug still raises
             log(f"evaluation {evaluation.cfg.name} failed: {e}")
             out[f"{evaluation.cfg.name}.error"] = str(e)
             continue
@@ -135,88 +134,104 @@ class Progress:
     step: int = 0
     batches_done: int = 0
     skipped: Counter = dataclasses.field(default_factory=Counter)
-    nonfinite: int = 0  # non-finite losses in a row
+
+
+@dataclasses.dataclass
+class TrainingParts:
+    """What ``Trainer.build`` puts together for a run."""
+
+    world: World
+    device: torch.device
+    tokenizer: Tokenizer
+    model: torch.nn.Module           # the plain CoCa module (the engine may run a wrapped one)
+    engine: Engine
+    loss_fn: CoCaLoss                # the training loss, over every rank's batch
+    val_loss_fn: CoCaLoss            # validation, on rank 0 alone
+    evaluations: list[Evaluation]
+    best: BestModel | None           # rank 0, with train.best_metric
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, log=print):
         self.cfg, self.tc = cfg, cfg.train
-        self.run_dir = Path(self.tc.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.layout = RunLayout(self.tc.run_dir)
+        self.run_dir, self.ckpt_root = self.layout.root, self.layout.checkpoints
         self._log = log
         self.progress = Progress()
         self.stop_signal = None
         self.short_steps = 0  # steps in a row with too few valid samples
+        self.parts: TrainingParts | None = None  # build()'s, set by setup()
 
-    # --- build ---------------------------------------------------------------------------------
     def say(self, *args) -> None:
-        if self.world.is_main:
+        if self.parts is None or self.parts.world.is_main:
             self._log(*args)
 
-    def build(self) -> None:
-        cfg, tc = self.cfg, self.tc
+    def setup(self) -> None:
+        """Build the run's parts, then resume from its newest checkpoint (if any)."""
+        self.parts = self.build()
+        self.resume()
+
+    # --- build ---------------------------------------------------------------------------------
+    def build(self) -> TrainingParts:
+        cfg, tc, layout = self.cfg, self.tc, self.layout
         device = resolve_device(tc.device)
-        self.world = world = init_world(tc.engine, device.type)
+        world = init_world(tc.engine, device.type)
         if device.type == "cuda" and world.parallel:
             device = torch.device("cuda", world.local_rank)
             torch.cuda.set_device(device)
-        self.device, main = device, world.is_main
+        main = world.is_main
+        say = self._log if main else (lambda *args: None)
         if tc.precision == "auto":  # decided here, and saved in config.yaml as decided
             tc.precision = resolve_precision(tc.precision, device)
-            self.say(f"train.precision=auto: {tc.precision} on this {device.type}")
+            say(f"train.precision=auto: {tc.precision} on this {device.type}")
         if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self.evaluations = [Evaluation(e) for e in tc.eval]  # reads every eval input now: a bad file fails before step 1
+            layout.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(layout.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        evaluations = [Evaluation(e) for e in tc.eval]  # reads every eval input now: a bad file fails before step 1
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
 
         if main:
-            self.tokenizer = prepare_tokenizer(cfg, self.run_dir, self.say)
+            tokenizer = prepare_tokenizer(cfg, layout.root, say)
         barrier(world)
         if not main:  # rank 0 trained or found the tokenizer; the others read the same file
-            self.tokenizer = prepare_tokenizer(cfg, self.run_dir, self.say)
+            tokenizer = prepare_tokenizer(cfg, layout.root, say)
 
         model = create_model(cfg.model).to(device).train()
-        if tc.init_from and latest_checkpoint(self.ckpt_root) is None:  # a resumed run has its checkpoint
+        if tc.init_from and latest_checkpoint(layout.checkpoints) is None:  # a resumed run has its checkpoint
             report = load_init_weights(model, tc.init_from, tc.init_strict)
             for line in report.lines():
-                self.say(line)
+                say(line)
             if main:
-                atomic_write_text(self.run_dir / "init.json", json.dumps(dataclasses.asdict(report), indent=1) + "\n")
+                atomic_write_text(layout.init_report, json.dumps(dataclasses.asdict(report), indent=1) + "\n")
         model.set_grad_checkpointing(tc.activation_checkpointing)
         freeze(model, cfg.optim.freeze)
         optimizer = build_optimizer(model, cfg.optim)
         for line in describe_groups(optimizer.param_groups, model, cfg.optim):
-            self.say(line)
+            say(line)
         scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
-        ds_config = None
-        if tc.engine == "deepspeed":
-            ds_config = deepspeed_config(cfg, world, tc.deepspeed_config)
-            if main:
-                atomic_write_text(self.run_dir / "deepspeed_config.json", json.dumps(ds_config, indent=1) + "\n")
-        self.engine = build_engine(tc.engine, model, optimizer, scheduler, device, world, tc.precision, ds_config,
-                                   tc.compile)
-        self.model = model
+        engine = engine_for_run(cfg, model, optimizer, scheduler, device, world, layout)
         lc, pad, head = cfg.loss, cfg.model.text.pad_id, model.text_decoder.lm_head.weight
-        self.loss_fn = CoCaLoss(lc.contrastive_weight, lc.caption_weight, pad, world, lc.caption_chunk_tokens, head)
-        self.val_loss_fn = CoCaLoss(lc.contrastive_weight, lc.caption_weight, pad,  # rank 0 alone
-                                    caption_chunk_tokens=lc.caption_chunk_tokens, lm_head_weight=head)
-        self.best = BestModel(self.run_dir / "best", tc.best_metric, tc.best_mode) if tc.best_metric and main else None
+        return TrainingParts(
+            world=world, device=device, tokenizer=tokenizer, model=model, engine=engine,
+            loss_fn=CoCaLoss(lc.contrastive_weight, lc.caption_weight, pad, world, lc.caption_chunk_tokens, head),
+            val_loss_fn=CoCaLoss(lc.contrastive_weight, lc.caption_weight, pad,
+                                 caption_chunk_tokens=lc.caption_chunk_tokens, lm_head_weight=head),
+            evaluations=evaluations,
+            best=BestModel(layout.best, tc.best_metric, tc.best_mode) if tc.best_metric and main else None)
 
     # --- resume --------------------------------------------------------------------------------
     def resume(self) -> None:
-        if self.world.is_main:
+        if self.parts.world.is_main:
             clean_temporaries(self.ckpt_root)
-        barrier(self.world)
+        barrier(self.parts.world)
         latest = self.load_newest_checkpoint()
         if latest is not None:
             self.say(f"resumed from {latest} at step {self.progress.step}")
-        self.nonfinite_streak = torch.tensor(self.progress.nonfinite, device=self.device)  # read at log steps
-        main = self.world.is_main
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.progress.step, self.say) if main else None
-        self.tb = TensorBoard(self.run_dir / "tb", self.tc.tensorboard and main)
+        main = self.parts.world.is_main
+        self.metrics = MetricsLog(self.layout.metrics, self.progress.step, self.say) if main else None
+        self.tb = TensorBoard(self.layout.tensorboard, self.tc.tensorboard and main)
 
     def load_newest_checkpoint(self) -> Path | None:
         """Restore the newest checkpoint that loads. A damaged one (truncated, garbled, a file
@@ -226,28 +241,29 @@ class Trainer:
         set_aside_to = []
         for path in candidates:
             try:
-                state = self.engine.load(path)
+                state = self.parts.engine.load(path)
                 rng = state["rng_cpu"]
-                progress = Progress(state["step"], state["batches_done"], Counter(state["skipped"]),
-                                    state.get("nonfinite_steps", 0))
+                progress = Progress(state["step"], state["batches_done"], Counter(state["skipped"]))
+                nonfinite = state.get("nonfinite_steps", 0)
                 error = None
             except Exception as e:  # noqa: BLE001 - sorted by is_damage below
                 if not is_damage(e):
                     raise
                 error = e
-            if global_sum(0 if error is None else 1, self.world, self.device) == 0:
+            if global_sum(0 if error is None else 1, self.parts.world, self.parts.device) == 0:
                 torch.set_rng_state(rng)
-                if self.device.type == "cuda" and "rng_cuda" in state:
-                    torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+                if self.parts.device.type == "cuda" and "rng_cuda" in state:
+                    torch.cuda.set_rng_state(state["rng_cuda"], self.parts.device)
                 self.progress = progress
+                self.parts.engine.streak.restore(nonfinite)
                 return path
-            barrier(self.world)  # every rank is done reading it before it moves
-            if self.world.is_main:
+            barrier(self.parts.world)  # every rank is done reading it before it moves
+            if self.parts.world.is_main:
                 moved = set_aside(path)
                 set_aside_to.append(str(moved))
                 reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
                 self.say(f"warning: checkpoint {path} does not load ({reason[:300]}); moved aside to {moved}")
-            barrier(self.world)
+            barrier(self.parts.world)
         if candidates:
             raise UserError(f"no checkpoint in {self.ckpt_root} loads; the damaged ones were moved aside "
                             f"({', '.join(set_aside_to) or 'on rank 0'}); a rerun starts the run from step 0")
@@ -260,16 +276,17 @@ class Trainer:
             batch = next(batches)
             self.progress.batches_done += 1
             self.progress.skipped.update(batch["skipped"])
-            micro.append((batch["images"].to(self.device, dtype=self.engine.input_dtype, non_blocking=True),
-                          batch["tokens"].to(self.device, non_blocking=True)))
+            micro.append((batch["images"].to(self.parts.device, dtype=self.parts.engine.input_dtype, non_blocking=True),
+                          batch["tokens"].to(self.parts.device, non_blocking=True)))
         return micro
 
-    def train_step(self, micro) -> tuple[StepResult, torch.Tensor | None] | None:
-        """One optimiser step; None when it was skipped (too few pairs, or a non-finite loss)."""
+    def train_step(self, micro) -> Outcome | None:
+        """One optimiser step; None when it was skipped (too few pairs, or a non-finite loss seen
+        on the host)."""
         rows = sum(images.shape[0] for images, _ in micro)
         # contrastive learning needs two pairs; a caption-only run, one
         needed = 2 if self.cfg.loss.contrastive_weight > 0 else 1
-        if global_sum(rows, self.world, self.device) < needed:
+        if global_sum(rows, self.parts.world, self.parts.device) < needed:
             self.short_steps += 1
             if self.short_steps >= MAX_SHORT_STEPS_IN_A_ROW:
                 raise UserError(f"{self.short_steps} steps in a row had fewer than {needed} valid samples "
@@ -277,95 +294,83 @@ class Trainer:
                                 f"skipped so far by reason: {dict(self.progress.skipped) or 'none'}")
             return None
         self.short_steps = 0
-        result = train_step(self.engine, micro, self.loss_fn)
-        if isinstance(result.finite, torch.Tensor):  # decided on the device: the step counts, its update may not
-            grad_norm, applied = self.engine.step_unless_nonfinite(self.cfg.optim.grad_clip, result.finite)
-            self.nonfinite_streak = torch.where(applied, 0, self.nonfinite_streak + 1)
-            self.progress.step += 1
-            return result, grad_norm
-        if not result.finite:
-            self.progress.nonfinite += 1
-            if self.progress.nonfinite >= MAX_NONFINITE_IN_A_ROW:
-                raise TrainingDiverged(f"{self.progress.nonfinite} non-finite losses in a row at step "
-                                         f"{self.progress.step}; lower optim.lr or check the data")
-            self.engine.zero_grad()
+        outcome = self.parts.engine.run_step(micro, self.parts.loss_fn)
+        if not outcome.counted:
+            self.nonfinite_in_a_row()
             return None
-        self.progress.nonfinite = 0
-        grad_norm = self.engine.step(self.cfg.optim.grad_clip)
         self.progress.step += 1
-        return result, grad_norm
+        return outcome
 
     # --- log, validate, evaluate ---------------------------------------------------------------
-    def log_step(self, result: StepResult, grad_norm, samples: int, elapsed: float) -> dict:
+    def log_step(self, result: Outcome, samples: int, elapsed: float) -> dict:
         """The metrics line of a log step: each rank holds its share of the global loss, their
         mean is the global-batch loss."""
-        world, step = self.world, self.progress.step
-        self.read_nonfinite_streak()
-        shares = {k: global_sum(v, world, self.device) / world.world_size for k, v in result.losses.as_floats().items()}
-        record = {"step": step, **shares, "lr": self.engine.last_lr(), "logit_scale": float(result.logit_scale),
-                  "grad_norm": None if grad_norm is None else float(grad_norm),
-                  "samples_per_s": global_sum(samples, world, self.device) / max(elapsed, 1e-9),
-                  "skipped": dict(self.progress.skipped), "nonfinite_in_a_row": self.progress.nonfinite,
+        world, step = self.parts.world, self.progress.step
+        nonfinite = self.nonfinite_in_a_row()
+        shares = {k: global_sum(v, world, self.parts.device) / world.world_size for k, v in result.losses.as_floats().items()}
+        record = {"step": step, **shares, "lr": self.parts.engine.last_lr(), "logit_scale": float(result.logit_scale),
+                  "grad_norm": None if result.grad_norm is None else float(result.grad_norm),
+                  "samples_per_s": global_sum(samples, world, self.parts.device) / max(elapsed, 1e-9),
+                  "skipped": dict(self.progress.skipped), "nonfinite_in_a_row": nonfinite,
                   "elapsed_s": time.time() - self.t_start}
         self.write(record)
         return record
 
-    def read_nonfinite_streak(self) -> None:
-        """Bring the on-device count of skipped non-finite updates in a row to the host (a sync:
-        at log steps and checkpoints only); too many in a row stop the run."""
-        if self.engine.skips_on_device:
-            self.progress.nonfinite = int(self.nonfinite_streak)
-            if self.progress.nonfinite >= MAX_NONFINITE_IN_A_ROW:
-                raise TrainingDiverged(f"{self.progress.nonfinite} non-finite losses in a row before step "
-                                         f"{self.progress.step}; lower optim.lr or check the data")
+    def nonfinite_in_a_row(self) -> int:
+        """The engine's count of non-finite steps in a row (on the device for engines that decide
+        there: a synchronisation, so at log steps, checkpoints and host-seen skips only); too many
+        in a row stop the run."""
+        n = self.parts.engine.streak.value()
+        if n >= MAX_NONFINITE_IN_A_ROW:
+            raise TrainingDiverged(f"{n} non-finite losses in a row by step {self.progress.step}; "
+                                   "lower optim.lr or check the data")
+        return n
 
     def write(self, record: dict) -> None:
-        if self.world.is_main:
+        if self.parts.world.is_main:
             self.metrics.write(record)
             self.tb.scalars(record, record["step"])
 
     def validate(self, val_set: list[dict]) -> None:
-        self.write({"step": self.progress.step, "split": "val", **validate(self.engine, val_set, self.val_loss_fn)})
+        self.write({"step": self.progress.step, "split": "val", **validate(self.parts.engine, val_set, self.parts.val_loss_fn)})
 
     def evaluate(self) -> None:
         """Every train.eval task on rank 0 (the other ranks wait); the best model kept."""
         step = self.progress.step
-        if self.world.is_main:
-            record = {"step": step, "split": "eval", **run_evaluations(self.evaluations, self.model, self.tokenizer, self.say)}
+        if self.parts.world.is_main:
+            record = {"step": step, "split": "eval", **run_evaluations(self.parts.evaluations, self.parts.model, self.parts.tokenizer, self.say)}
             self.write(record)
-            if self.best is not None and self.tc.best_metric not in record:
+            if self.parts.best is not None and self.tc.best_metric not in record:
                 self.say(f"warning: train.best_metric {self.tc.best_metric} is not among this evaluation's "
                          "metrics (it failed or does not report it); best/ was not updated")
-            if self.best is not None and self.best.update(record, step):
-                self.best.save(self.model, self.tokenizer, record, step)
+            if self.parts.best is not None and self.parts.best.update(record, step):
+                self.parts.best.save(self.parts.model, self.parts.tokenizer, record, step)
                 self.say(f"best {self.tc.best_metric} so far: {record[self.tc.best_metric]:.4f} at step {step} "
-                         f"-> {self.best.path}")
-            self.model.train()
-        barrier(self.world)
+                         f"-> {self.parts.best.path}")
+            self.parts.model.train()
+        barrier(self.parts.world)
 
     # --- checkpoint, export --------------------------------------------------------------------
     def checkpoint(self) -> Path:
-        self.read_nonfinite_streak()
         p = self.progress
         state = {"rng_cpu": torch.get_rng_state(), "step": p.step, "batches_done": p.batches_done,
-                 "skipped": dict(p.skipped), "nonfinite_steps": p.nonfinite}
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        return self.engine.save(self.ckpt_root, p.step, state, self.tc.keep_checkpoints)
+                 "skipped": dict(p.skipped), "nonfinite_steps": self.nonfinite_in_a_row()}
+        if self.parts.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.parts.device)
+        return self.parts.engine.save(self.ckpt_root, p.step, state, self.tc.keep_checkpoints)
 
     def export(self) -> Path:
-        return self.engine.export(self.run_dir / "model", self.tokenizer, self.ckpt_root, self.cfg.model)
+        return self.parts.engine.export(self.run_dir / "model", self.parts.tokenizer, self.ckpt_root, self.cfg.model)
 
     # --- the loop ------------------------------------------------------------------------------
     def agreed_stop(self) -> bool:
         """A SIGTERM seen by any rank stops every rank at the same step."""
-        return global_sum(1 if self.stop_signal is not None else 0, self.world, self.device) > 0
+        return global_sum(1 if self.stop_signal is not None else 0, self.parts.world, self.parts.device) > 0
 
     def fit(self) -> dict:
         """Train (or resume) the run in ``train.run_dir``; returns a summary dict."""
         tc = self.tc
-        self.build()
-        self.resume()
+        self.setup()
 
         def on_stop(signum, frame):  # finish the current step, checkpoint, exit cleanly
             # (nothing printed here: a handler that interrupts a print and prints itself can fail)
@@ -374,10 +379,10 @@ class Trainer:
             self.stop_signal = signum
 
         previous_handlers = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        p, main = self.progress, self.world.is_main
-        batches = train_batches(self.cfg.data, self.cfg.model.vision.image_size, self.tokenizer, tc.seed,
-                                start=p.batches_done, rank=self.world.rank, world_size=self.world.world_size)
-        val_set = (val_batches(self.cfg.data, self.cfg.model.vision.image_size, self.tokenizer, tc.val_batches)
+        p, main = self.progress, self.parts.world.is_main
+        batches = train_batches(self.cfg.data, self.cfg.model.vision.image_size, self.parts.tokenizer, tc.seed,
+                                start=p.batches_done, rank=self.parts.world.rank, world_size=self.parts.world.world_size)
+        val_set = (val_batches(self.cfg.data, self.cfg.model.vision.image_size, self.parts.tokenizer, tc.val_batches)
                    if tc.val_every and main else [])
         bar = None
         if tc.progress and main:
@@ -387,15 +392,14 @@ class Trainer:
         window_samples, last = 0, {}
         try:
             while p.step < tc.steps and not self.agreed_stop():
-                done = self.train_step(self.next_micro_batches(batches))
-                if done is None:
+                result = self.train_step(self.next_micro_batches(batches))
+                if result is None:
                     continue
-                result, grad_norm = done
                 window_samples += result.rows
                 step = p.step
                 if step % tc.log_every == 0 or step == tc.steps:
                     now = time.time()
-                    last = self.log_step(result, grad_norm, window_samples, now - window_t)
+                    last = self.log_step(result, window_samples, now - window_t)
                     window_t, window_samples = now, 0
                     if bar is not None:
                         postfix = {"loss": f"{last['loss']:.3f}", "samples/s": f"{last['samples_per_s']:.0f}"}
@@ -406,11 +410,11 @@ class Trainer:
                     bar.update(1)
                 if val_set and (step % tc.val_every == 0 or step == tc.steps):
                     self.validate(val_set)
-                if self.evaluations and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                if self.parts.evaluations and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                     self.evaluate()
                 if step % tc.checkpoint_every == 0 or step == tc.steps:
                     self.checkpoint()
-            if self.evaluations and p.step >= tc.steps:
+            if self.parts.evaluations and p.step >= tc.steps:
                 self.evaluate()  # at the end (also of a run of 0 steps: the loaded model's numbers)
             if p.step < tc.steps:  # stopped early (agreed by all ranks): save where it stopped
                 latest = latest_checkpoint(self.ckpt_root)
@@ -430,8 +434,8 @@ class Trainer:
             summary["model_dir"] = str(self.export())
         if p.skipped:
             self.say(f"skipped samples by reason: {dict(p.skipped)}")
-        if tc.engine != "single":
-            shutdown(self.world)
+        if self.parts.world.parallel:
+            shutdown(self.parts.world)
         return summary
 
 

@@ -3,8 +3,10 @@ rates) and the warm-up + cosine learning-rate schedule."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -102,6 +104,31 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     device (``found_inf``), so the training step never waits for the host."""
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, fused=True)
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """``optimizer.step()``, the update skipped on the device when ``ok`` (a bool tensor) is False.
+
+    Fused AdamW reads ``found_inf`` and ``grad_scale`` as ``torch.amp.GradScaler`` sets them and
+    skips on the device, so the step never waits for the host; this is the one place that uses
+    that protocol. An optimiser without it (not fused, or a PyTorch that lacks it) decides on the
+    host instead: a synchronisation every step, with a warning once."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused"):
+        optimizer.found_inf, optimizer.grad_scale = (~ok).float(), None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+        return
+    _warn_host_decides(type(optimizer).__name__)
+    if bool(ok):
+        optimizer.step()
+
+
+@functools.cache
+def _warn_host_decides(optimizer_name: str) -> None:
+    warnings.warn(f"{optimizer_name} cannot skip a non-finite update on the device: every step synchronises "
+                  "with the host to decide", stacklevel=3)
 
 
 def lr_factor(step: int, total_steps: int, warmup_frac: float, min_lr_ratio: float = 0.0) -> float:

@@ -1,5 +1,5 @@
-"""Forward and backward of one optimiser step, on any engine; the trainer and the distributed tests
-both run this function.
+"""Forward and backward of one optimiser step, on any engine: every engine's ``run_step`` calls
+``forward_backward`` and then decides on the update itself.
 
 With several micro-batches the step is GradCache (Gao et al. 2021): embed every micro-batch
 without a graph, compute the contrastive loss over all of them (and all ranks) against leaf
@@ -19,33 +19,36 @@ from .distributed import global_sum
 
 
 @dataclass
-class StepResult:
+class Pass:
     losses: Losses              # this rank's shares, detached
     logit_scale: torch.Tensor   # the (clamped) inverse temperature the step used
     rows: int                   # pairs on this rank
-    # bool: decided on the host (False: not finite on some rank, no backward ran or none will be
-    # applied); a bool tensor: decided on the device, for engines that skip the update there
-    finite: bool | torch.Tensor
+    backward_ran: bool          # False only with check_first: the loss was not finite on some rank
 
 
-def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: CoCaLoss) -> StepResult:
-    """Zero the gradients, then forward + backward of every micro-batch. The optimiser update is
-    the caller's (``engine.step``), and only when ``finite``."""
-    engine.zero_grad()
+def all_ranks_finite(loss: torch.Tensor, world) -> bool:
+    """Every rank's loss is finite: a host decision (a synchronisation), the same on every rank."""
+    return global_sum(0 if torch.isfinite(loss) else 1, world, loss.device) == 0
+
+
+def forward_backward(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: CoCaLoss,
+                     check_first: bool = False) -> Pass:
+    """Forward + backward of every micro-batch, into gradients the caller zeroed. With
+    ``check_first`` every rank agrees on the host that the step's loss is finite before any
+    backward, and none runs when it is not (for an engine that updates inside backward). Without
+    it the backward always runs and the engine decides on the update afterwards."""
     rows = sum(images.shape[0] for images, _ in micro_batches)
     if len(micro_batches) > 1:
-        return _grad_cache_step(engine, micro_batches, loss_fn, rows)
+        return _grad_cache_step(engine, micro_batches, loss_fn, rows, check_first)
     images, tokens = micro_batches[0]
     with engine.autocast():
         out = engine.forward(images, tokens, return_logits=loss_fn.wants_logits)
         losses = loss_fn(out, tokens)
-    if engine.skips_on_device:  # no host sync: the optimiser skips a non-finite update itself
-        engine.backward(losses.loss)
-        return StepResult(_detached(losses), out["logit_scale"].detach(), rows, torch.isfinite(losses.loss.detach()))
-    finite = global_sum(0 if torch.isfinite(losses.loss) else 1, loss_fn.world, images.device) == 0
-    if finite:
-        engine.backward(losses.loss)
-    return StepResult(_detached(losses), out["logit_scale"].detach(), rows, finite)
+    scale = out["logit_scale"].detach()
+    if check_first and not all_ranks_finite(losses.loss, loss_fn.world):
+        return Pass(_detached(losses), scale, rows, backward_ran=False)
+    engine.backward(losses.loss)
+    return Pass(_detached(losses), scale, rows, backward_ran=True)
 
 
 def _detached(losses: Losses) -> Losses:
@@ -62,15 +65,13 @@ def _set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int) -> StepResult:
+def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int, check_first: bool) -> Pass:
     model, world = engine.model, loss_fn.world
     pad, wc, wcap = loss_fn.pad_id, loss_fn.contrastive_weight, loss_fn.caption_weight
     device = micro_batches[0][0].device
     tokens_global = global_sum(sum(int((t != pad).sum()) for _, t in micro_batches), world, device)
-    # An engine that updates inside the last micro-batch's backward (DeepSpeed) must know that the
-    # step's loss is finite before the first backward: its pass 1 then runs the whole forward
-    # (the decoder too, without a graph) to have every caption loss in hand.
-    check_first = engine.steps_in_backward
+    # To know that the step's loss is finite before the first backward (check_first), pass 1 runs
+    # the whole forward (the decoder too, without a graph) to have every caption loss in hand.
     states, images_e, texts_e, caps = [], [], [], []
     with torch.no_grad():  # pass 1: embeddings (and, to check first, caption losses), no graph
         for images, tokens in micro_batches:
@@ -92,8 +93,8 @@ def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int) -> Ste
     if check_first:
         cap_sum = torch.stack(caps).sum()
         early = Losses(wc * con.detach() + wcap * cap_sum, con.detach(), cap_sum)
-        if global_sum(0 if torch.isfinite(early.loss) else 1, world, device) > 0:
-            return StepResult(early, scale.detach(), rows, finite=False)  # no backward ran: nothing to undo
+        if not all_ranks_finite(early.loss, world):
+            return Pass(early, scale.detach(), rows, backward_ran=False)  # no backward ran: nothing to undo
     con.backward()
     d_img, d_txt = img_leaf.grad.split([e.shape[0] for e in images_e]), txt_leaf.grad.split([e.shape[0] for e in texts_e])
     d_scale = scale.grad
@@ -113,9 +114,4 @@ def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int) -> Ste
         cap_total = cap_total + cap.detach()
     con = con.detach()
     losses = Losses(wc * con + wcap * cap_total, con, cap_total)
-    if engine.skips_on_device:
-        return StepResult(losses, scale.detach(), rows, torch.isfinite(losses.loss))
-    if check_first:  # the update already happened inside the last backward: it counts as a step
-        return StepResult(losses, scale.detach(), rows, True)
-    finite = global_sum(0 if torch.isfinite(losses.loss) else 1, world, img_leaf.device) == 0
-    return StepResult(losses, scale.detach(), rows, finite)
+    return Pass(losses, scale.detach(), rows, backward_ran=True)
