@@ -484,3 +484,30 @@ def test_compiled_captioning_while_training_leaves_the_training_graph_compiled(t
     assert [n for _, n in seen] == [training_compiles.frame_count] * 3 and training_compiles.frame_count >= 1
     evals = [r for r in train_lines(tmp_path / "run") if r.get("split") == "eval"]
     assert [r["step"] for r in evals] == [1, 2, 3] and all("caption.CIDEr" in r for r in evals), evals
+
+
+def test_a_failed_evaluation_is_recorded_and_a_bug_in_one_is_raised():
+    """During training, an evaluation that fails on bad input (a UserError, e.g. its images are
+    gone) is logged and recorded as "<name>.error"; any other exception is a bug and stops the run."""
+    from types import SimpleNamespace
+
+    from coca.errors import InputNotFound
+    from coca.evaluate.tasks import EvalResult
+    from coca.train.loop import run_evaluations
+
+    class Stub:
+        def __init__(self, name, error=None):
+            self.cfg, self.error = SimpleNamespace(name=name), error
+
+        def run(self, model, tokenizer):
+            if self.error is not None:
+                raise self.error
+            return EvalResult(self.cfg.name, "zeroshot", {"top1": 0.5}, {})
+
+    logged = []
+    out = run_evaluations([Stub("gone", InputNotFound("images/ not found")), Stub("ok")], None, None, logged.append)
+    assert out["gone.error"] == "images/ not found" and out["ok.top1"] == 0.5 and "ok.time_s" in out
+    assert any("evaluation gone failed" in line for line in logged)
+    for bug in (TypeError("unexpected keyword"), KeyError("top1"), ValueError("a bug's ValueError")):
+        with pytest.raises(type(bug)):
+            run_evaluations([Stub("buggy", bug)], None, None, logged.append)
