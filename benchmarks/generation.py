@@ -51,7 +51,7 @@ def reduced_copies(ours, dtypes: list[str]) -> dict:
 
 
 def in_dtype(model, images):
-    from coca.evaluate.common import to_model
+    from coca.loading import to_model
     return to_model(model, images)
 
 

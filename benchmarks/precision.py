@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     import coca
     from coca.config import EvalConfig
     from coca.evaluate.captioning import generate_captions
-    from coca.evaluate.common import to_model
+    from coca.loading import to_model
     from coca.evaluate.tasks import Evaluation
 
     data = args.data

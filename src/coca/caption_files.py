@@ -95,7 +95,8 @@ def caption_files(model, paths: list[str], out: Path | None, emit=print, batch_s
     """Caption ``paths``; with ``out`` append JSON lines (``path``, ``caption``[, ``score``]) there,
     else ``emit`` "path<TAB>caption" lines. ``score`` is the caption's mean log-probability per token.
     With ``num_return_sequences`` > 1 a record has ``captions`` (and ``scores``) lists instead."""
-    from .evaluate.common import image_batches, skip_counts, to_model
+    from .evaluate.common import image_batches, skip_counts
+    from .loading import to_model
     run = CaptionRun(total=len(paths))
     done = read_done(out) if out is not None else set()
     todo = [p for p in paths if p not in done]

@@ -77,7 +77,7 @@ def cmd_caption(args) -> int:
     from pathlib import Path
 
     from .caption_files import caption_files, collect_image_paths
-    from .evaluate.common import load_model
+    from .loading import load_model
     from .generation import check_options
     if args.out and Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a directory; give a .jsonl file path")
@@ -115,7 +115,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_index(args) -> int:
-    from .evaluate.common import load_model
+    from .loading import load_model
     from .serve.index import build_index
     model = load_model(args.model, args.device, args.dtype)
     run = build_index(model, args.images, args.out, model_dir=args.model, batch_size=args.batch_size,
@@ -160,7 +160,8 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     """`coca eval zeroshot|caption|retrieval`: the same ``Evaluation`` that training runs."""
     from .config import EvalConfig
-    from .evaluate.common import load_model, print_table, write_results
+    from .evaluate.common import print_table, write_results
+    from .loading import load_model
     from .evaluate.tasks import Evaluation
     task = args.eval_command
     options = {"images": args.images, "batch_size": args.batch_size, "workers": args.workers}
@@ -191,7 +192,7 @@ def cmd_eval(args) -> int:
 
 def cmd_classify(args) -> int:
     from .data import eval_transform, load_image
-    from .evaluate.common import load_model
+    from .loading import load_model
     from .evaluate.zeroshot import check_template, load_templates, rank_labels
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     if len(labels) < 2:

@@ -18,7 +18,8 @@ import torch
 from ..data.annotations import load_caption_annotations, resolve_image_root  # noqa: F401 (re-exported)
 from ..data.samples import normalise_caption as normalise
 from ..errors import UserError
-from .common import image_batches, skip_counts, to_model
+from ..loading import to_model
+from .common import image_batches, skip_counts
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 

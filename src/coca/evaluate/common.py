@@ -1,5 +1,5 @@
-"""What every evaluation shares: loading a model for inference, batched image encoding that skips
-(and counts) bad images, text-list files, and the JSON result file."""
+"""What every evaluation shares: batched image encoding that skips (and counts) bad images,
+text-list files, and the JSON result file (loading the model: ``coca.loading``)."""
 
 from __future__ import annotations
 
@@ -15,24 +15,6 @@ from ..data.samples import MAX_PIXELS, Skipped, decode_image
 from ..data.transforms import eval_transform
 from ..errors import InputNotFound, UserError
 from ..io import atomic_write_text
-
-
-def load_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "fp32"):
-    """A saved model with its tokenizer, in eval mode, in ``dtype`` (fp32 | bf16 | int8); a clear
-    error when either file is missing or the device cannot run the dtype."""
-    from ..models.coca import load
-    from ..precision import parse_precision
-    model = load(model_dir, device=device, dtype=parse_precision(dtype))
-    if model.tokenizer is None:
-        raise InputNotFound(f"{Path(model_dir) / 'tokenizer.model'} is missing: evaluation needs the model's "
-                                "tokenizer (save with model.save_pretrained(dir, tokenizer=tok))")
-    return model
-
-
-def to_model(model, images: torch.Tensor) -> torch.Tensor:
-    """Images on the model's device and in its dtype (a bf16 model takes bf16 pixels)."""
-    p = next(model.parameters())
-    return images.to(p.device, p.dtype)
 
 
 class ImageFiles(torch.utils.data.Dataset):

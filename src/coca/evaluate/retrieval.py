@@ -13,7 +13,8 @@ import torch
 
 from ..data.annotations import resolve_image_root
 from ..errors import UserError
-from .common import image_batches, skip_counts, to_model
+from ..loading import to_model
+from .common import image_batches, skip_counts
 
 KS = (1, 5, 10)
 

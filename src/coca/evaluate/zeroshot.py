@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..config import ZEROSHOT_METHODS as METHODS
 from ..errors import InputNotFound, UserError
-from .common import image_batches, read_text_list, skip_counts, to_model
+from ..loading import to_model
+from .common import image_batches, read_text_list, skip_counts
 
 DATA_DIR = Path(__file__).parent / "data"
 IMAGENET_CLASSNAMES = DATA_DIR / "imagenet_classnames.txt"

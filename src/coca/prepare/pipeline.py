@@ -218,7 +218,7 @@ def _similarity_filter(meta: list[dict], rejects: list[dict], cfg: PrepareConfig
     import torch
 
     from ..data.transforms import eval_transform
-    from ..evaluate.common import load_model
+    from ..loading import load_model
     path = cfg.filters.similarity_model
     if path not in _similarity_models:  # once per worker process
         _similarity_models[path] = load_model(path)

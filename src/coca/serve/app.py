@@ -463,7 +463,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
           compile: bool = False) -> None:
     import uvicorn
 
-    from ..evaluate.common import load_model
+    from ..loading import load_model
     from .index import ImageIndex
     api_key = api_key or os.environ.get("COCA_API_KEY") or None
     model = load_model(model_dir, device, dtype)

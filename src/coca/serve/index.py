@@ -37,7 +37,7 @@ PROBE_MATCH = 0.98  # cosine between the probe embeddings of the same weights in
 def probe_embedding(model) -> list[float]:
     """The model's embedding of a fixed pseudo-random image: a fingerprint of its image tower, so an
     index is never extended or searched with another model (a different embedding space)."""
-    from ..evaluate.common import to_model
+    from ..loading import to_model
     s = model.cfg.vision.image_size
     image = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(1234)) * 2 - 1
     return model.encode_image(to_model(model, image))[0].float().cpu().tolist()
@@ -69,7 +69,8 @@ def _parts(out: Path) -> list[Path]:
 def build_index(model, image_dir: str | os.PathLike, out: str | os.PathLike, model_dir: str = "",
                 batch_size: int = 64, workers: int = 2) -> IndexRun:
     from ..caption_files import collect_image_paths
-    from ..evaluate.common import image_batches, skip_counts, to_model
+    from ..evaluate.common import image_batches, skip_counts
+    from ..loading import to_model
     root = Path(image_dir).resolve()
     if not root.is_dir():
         raise InputNotFound(f"image folder {str(image_dir)!r} not found")
