@@ -37,7 +37,7 @@ def test_info_large_counts_and_flops(capsys):
     assert "1,096,310,785" in out and "GFLOPs" in out
     for row in ("vision tower", "attentional poolers", "text encoder", "text decoder", "token embedding", "LM head"):
         assert row in out
-    from coca.models.coca import COMPONENTS
+    from coca.components import COMPONENTS
     listed = [line.split()[0] for line in out.splitlines() if "%" in line and line.split()[0] in COMPONENTS]
     assert listed == list(COMPONENTS)  # the names optim.freeze / optim.lr_mult take
 

@@ -335,3 +335,14 @@ def test_partial_activation_checkpointing_gives_the_same_gradients():
         assert len(grads[blocks]) == len(grads[False]) > 100
         for a, b in zip(grads[False], grads[blocks]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_config_and_the_losses_import_no_model_or_training_code():
+    """No import circles: the config validates component names from coca.components (which
+    imports nothing), and the losses take the process group as an argument."""
+    import subprocess
+    import sys
+    code = ("import sys, coca.config, coca.losses, coca.components; "
+            "print(sorted(m for m in sys.modules if m.startswith(('coca.models', 'coca.train'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

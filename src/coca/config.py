@@ -14,8 +14,9 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from .components import COMPONENTS
 from .errors import InputNotFound, UserError
 
 # Images with more pixels are skipped (training, preparation) or refused (single images) as likely
@@ -339,9 +340,6 @@ class OptimConfig:
     layer_decay: float = 1.0       # < 1: block i of an N-block tower gets layer_decay ** (N - i) (BEiT-style)
 
     def __post_init__(self):
-        from .models.coca import (
-            COMPONENTS,  # here, not at import time: models import this module
-        )
         names = list(COMPONENTS)
         for key, where in [(c, "optim.freeze") for c in self.freeze] + [(c, "optim.lr_mult") for c in self.lr_mult]:
             if key not in names:
@@ -439,6 +437,11 @@ class EvalConfig:
             self.batch_size = 32 if self.task == "caption" else 64
 
 
+# training engines (coca.train.engines): one process, PyTorch DDP, DeepSpeed ZeRO
+EngineName = Literal["single", "ddp", "deepspeed"]
+ENGINES: tuple[str, ...] = typing.get_args(EngineName)
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
@@ -487,8 +490,8 @@ class TrainConfig:
             raise ConfigError(f"train.best_mode must be 'max' or 'min', got {self.best_mode!r}")
         if self.best_metric:
             self.best_metric_task()  # validates
-        if self.engine not in ("single", "ddp", "deepspeed"):
-            raise ConfigError(f"train.engine must be 'single', 'ddp' or 'deepspeed', got {self.engine!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"train.engine must be one of {ENGINES}, got {self.engine!r}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"train.zero_stage must be 0, 1 or 2 (ZeRO-3 shards parameters, which the "
                               f"CoCa forward does not gather), got {self.zero_stage}")

@@ -9,18 +9,53 @@ are the whole global batch. A rank's loss is a sum over its rows scaled by world
 global_rows (the caption loss a sum over its tokens scaled by world_size / global_tokens), so the
 engines' gradient average over ranks is exactly the gradient of the loss on the global batch,
 also when ranks hold different numbers of samples (skipped bad samples). With a world of one
-these are the plain batch means.
+these are the plain batch means. The process group comes in as an argument (``Collectives``:
+``coca.train.distributed.World`` in training, one process by default), so this module imports
+nothing from the training code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .train.distributed import World, gather_rows, global_sum, row_counts
+
+class Collectives(Protocol):
+    """What the losses need of the process group."""
+    world_size: int
+
+    @property
+    def parallel(self) -> bool: ...
+
+    def row_counts(self, n: int, device) -> list[int]:
+        """Rows each rank holds this step."""
+
+    def gather_rows(self, x: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor, int]:
+        """Every rank's rows with gradients, padded to the longest: (rows, valid-row mask, offset of this rank's)."""
+
+    def global_sum(self, value, device) -> float:
+        """The sum of ``value`` over ranks, on the host."""
+
+
+class OneProcess:
+    """``Collectives`` of a single process: nothing to exchange."""
+    world_size, parallel = 1, False
+
+    def row_counts(self, n: int, device) -> list[int]:
+        return [n]
+
+    def gather_rows(self, x: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor, int]:
+        return x, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), 0
+
+    def global_sum(self, value, device) -> float:
+        return float(value)
+
+
+ONE_PROCESS = OneProcess()
 
 
 @dataclass
@@ -37,13 +72,13 @@ class Losses:
                 "caption_loss": float(self.caption)}
 
 
-def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, world: World = World()) -> Tensor:
+def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, world: Collectives = ONE_PROCESS) -> Tensor:
     """Symmetric InfoNCE: image i and text i are the positive pair, every other text (image) of the
     global batch a negative. Embeddings are L2-normalised [B, E]; logit_scale the clamped inverse
     temperature. Returns this rank's share: sum over its rows x world / global rows."""
-    sizes = row_counts(image_embeds.shape[0], world, image_embeds.device)
-    all_text, valid, offset = gather_rows(text_embeds.float(), sizes, world)
-    all_image, _, _ = gather_rows(image_embeds.float(), sizes, world)
+    sizes = world.row_counts(image_embeds.shape[0], image_embeds.device)
+    all_text, valid, offset = world.gather_rows(text_embeds.float(), sizes)
+    all_image, _, _ = world.gather_rows(image_embeds.float(), sizes)
     labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
     i2t = (logit_scale * image_embeds.float() @ all_text.T).masked_fill(~valid, float("-inf"))  # [B, W*B]
     t2i = (logit_scale * text_embeds.float() @ all_image.T).masked_fill(~valid, float("-inf"))
@@ -51,7 +86,7 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Ten
     return loss_sum * world.world_size / sum(sizes)
 
 
-def caption_loss(logits: Tensor, tokens: Tensor, pad_id: int = 0, world: World = World(),
+def caption_loss(logits: Tensor, tokens: Tensor, pad_id: int = 0, world: Collectives = ONE_PROCESS,
                  global_tokens: float | None = None) -> Tensor:
     """Token cross-entropy of teacher-forced logits [B, L, V] against tokens [B, L], pad ignored:
     this rank's share of the mean over the global batch's tokens."""
@@ -59,7 +94,7 @@ def caption_loss(logits: Tensor, tokens: Tensor, pad_id: int = 0, world: World =
     if global_tokens is None:
         if not world.parallel:  # the plain mean: no token count on the host, so no device sync
             return F.cross_entropy(flat_logits, flat_tokens, ignore_index=pad_id)
-        global_tokens = global_sum((tokens != pad_id).sum(), world, tokens.device)
+        global_tokens = world.global_sum((tokens != pad_id).sum(), tokens.device)
     loss_sum = F.cross_entropy(flat_logits, flat_tokens, ignore_index=pad_id, reduction="sum")
     return loss_sum * world.world_size / max(global_tokens, 1.0)
 
@@ -69,7 +104,7 @@ def _ce_sum(hidden: Tensor, weight: Tensor, tokens: Tensor, pad_id: int) -> Tens
 
 
 def chunked_caption_loss(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, pad_id: int = 0,
-                         chunk_tokens: int = 4096, world: World = World(), global_tokens: float | None = None) -> Tensor:
+                         chunk_tokens: int = 4096, world: Collectives = ONE_PROCESS, global_tokens: float | None = None) -> Tensor:
     """``caption_loss`` from the decoder's final states [B, L, D] and the LM head weight [V, D],
     ``chunk_tokens`` positions at a time: each chunk's logits are made, reduced to a sum of
     cross-entropies and freed, then made again in backward (activation checkpointing), so the
@@ -82,7 +117,7 @@ def chunked_caption_loss(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor,
     if global_tokens is None:
         if not world.parallel:  # divide by the count on the device: no sync
             return loss_sum / (t != pad_id).sum().clamp(min=1)
-        global_tokens = global_sum((t != pad_id).sum(), world, tokens.device)
+        global_tokens = world.global_sum((t != pad_id).sum(), tokens.device)
     return loss_sum * world.world_size / max(global_tokens, 1.0)
 
 
@@ -99,7 +134,7 @@ class CoCaLoss:
     (``wants_logits`` says which), and ``lm_head_weight`` given."""
 
     def __init__(self, contrastive_weight: float = 1.0, caption_weight: float = 1.0, pad_id: int = 0,
-                 world: World = World(), caption_chunk_tokens: int = 0, lm_head_weight: Tensor | None = None):
+                 world: Collectives = ONE_PROCESS, caption_chunk_tokens: int = 0, lm_head_weight: Tensor | None = None):
         self.contrastive_weight, self.caption_weight, self.pad_id, self.world = \
             contrastive_weight, caption_weight, pad_id, world
         self.chunk, self.lm_head_weight = caption_chunk_tokens, lm_head_weight

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .models.coca import COMPONENTS, VISUAL_COMPONENTS, CoCa, component_of  # noqa: F401 (re-exported)
+from .components import COMPONENTS, VISUAL_COMPONENTS, component_of  # noqa: F401 (re-exported)
+from .models.coca import CoCa
 
 
 def parameter_counts(model: CoCa) -> dict[str, int]:

@@ -29,35 +29,6 @@ from .vit import AttentionalPooler, LayerNorm, VisionTransformer
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.model"
 
 
-# Components: the names `optim.freeze` and `optim.lr_mult` take, their label in `coca info`, and
-# their parameter-name prefixes. They are disjoint: the shared token embedding and the LM head are
-# components of their own, not part of the text encoder / decoder.
-COMPONENTS = {
-    "visual": ("vision tower (ViT)", ("visual.",)),
-    "poolers": ("attentional poolers", ("gen_pooler.", "contrastive_pooler.", "ln_visual.")),
-    "text_encoder": ("text encoder (T5)", ("text_encoder.",)),
-    "text_decoder": ("text decoder (T5)", ("text_decoder.",)),
-    "token_embedding": ("token embedding (shared)", ("text_encoder.embed_tokens.",)),
-    "lm_head": ("LM head (untied)", ("text_decoder.lm_head.",)),
-    "projections": ("contrastive projections", ("image_proj.", "text_proj.")),
-    "temperature": ("temperature", ("logit_scale",)),
-}
-VISUAL_COMPONENTS = ("visual", "poolers")
-
-
-def component_of(name: str) -> str:
-    """The component a parameter belongs to (the most specific prefix wins: the embedding and
-    the LM head sit inside the text modules)."""
-    best, best_len = None, -1
-    for comp, (_, prefixes) in COMPONENTS.items():
-        for p in prefixes:
-            if name.startswith(p) and len(p) > best_len:
-                best, best_len = comp, len(p)
-    if best is None:
-        raise KeyError(f"parameter {name!r} belongs to no component")
-    return best
-
-
 class CoCa(nn.Module):
     def __init__(self, cfg: CoCaConfig):
         super().__init__()
@@ -176,10 +147,11 @@ class CoCa(nn.Module):
         return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
 
     @torch.no_grad()
-    def generate(self, images: Tensor, **kwargs) -> Tensor:
-        """Caption ids [B, T] (no start token; EOS then pad after the end). See ``coca.generation``."""
+    def generate(self, images: Tensor, config=None, **kwargs) -> Tensor:
+        """Caption ids [B, T] (no start token; EOS then pad after the end), decoded as ``config`` (a
+        ``GenerationConfig``) and keyword options say. See ``coca.generation``."""
         from ..generation import generate
-        return generate(self, images, **kwargs)
+        return generate(self, images, config, **kwargs)
 
     @torch.no_grad()
     def score(self, images: Tensor, tokens: Tensor, pairwise: bool = False, batch_size: int = 64):

@@ -15,11 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ENGINES, ConfigError
 from ..errors import InputNotFound
-
-ENGINES = ("single", "ddp", "deepspeed")
-
 
 @dataclass(frozen=True)
 class World:
@@ -34,6 +31,16 @@ class World:
     @property
     def parallel(self) -> bool:
         return self.world_size > 1
+
+    # the collectives a loss takes (``coca.losses.Collectives``)
+    def row_counts(self, n: int, device) -> list[int]:
+        return row_counts(n, self, device)
+
+    def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return gather_rows(x, sizes, self)
+
+    def global_sum(self, value, device) -> float:
+        return global_sum(value, self, device)
 
 
 def init_world(engine: str, device_type: str) -> World:

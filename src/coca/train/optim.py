@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import OptimConfig
 from ..errors import UserError
-from ..models.coca import COMPONENTS, component_of
+from ..components import COMPONENTS, component_of
 
 _BLOCK = re.compile(r"^(visual|text_encoder|text_decoder)\.blocks\.(\d+)\.")
 _TOP = ("visual.ln_post.", "text_encoder.final_norm.", "text_decoder.final_norm.", "text_decoder.lm_head.")
