@@ -1,6 +1,7 @@
 """The compiled decoding step alone, per row count: as shipped, and as it ran before its two CPU
 paths (every Linear left to inductor's packed GEMM instead of ``TwoRowLinearAsBatchedMatmul`` at
-two rows, and SDPA instead of ``single_query_attention``).
+two rows, and SDPA instead of ``single_query_attention``): two ``CompiledDecoder`` of one model,
+the "before" one with ``cpu_kernels=False``.
 
 Run (from the repository root; about 3 minutes on 2 cores):
 
@@ -17,8 +18,6 @@ both variants alike. The logits of both variants are compared too.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
 import os
 import statistics
@@ -31,32 +30,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-@contextlib.contextmanager
-def as_before(active: bool):
-    """While active, the two CPU paths are off: the mode passes every call through and attention
-    takes SDPA. Dynamo guards on these globals, so the "before" graph is compiled and called with
-    them patched, and the shipped one without: each call finds its own graph."""
-    import coca.models.attention as attention_module
-    import coca.models.t5 as t5
-    mode, single_query = t5.TwoRowLinearAsBatchedMatmul.__torch_function__, attention_module.compiled_cpu_decoding
-    if active:
-        t5.TwoRowLinearAsBatchedMatmul.__torch_function__ = _pass_through
-        attention_module.compiled_cpu_decoding = _never
-    try:
-        yield
-    finally:
-        t5.TwoRowLinearAsBatchedMatmul.__torch_function__ = mode
-        attention_module.compiled_cpu_decoding = single_query
-
-
-def _pass_through(self, func, types, args=(), kwargs=None):
-    return func(*args, **(kwargs or {}))
-
-
-def _never(q, dropout_p) -> bool:
-    return False
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,2,4,8")
@@ -67,39 +40,37 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from generation_hf import build
 
+    from coca.compiled_decoding import CompiledDecoder
     from coca.generation import _Stepper
 
-    _, shipped = build(0, 32000, 512, 6, 2048)
-    before = copy.deepcopy(shipped)  # its own compiled graphs (compiled steps are kept per decoder)
+    _, model = build(0, 32000, 512, 6, 2048)
+    compiled = {"before": CompiledDecoder(model, cpu_kernels=False), "shipped": CompiledDecoder(model)}
     rows_out = []
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for rows in map(int, args.rows.split(",")):
             visual = torch.randn(rows, 256, 512, generator=g)
             steps = {}
-            for name, model in (("before", before), ("shipped", shipped)):
-                stepper = _Stepper(model, visual, 40, use_cache=True, compile=True)
+            for name in ("before", "shipped"):
+                stepper = _Stepper(model, visual, 40, use_cache=True, compiled=compiled[name])
                 cache = stepper.cache
                 inputs = (stepper.token, stepper.position, [layer.k for layer in cache.layers],
                           [layer.v for layer in cache.layers], cache.cross, cache.bias_table)
-                with as_before(name == "before"):
-                    stepper.static_step(*inputs)  # the compile
+                stepper.static_step(*inputs)  # the compile
                 steps[name] = (stepper, inputs)
             logits = {}
             for name, (stepper, inputs) in steps.items():
                 stepper.token.fill_(5)
                 stepper.position.fill_(0)
-                with as_before(name == "before"):
-                    logits[name] = stepper.static_step(*inputs).clone()
+                logits[name] = stepper.static_step(*inputs).clone()
             times = {name: [] for name in steps}
             for r in range(args.reps):
                 for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
                     stepper, inputs = steps[name]
                     stepper.position.fill_(r % 40)
-                    with as_before(name == "before"):
-                        t0 = time.perf_counter()
-                        stepper.static_step(*inputs)
-                        times[name].append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    stepper.static_step(*inputs)
+                    times[name].append(time.perf_counter() - t0)
             row = {"rows": rows,
                    **{f"{name}_ms_per_step": round(statistics.median(t) * 1e3, 2) for name, t in times.items()},
                    "before_over_shipped": round(statistics.median(

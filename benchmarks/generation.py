@@ -72,10 +72,12 @@ def make_methods(ours, oc, images, n, beam_images, num_beams, with_uncached, wit
             methods[f"greedy/ours (KV cache, {d})"] = (
                 lambda model=model, x=x: model.generate(x, use_cache=True, **greedy), B, n, "greedy")
     if compiled:  # every precision again through the compiled decoding step
+        from coca.compiled_decoding import CompiledDecoder
         for d, model in (reduced or {"fp32": ours}).items():
-            x = in_dtype(model, images)
+            x, step = in_dtype(model, images), CompiledDecoder(model)
             methods[f"greedy/ours (KV cache{'' if d == 'fp32' else ', ' + d}, compiled)"] = (
-                lambda model=model, x=x: model.generate(x, use_cache=True, compile=True, **greedy), B, n, "greedy")
+                lambda model=model, x=x, step=step: model.generate(x, use_cache=True, compiled=step, **greedy), B, n,
+                "greedy")
     if oc_bf16 is not None:
         xb = images.bfloat16()
         methods["greedy/open_clip (bf16)"] = (
@@ -224,14 +226,15 @@ def bytes_per_step(model, visual_tokens: int, new_tokens: int) -> int:
 def decode_floor(reduced: dict, size, n: int, reps: int, compiled: bool = False) -> dict:
     """Batch-1 cached decode step time, (t(n tokens) - t(1 token)) / (n - 1), against bytes read
     per step / measured read bandwidth; with ``compiled`` each precision also through the compiled step."""
+    from coca.compiled_decoding import CompiledDecoder
     bw = read_bandwidth_gbs()
     image = torch.randn(1, 3, size.image_size, size.image_size)
     rows, out = [], {"read_bandwidth_GBps": bw, "rows": []}
     with torch.no_grad():
         for comp, (d, model) in itertools.product((False, True) if compiled else (False,), reduced.items()):
-            x = in_dtype(model, image)
+            x, step = in_dtype(model, image), CompiledDecoder(model) if comp else None
             gen = lambda k: model.generate(x, strategy="greedy", max_new_tokens=k, min_new_tokens=k,  # noqa: E731
-                                           compile=comp)
+                                           compiled=step)
             gen(n)
             gen(1)  # both lengths warmed (compiled: each length bucket is its own graph)
             d = f"{d} compiled" if comp else d

@@ -67,9 +67,11 @@ def main() -> None:
     import transformers
     from transformers.modeling_outputs import BaseModelOutput
 
+    from coca.compiled_decoding import CompiledDecoder
     from coca.generation import decode
 
     hf, ours = build(0, 32000, 512, 6, 2048)
+    compiled = CompiledDecoder(ours)  # one for every call: each shape bucket compiles once
     n = args.new_tokens
 
     def hf_call(visual, beams, static):
@@ -82,7 +84,7 @@ def main() -> None:
     def ours_call(visual, beams, compile=False):
         strategy = "greedy" if beams == 1 else "beam"
         return lambda: decode(ours, visual, max_new_tokens=n, min_new_tokens=n, strategy=strategy, num_beams=beams,
-                              compile=compile)
+                              compiled=compiled if compile else None)
 
     static_ok = True
     try:

@@ -307,7 +307,8 @@ def test_static_step_equals_the_cached_forward(peaked):
 def test_single_query_attention_equals_softmax_attention():
     """The written-out attention of compiled decoding equals an independent float64 softmax
     attention (additive mask, scale given or 1/sqrt(d))."""
-    from coca.models.attention import SINGLE_QUERY, attention
+    from coca.compiled_decoding import SINGLE_QUERY
+    from coca.models.attention import attention
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (1, 11, 11))
     mask = torch.randn(1, 3, 1, 11, generator=g)
@@ -319,13 +320,16 @@ def test_single_query_attention_equals_softmax_attention():
 
 
 def test_compiled_step_runs_two_row_linears_as_batched_matmuls(peaked):
-    """At two rows on CPU the traced step replaces every fp32 Linear (blocks and LM head) by a
-    batched matmul and keeps the Linear at one and four rows; eagerly the step never enters the
-    mode. It never calls SDPA (one query: ``single_query_attention``). The two-row compiled
-    decoding gives eager decoding's tokens."""
+    """At two rows on CPU the step a ``CompiledDecoder`` traces replaces every fp32 Linear (blocks
+    and LM head) by a batched matmul and keeps the Linear at one and four rows; the model's own
+    step never enters the mode. It never calls SDPA (one query: ``single_query_attention``). The
+    two-row compiled decoding gives eager decoding's tokens."""
+    import types
+
     from torch import nn
 
-    from coca.models.t5 import TwoRowLinearAsBatchedMatmul
+    from coca import compiled_decoding
+    from coca.compiled_decoding import TwoRowLinearAsBatchedMatmul
     dec = peaked.text_decoder
     # the cross K/V projections run before the step
     n_linear = sum(type(m) is nn.Linear for m in dec.modules()) - len(dec.blocks)
@@ -339,13 +343,14 @@ def test_compiled_step_runs_two_row_linears_as_batched_matmuls(peaked):
         for rows in (1, 2, 4):
             _, visual = peaked.encode_image_tokens(images_for(peaked, B=rows))
             cache = dec.new_cache(visual, 16, static=True)
-            step = torch.compile(dec.static_step, backend=record, fullgraph=True, dynamic=False)
+            step = torch.compile(types.MethodType(compiled_decoding._traced_step, dec), backend=record,
+                                 fullgraph=True, dynamic=False)
             step(torch.full((rows, 1), 5), torch.tensor([0]), [c.k for c in cache.layers], [c.v for c in cache.layers],
                  cache.cross, cache.bias_table)
             ops = traced[len(traced) - 1]
             bmm = sum(t is torch.bmm for t in ops)
             linear = sum(t is torch._C._nn.linear for t in ops)
-            two_row_path = rows == 2 and coca.models.t5._MODES_TRACEABLE  # off before PyTorch 2.6
+            two_row_path = rows == 2 and compiled_decoding.MODES_TRACEABLE  # off before PyTorch 2.6
             assert (bmm, linear) == ((n_linear, 0) if two_row_path else (0, n_linear)), (rows, bmm, linear)
             assert torch.nn.functional.scaled_dot_product_attention not in ops  # single_query_attention instead
         torch._dynamo.reset()
@@ -374,17 +379,26 @@ def test_compiled_step_runs_two_row_linears_as_batched_matmuls(peaked):
 
 def test_compiled_decoding_equals_eager_and_follows_weight_changes(peaked):
     """``compile=True``: same tokens as eager decoding for greedy with a prefix and for beam search,
-    at a batch size that is padded to its power-of-two bucket (3 -> 4); and after the weights change
-    in place, the frozen graph is rebuilt rather than serving the old weights."""
+    at a batch size that is padded to its power-of-two bucket (3 -> 4); a ``CompiledDecoder`` keeps
+    its graphs across calls, and after the weights change in place it rebuilds them rather than
+    serving the old weights, dropping only its own: another compiled function keeps its graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    from coca.compiled_decoding import CompiledDecoder
+    other_counter = CompileCounter()
+    other = torch.compile(lambda x: x.sin() + 1, backend=other_counter)
+    other(torch.ones(3))
+    compiled = CompiledDecoder(peaked)
     images = images_for(peaked, B=3)
     first = None
     for kwargs in (dict(strategy="greedy", prefix=[17, 42]), dict(strategy="beam", num_beams=2, max_new_tokens=13)):
         kwargs = {"max_new_tokens": 15, **kwargs}
         want = peaked.generate(images, **kwargs)
-        got = peaked.generate(images, compile=True, **kwargs)
+        got = peaked.generate(images, compiled=compiled, **kwargs)
         assert torch.equal(got, want), kwargs
         first = want if first is None else first
     assert len({tuple(r.tolist()) for r in want}) > 1
+    assert compiled.compiles == 1  # one build, a graph per shape in it
     lm_head = peaked.text_decoder.lm_head.weight
     saved = lm_head.detach().clone()
     try:
@@ -392,12 +406,18 @@ def test_compiled_decoding_equals_eager_and_follows_weight_changes(peaked):
             lm_head[:, :].copy_(lm_head.flip(0))  # in place: same tensor, new values
         # the shapes of the first call, so its compiled graph would be reused if stale
         changed = peaked.generate(images, max_new_tokens=15, prefix=[17, 42])
-        assert torch.equal(peaked.generate(images, max_new_tokens=15, prefix=[17, 42], compile=True), changed)
-        assert not torch.equal(changed, first)
-        # a write through .data is invisible to PyTorch's version counter: forget_compiled drops the graphs
+        assert torch.equal(peaked.generate(images, max_new_tokens=15, prefix=[17, 42], compiled=compiled), changed)
+        assert not torch.equal(changed, first) and compiled.compiles == 2
+        # a write through .data is invisible to PyTorch's version counter (as is fused AdamW's
+        # step): the weights' sampled values show it
         lm_head.data.copy_(saved)
-        coca.generation.forget_compiled(peaked)
-        assert torch.equal(peaked.generate(images, max_new_tokens=15, prefix=[17, 42], compile=True), first)
+        assert torch.equal(peaked.generate(images, max_new_tokens=15, prefix=[17, 42], compiled=compiled), first)
+        assert compiled.compiles == 3
+        compiled.forget()  # by hand (e.g. after a write through .data to a part of a weight)
+        assert torch.equal(peaked.generate(images, max_new_tokens=15, prefix=[17, 42], compiled=compiled), first)
+        assert compiled.compiles == 4
+        other(torch.ones(3))
+        assert other_counter.frame_count == 1  # not recompiled: its graph outlived every rebuild
     finally:
         with torch.no_grad():
             lm_head.copy_(saved)
@@ -417,3 +437,29 @@ def test_a_step_compiled_under_a_restricted_isa_is_not_loaded_by_an_unrestricted
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
     assert (tmp_path / "inductor" / "isa-ONEDNN_MAX_CPU_ISA-AVX2-MKL_ENABLE_INSTRUCTIONS-AVX2-ATEN_CPU_CAPABILITY-avx2").is_dir()
+
+
+def test_missing_private_torch_settings_warn_and_decoding_still_works(tiny, monkeypatch):
+    """The private inductor / dynamo names compiled decoding reads are looked up through one
+    function: where this PyTorch lacks one (here: freezing, dropping one function's graphs, the
+    default cache directory), it warns once, and decoding still gives eager decoding's tokens."""
+    import torch._inductor.runtime.cache_dir_utils as cache_dir_utils
+
+    from coca import compiled_decoding
+    from coca.cpu import isolate_inductor_cache
+    settings = tuple(("torch._inductor.config", "freezing_gone", True, "weights are not frozen") if key == "freezing"
+                     else (module, key, value, lost) for module, key, value, lost in compiled_decoding.COMPILE_SETTINGS)
+    monkeypatch.setattr(compiled_decoding, "COMPILE_SETTINGS", settings)
+    monkeypatch.setattr(compiled_decoding, "_WARNED", set())
+    monkeypatch.delattr(torch._dynamo, "reset_code")
+    monkeypatch.delattr(cache_dir_utils, "default_cache_dir")
+    images = images_for(tiny, B=1)
+    with pytest.warns(RuntimeWarning) as warned:
+        got = tiny.generate(images, max_new_tokens=5, compile=True)
+        restricted = isolate_inductor_cache({"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    messages = [str(w.message) for w in warned]
+    for missing in ("torch._inductor.config.freezing_gone", "torch._dynamo.reset_code",
+                    "torch._inductor.runtime.cache_dir_utils.default_cache_dir"):
+        assert sum(missing in m for m in messages) == 1, (missing, messages)
+    assert torch.equal(got, tiny.generate(images, max_new_tokens=5))
+    assert restricted.endswith("isa-ONEDNN_MAX_CPU_ISA-AVX2") and "torchinductor_" in restricted

@@ -75,11 +75,10 @@ def test_caption_folder_to_json_lines(capsys, trained, collection, tmp_path, mon
     assert records[0]["score"] == pytest.approx(float(result.normalized_scores[0]), abs=1e-4)
     assert records[0]["score"] < 0
     # --compile: the same lines (batches of 5 run padded to 8, the last one of 4 as it is)
-    from coca import generation
+    from coca.compiled_decoding import CompiledDecoder
     compiled_calls = []
-    real_compiled_step = generation.compiled_step
-    monkeypatch.setattr(generation, "compiled_step",
-                        lambda decoder: compiled_calls.append(decoder) or real_compiled_step(decoder))
+    real_step = CompiledDecoder.step
+    monkeypatch.setattr(CompiledDecoder, "step", lambda self: compiled_calls.append(self) or real_step(self))
     code, _, err = run(capsys, "caption", collection, "--model", trained["model"], "--out", tmp_path / "c.jsonl",
                        "--strategy", "greedy", "--score", "--batch-size", 5, "--workers", 0, "--max-new-tokens", 8,
                        "--compile")
@@ -88,6 +87,7 @@ def test_caption_folder_to_json_lines(capsys, trained, collection, tmp_path, mon
     assert [(r["path"], r["caption"]) for r in compiled] == [(r["path"], r["caption"]) for r in records]
     assert [r["score"] for r in compiled] == pytest.approx([r["score"] for r in records], abs=1e-4)
     assert len(compiled_calls) == 5  # every batch went through the compiled step
+    assert len(set(compiled_calls)) == 1 and compiled_calls[0].compiles == 1  # the run's one compiled decoder
     # several captions per image, and a prefix
     code, _, err = run(capsys, "caption", collection / "a", "--model", trained["model"], "--out", tmp_path / "n.jsonl",
                        "--strategy", "sample", "--num-return-sequences", 3, "--seed", 0, "--prefix", "a large",

@@ -377,21 +377,23 @@ def test_health_and_page_answer_during_a_long_batch(served):
 
 
 def test_a_compiled_server_captions_like_the_eager_one(trained):
-    """`coca serve --compile`: the model worker's batches go through generate(compile=True) and give
-    the eager server's captions and scores (3 images: a batch padded to 4 inside)."""
-    from coca.serve.app import Server
+    """`coca serve --compile`: the model worker's batches go through the server's own compiled
+    decoder and give the eager server's captions and scores (3 images: a batch padded to 4 inside);
+    the server keeps its graphs from batch to batch."""
+    from coca.generation import GenerationConfig
+    from coca.serve.app import CaptionOptions, Server
     model = coca.load(trained["model"])
     paths = sorted(os.path.join(trained["captions"], f) for f in os.listdir(trained["captions"]) if f != "00003.png")
     transform = eval_transform(model.cfg.vision.image_size)
     images = torch.stack([transform(load_image(p)) for p in paths[:3]])
-    options = tuple(sorted(dict(strategy="beam", num_beams=3, max_new_tokens=20, min_new_tokens=0,
-                                num_return_sequences=2, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                                prefix=None).items()))
-    from coca.generation import _COMPILED_STEPS
-    eager = Server(model)._caption_batch(images, options)
-    assert model.text_decoder not in _COMPILED_STEPS
-    compiled = Server(model, compile=True)._caption_batch(images, options)
-    assert model.text_decoder in _COMPILED_STEPS  # the compiled step really ran
+    options = CaptionOptions(GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=20, num_return_sequences=2))
+    eager_server, compiled_server = Server(model), Server(model, compile=True)
+    assert eager_server.compiled is None
+    eager = eager_server._caption_batch(images, options)
+    compiled = compiled_server._caption_batch(images, options)
+    assert compiled_server.compiled.compiles == 1  # the compiled step really ran
+    assert compiled_server._caption_batch(images, options) == compiled
+    assert compiled_server.compiled.compiles == 1  # the next batch reused it
     assert [[a["caption"] for a in r["alternatives"]] for r in compiled] == \
         [[a["caption"] for a in r["alternatives"]] for r in eager]
     assert [r["score"] for r in compiled] == pytest.approx([r["score"] for r in eager], abs=1e-4)

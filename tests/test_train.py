@@ -455,7 +455,8 @@ def test_compiled_captioning_while_training_leaves_the_training_graph_compiled(t
     evaluation and never drops the training model's, which compiles once, at the first step
     (``torch.compiler.reset()`` on a weight change made it compile again after every evaluation).
     Dynamo's own backend for the training model (``eager``: its graph is counted and run as traced)
-    keeps the test short; the decoding step compiles with inductor as it ships."""
+    keeps the test short, and dynamic shapes from the start keep a batch of longer captions from
+    recompiling it; the decoding step compiles with inductor as it ships."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from coca.evaluate.synthetic import write_eval_sets
@@ -466,8 +467,9 @@ def test_compiled_captioning_while_training_leaves_the_training_graph_compiled(t
     real_compile = torch.compile
 
     def compile_counting_modules(obj, **kwargs):  # the training model is a module, the decoding step a method
-        return real_compile(obj, **{**kwargs, "backend": training_compiles}) if isinstance(obj, torch.nn.Module) \
-            else real_compile(obj, **kwargs)
+        if isinstance(obj, torch.nn.Module):
+            return real_compile(obj, **{**kwargs, "backend": training_compiles, "dynamic": True})
+        return real_compile(obj, **kwargs)
 
     monkeypatch.setattr(torch, "compile", compile_counting_modules)
     seen = []  # (evaluation, training compiles so far) at each evaluation

@@ -91,45 +91,52 @@ class CaptionRun:
 
 
 def caption_files(model, paths: list[str], out: Path | None, emit=print, batch_size: int = 16, workers: int = 2,
-                  with_score: bool = False, **generate_kwargs) -> CaptionRun:
-    """Caption ``paths``; with ``out`` append JSON lines (``path``, ``caption``[, ``score``]) there,
-    else ``emit`` "path<TAB>caption" lines. ``score`` is the caption's mean log-probability per token.
-    With ``num_return_sequences`` > 1 a record has ``captions`` (and ``scores``) lists instead."""
+                  with_score: bool = False, config=None, prefix=None, compiled=None, **options) -> CaptionRun:
+    """Caption ``paths`` as ``config`` (a ``GenerationConfig``; keyword ``options`` build or amend
+    it) says; with ``out`` append JSON lines (``path``, ``caption``[, ``score``]) there, else
+    ``emit`` "path<TAB>caption" lines. ``score`` is the caption's mean log-probability per token.
+    With ``num_return_sequences`` > 1 a record has ``captions`` (and ``scores``) lists instead.
+    With ``compile`` every batch decodes through one ``CompiledDecoder`` (``compiled``, or one
+    of this run's own)."""
     from .evaluate.common import image_batches, skip_counts
     from .loading import to_model
+    from .generation import GenerationConfig, compiled_decoder
+    config = GenerationConfig.of(config, **options)
     run = CaptionRun(total=len(paths))
     done = read_done(out) if out is not None else set()
     todo = [p for p in paths if p not in done]
     run.already_done = len(paths) - len(todo)
-    n_return = generate_kwargs.get("num_return_sequences", 1)
+    n_return = config.num_return_sequences
     skipped: list[dict] = []
     t0 = time.perf_counter()
     sink = open(out, "a", encoding="utf-8") if out is not None else None
     try:
-        for idx, images in image_batches(todo, model.cfg.vision.image_size, batch_size, workers, skipped, "caption"):
-            result = model.generate(to_model(model, images), return_dict=True, **generate_kwargs)
-            texts = model.tokenizer.decode(result.tokens)
-            scores = result.normalized_scores.tolist()
-            lines = []
-            for j, i in enumerate(idx):
-                mine = slice(j * n_return, (j + 1) * n_return)
-                if n_return == 1:
-                    record = {"path": todo[i], "caption": texts[j]}
-                    if with_score:
-                        record["score"] = round(scores[j], 5)
+        with compiled_decoder(model, config, compiled) as compiled:
+            for idx, images in image_batches(todo, model.cfg.vision.image_size, batch_size, workers, skipped, "caption"):
+                result = model.generate(to_model(model, images), config, prefix=prefix, return_dict=True,
+                                        compiled=compiled)
+                texts = model.tokenizer.decode(result.tokens)
+                scores = result.normalized_scores.tolist()
+                lines = []
+                for j, i in enumerate(idx):
+                    mine = slice(j * n_return, (j + 1) * n_return)
+                    if n_return == 1:
+                        record = {"path": todo[i], "caption": texts[j]}
+                        if with_score:
+                            record["score"] = round(scores[j], 5)
+                    else:
+                        record = {"path": todo[i], "captions": texts[mine]}
+                        if with_score:
+                            record["scores"] = [round(s, 5) for s in scores[mine]]
+                    lines.append(record)
+                if sink is not None:
+                    sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+                    sink.flush()
+                    os.fsync(sink.fileno())
                 else:
-                    record = {"path": todo[i], "captions": texts[mine]}
-                    if with_score:
-                        record["scores"] = [round(s, 5) for s in scores[mine]]
-                lines.append(record)
-            if sink is not None:
-                sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
-                sink.flush()
-                os.fsync(sink.fileno())
-            else:
-                for r in lines:
-                    emit(f"{r['path']}\t{r['caption'] if n_return == 1 else ' | '.join(r['captions'])}")
-            run.captioned += len(lines)
+                    for r in lines:
+                        emit(f"{r['path']}\t{r['caption'] if n_return == 1 else ' | '.join(r['captions'])}")
+                run.captioned += len(lines)
     finally:
         if sink is not None:
             sink.close()

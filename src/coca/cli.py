@@ -78,20 +78,20 @@ def cmd_caption(args) -> int:
 
     from .caption_files import caption_files, collect_image_paths
     from .loading import load_model
-    from .generation import check_options
+    from .generation import GenerationConfig
     if args.out and Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a directory; give a .jsonl file path")
     paths = collect_image_paths(args.images)  # bad inputs fail before the model loads
-    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, strategy=args.strategy,
-                   num_beams=args.num_beams, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                   length_penalty=1.0, repetition_penalty=args.repetition_penalty,
-                   no_repeat_ngram_size=args.no_repeat_ngram_size, num_return_sequences=args.num_return_sequences)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                              strategy=args.strategy, num_beams=args.num_beams, top_k=args.top_k, top_p=args.top_p,
+                              temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                              no_repeat_ngram_size=args.no_repeat_ngram_size,
+                              num_return_sequences=args.num_return_sequences, seed=args.seed, compile=args.compile)
     model = load_model(args.model, args.device, args.dtype)
     n_prefix = len(model.tokenizer.encode_ids(args.prefix)) if args.prefix else 0
-    check_options(model.cfg.text.context_length, n_prefix, **options)
+    config.validate(model.cfg.text.context_length, n_prefix)
     run = caption_files(model, paths, Path(args.out) if args.out else None, batch_size=args.batch_size,
-                        workers=args.workers, with_score=args.score, seed=args.seed, prefix=args.prefix or None,
-                        compile=args.compile, **options)
+                        workers=args.workers, with_score=args.score, config=config, prefix=args.prefix or None)
     done = f"{run.captioned} images captioned in {run.seconds:.1f}s ({run.captioned / max(run.seconds, 1e-9):.1f} images/s)"
     if run.already_done:
         done += f"; {run.already_done} already in {args.out}"
@@ -172,7 +172,7 @@ def cmd_eval(args) -> int:
         options.update(annotations=args.annotations, split=args.split or "test", limit=args.limit or 0)
     if task == "caption":
         options.update(strategy=args.strategy, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                       spice=not args.no_spice)
+                       spice=not args.no_spice, compile=args.compile)
     evaluation = Evaluation(EvalConfig(task=task, **options))  # reads the inputs: errors before the model loads
     model = load_model(args.model, args.device, args.dtype)
     result = evaluation.run(model, model.tokenizer)
@@ -250,6 +250,7 @@ def dtype_option(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config import EVAL_STRATEGIES, STRATEGIES, ZEROSHOT_METHODS
     p = argparse.ArgumentParser(prog="coca", description="CoCa-Large-v2: contrastive captioning (ViT + T5).")
     p.add_argument("--version", action="version", version=f"coca {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="JSON lines file (path, caption[, score]); rerun with the same file to resume "
                    "(default: print path<TAB>caption)")
     s.add_argument("--score", action="store_true", help="add each caption's mean log-probability per token")
-    s.add_argument("--strategy", choices=["greedy", "beam", "sample"], default="beam")
+    s.add_argument("--strategy", choices=STRATEGIES, default="beam")
     s.add_argument("--num-beams", type=int, default=4)
     s.add_argument("--num-return-sequences", type=int, default=1, help="captions per image (beam or sample)")
     s.add_argument("--max-new-tokens", type=int, default=30)
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", help="one prompt template with {} for the label, e.g. 'a photo of {}.'")
     s.add_argument("--templates", help="file of prompt templates (one per line), averaged per label")
     s.add_argument("--top", type=int, default=5, help="how many labels to print per image")
-    s.add_argument("--method", choices=["contrastive", "likelihood", "both"], default="contrastive",
+    s.add_argument("--method", choices=ZEROSHOT_METHODS, default="contrastive",
                    help="contrastive similarity, caption likelihood under the decoder, or their ensemble")
     s.add_argument("--device", default="cpu")
     dtype_option(s)
@@ -359,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "when they agree (case and '_' ignored), else sorted folder i = line i")
     e.add_argument("--templates", help="prompt templates file, one per line with {} (default: CLIP's 80)")
     e.add_argument("--labels-file", help="CSV/TSV of image,label (index or name) instead of class folders")
-    e.add_argument("--method", choices=["contrastive", "likelihood", "both"], default="contrastive",
+    e.add_argument("--method", choices=ZEROSHOT_METHODS, default="contrastive",
                    help="contrastive: nearest class embedding; likelihood: the class whose prompts the decoder "
                    "finds most likely (one decoder pass per image x prompt: use few templates); both: each, and "
                    "their ensemble as the headline")
@@ -374,10 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--split", help="Karpathy split to use (default test)")
         e.add_argument("--limit", type=int, help="evaluate only the first N images")
         if name == "caption":
-            e.add_argument("--strategy", choices=["greedy", "beam"], default="beam")
+            e.add_argument("--strategy", choices=EVAL_STRATEGIES, default="beam")
             e.add_argument("--num-beams", type=int, default=3)
             e.add_argument("--max-new-tokens", type=int, default=30)
             e.add_argument("--no-spice", action="store_true", help="skip SPICE (slow; needs Java + CoreNLP)")
+            e.add_argument("--compile", action="store_true",
+                           help="decode through a torch.compile'd step: faster per token after a compile of about "
+                                "10 s per batch-size bucket")
         e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("data", help="data preparation")

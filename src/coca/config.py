@@ -383,7 +383,13 @@ class LossConfig:
 
 
 EVAL_TASKS = ("zeroshot", "caption", "retrieval")
-ZEROSHOT_METHODS = ("contrastive", "likelihood", "both")
+# decoding strategies (coca.generation); a captioning evaluation is deterministic: no sampling
+Strategy = Literal["greedy", "beam", "sample"]
+STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
+EVAL_STRATEGIES: tuple[str, ...] = tuple(s for s in STRATEGIES if s != "sample")
+# zero-shot classification (coca.evaluate.zeroshot): class embeddings, caption likelihood, or both
+ZeroShotMethod = Literal["contrastive", "likelihood", "both"]
+ZEROSHOT_METHODS: tuple[str, ...] = typing.get_args(ZeroShotMethod)
 # what each evaluation reports, i.e. what train.best_metric may name after "<eval name>."
 EVAL_METRICS = {
     "zeroshot": ("top1", "top5", "mean_per_class_top1"),
@@ -410,6 +416,7 @@ class EvalConfig:
     strategy: str = "beam"         # caption: beam | greedy
     num_beams: int = 3
     max_new_tokens: int = 30
+    compile: bool = False          # caption: decode through the torch.compile'd step (coca eval caption --compile)
     spice: bool = False            # caption: SPICE is slow and needs Stanford CoreNLP
     batch_size: int = 0            # 0: 32 for caption, 64 otherwise (as `coca eval`)
     workers: int = 2               # image decoding processes
@@ -428,8 +435,8 @@ class EvalConfig:
             raise ConfigError(f"eval {self.name}: method must be one of {ZEROSHOT_METHODS}, got {self.method!r}")
         if self.dataset not in ("folder", "imagenet"):
             raise ConfigError(f"eval {self.name}: dataset must be 'folder' or 'imagenet', got {self.dataset!r}")
-        if self.strategy not in ("beam", "greedy"):
-            raise ConfigError(f"eval {self.name}: strategy must be 'beam' or 'greedy', got {self.strategy!r}")
+        if self.strategy not in EVAL_STRATEGIES:
+            raise ConfigError(f"eval {self.name}: strategy must be one of {EVAL_STRATEGIES}, got {self.strategy!r}")
         _positive(self, "num_beams", "max_new_tokens")
         if self.limit < 0 or self.batch_size < 0 or self.workers < 0:
             raise ConfigError(f"eval {self.name}: limit, batch_size and workers must be >= 0")

@@ -59,8 +59,19 @@ def isolate_inductor_cache(env=None) -> str | None:
     tag = "isa-" + re.sub(r"[^A-Za-z0-9_-]+", "_", "-".join(limits))
     base = env.get("TORCHINDUCTOR_CACHE_DIR")
     if base is None:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        from .compiled_decoding import private
+        default_cache_dir = private("torch._inductor.runtime.cache_dir_utils", "default_cache_dir",
+                                    "the restricted cache directory is put under the system's temporary directory",
+                                    default=_default_cache_dir)
         base = default_cache_dir()
     if Path(base).name != tag:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(base) / tag)
     return env["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def _default_cache_dir() -> str:
+    """Where TorchInductor caches by default (``torch._inductor.runtime.cache_dir_utils``)."""
+    import getpass
+    import tempfile
+    user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + user)

@@ -11,7 +11,14 @@ static cache (every slot attended, later ones masked), one graph for all steps, 
 it (on CPU the Linear layers then use prepacked GEMM weights, except at two rows; attention for
 the one new position is written out for inductor to fuse). It pays a compile of seconds per
 shape bucket (rows padded to a power of two, length to a multiple of 16), so it is for captioning
-many images; tokens equal the eager cached path's (tested).
+many images; tokens equal the eager cached path's (tested). The graphs belong to a
+``CompiledDecoder`` (``coca.compiled_decoding``): pass one as ``compiled=`` and keep it to reuse
+them across calls; ``compile=True`` without one compiles for that call only.
+
+The options are the fields of one frozen ``GenerationConfig``, checked when it is built
+(``validate`` adds the model's context length and the prefix); ``generate(model, images, config)``
+takes one, and keyword options (``generate(model, images, max_new_tokens=20, strategy="beam")``)
+build it or replace its fields.
 
 Controls, with Hugging Face's semantics: ``repetition_penalty`` (CTRL: a logit of a token already
 in the decoder input is divided by the penalty when positive, multiplied when negative) and
@@ -32,18 +39,15 @@ visual tokens computed on the way.
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cpu import isolate_inductor_cache
+from .compiled_decoding import CompiledDecoder
+from .config import STRATEGIES, Strategy
 from .errors import UserError
-
-STRATEGIES = ("greedy", "beam", "sample")
 
 
 @dataclass
@@ -104,81 +108,16 @@ class LogitsProcessors:
         return scores
 
 
-def _weights_signature(module) -> tuple:
-    """Changes when a weight is replaced or updated in place through the tensor (``_version``
-    counts those writes; writes through ``.data`` are not counted: see ``forget_compiled``)."""
-    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in (*module.parameters(), *module.buffers()))
-
-
-# decoder -> (weights signature, compiled step); weak, so a model's copy or pickle carries none of it
-_COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# inductor and dynamo settings are process-wide, and so is torch.compiler.reset(): one compiled step at a time
-_COMPILE_LOCK = threading.RLock()
-
-
-def forget_compiled(model) -> None:
-    """Drop the compiled decoding graphs of ``model`` (or of its decoder): needed only after its
-    weights were changed through ``.data``, which PyTorch does not count as a change. Like a weight
-    change seen by ``compile=True``, it resets every ``torch.compile`` cache in the process."""
-    decoder = getattr(model, "text_decoder", model)
-    with _COMPILE_LOCK:
-        if _COMPILED_STEPS.pop(decoder, None) is not None:
-            torch.compiler.reset()
-
-
-def compiled_step(decoder):
-    """``decoder.static_step`` under ``torch.compile`` (one graph per row count, length and dtype;
-    weights frozen into it, so Linear layers use prepacked GEMM weights on CPU). If the decoder's
-    weights have changed since it was compiled, its graphs are dropped and built again."""
-    with _COMPILE_LOCK:
-        signature = _weights_signature(decoder)
-        held = _COMPILED_STEPS.get(decoder)
-        if held is not None and held[0] == signature:
-            return held[1]
-        if held is not None:  # frozen weights are stale: the compiled code cache would serve them again
-            torch.compiler.reset()
-        isolate_inductor_cache()
-        compiled = torch.compile(decoder.static_step, fullgraph=True, dynamic=False)
-        shapes_compiled = set()
-
-        def fn(*args):
-            # The settings are read only while compiling, so only a call with a new shape enters them
-            # (they cost tens of µs a step otherwise). Freezing is scoped to this step: set globally
-            # it would also freeze the weights of a training model compiled elsewhere in the process
-            # and evaluated under no_grad.
-            tokens, bias_table = args[0], args[-1]
-            shape = (tokens.shape[0], bias_table.shape[0], bias_table.dtype, bias_table.device)
-            with _COMPILE_LOCK, contextlib.ExitStack() as settings:
-                if shape not in shapes_compiled:
-                    settings.enter_context(torch._inductor.config.patch(freezing=True))
-                    settings.enter_context(torch._dynamo.config.patch(recompile_limit=64))
-                try:
-                    out = compiled(*args)
-                    shapes_compiled.add(shape)
-                    return out
-                except torch._dynamo.exc.FailOnRecompileLimitHit:
-                    # more shape buckets than graphs allowed (a long-lived server): this shape runs
-                    # the same step uncompiled, which gives the same tokens
-                    return decoder.static_step(*args)
-                except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no working C++ compiler on CPU
-                    reason = str(e).strip().splitlines()[0]
-                    raise UserError(f"compile=True could not compile the decoding step ({reason}); "
-                                    "decode without it (compile=False, or drop --compile)") from e
-
-        _COMPILED_STEPS[decoder] = (signature, fn)
-        return fn
-
-
 class _Stepper:
     """Returns next-token logits [rows, V] (fp32) for the newest position: without a cache, with the
-    KV cache, or (``compile``) through the compiled fixed-shape step over a static cache."""
+    KV cache, or (``compiled``) through the compiled fixed-shape step over a static cache."""
 
     def __init__(self, model, visual_tokens: Tensor, max_len: int, use_cache: bool, repeat: int = 1,
-                 compile: bool = False):
+                 compiled: CompiledDecoder | None = None):
         self.decoder = model.text_decoder
         self.cache = None
         self.static_step = None
-        if use_cache and compile:
+        if use_cache and compiled is not None:
             # Shapes are bucketed so that a new batch size or length rarely compiles a new graph:
             # rows (images x beams or samples) padded to a power of two with copies of the last
             # one (rows are independent, so the real rows' results do not change), and the length
@@ -187,7 +126,7 @@ class _Stepper:
             padded = 1 << (self.rows - 1).bit_length()
             self.cache = self.decoder.new_cache(visual_tokens, -(-max_len // 16) * 16, repeat=repeat, static=True,
                                                 rows=padded)
-            self.static_step = compiled_step(self.decoder)
+            self.static_step = compiled.step()
             # fixed inputs, refilled each step: a new tensor (or a view with the growing
             # sequence's strides) would not match the compiled graph's guards
             self.position = torch.zeros(1, dtype=torch.long, device=visual_tokens.device)
@@ -237,109 +176,164 @@ def prefix_ids(model, prefix, device) -> Tensor:
     return ids.to(device)
 
 
-def check_options(context_length: int, n_prefix: int, max_new_tokens: int, strategy: str, num_beams: int,
-                  top_k: int | None, top_p: float | None, temperature: float, min_new_tokens: int,
-                  length_penalty: float, repetition_penalty: float, no_repeat_ngram_size: int,
-                  num_return_sequences: int) -> None:
-    """Refuse options that cannot work, naming the value and what is allowed."""
-    if strategy not in STRATEGIES:
-        raise UserError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    limit = context_length
-    if n_prefix >= limit:
-        raise UserError(f"the prefix has {n_prefix} tokens; it must be shorter than the model's context length {limit}")
-    if not 1 <= max_new_tokens <= limit - n_prefix:
-        raise UserError(f"max_new_tokens must be in [1, {limit - n_prefix}] (the model's context length {limit}"
-                        + (f" minus the {n_prefix} prefix tokens" if n_prefix else "") + f"), got {max_new_tokens}")
-    if not 0 <= min_new_tokens <= max_new_tokens:
-        raise UserError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
-    if strategy == "beam" and num_beams < 1:
-        raise UserError(f"num_beams must be >= 1, got {num_beams}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if temperature <= 0:
-        raise UserError(f"temperature must be > 0, got {temperature} (use strategy='greedy' for argmax decoding)")
-    if not repetition_penalty > 0:
-        raise UserError(f"repetition_penalty must be > 0 (1.0 = off, > 1 discourages repeats), got {repetition_penalty}")
-    if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
-        raise UserError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {no_repeat_ngram_size!r}")
-    if num_return_sequences < 1:
-        raise UserError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
-    if num_return_sequences > 1:
-        if strategy == "greedy":
-            raise UserError(f"num_return_sequences={num_return_sequences} needs strategy 'beam' or 'sample' "
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to decode, checked once when built (``validate`` adds what needs the model: its context
+    length and the prefix). Frozen and hashable: equal configs can share a batch. ``seed`` seeds a
+    generator per ``generate`` call (sampling); ``compile`` decodes through the compiled step."""
+    strategy: Strategy = "greedy"
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    num_beams: int = 4
+    num_return_sequences: int = 1
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float = 1.0
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    seed: int | None = None
+    use_cache: bool = True
+    compile: bool = False
+
+    def __post_init__(self):
+        """Refuse options that cannot work, naming the value and what is allowed."""
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if not _is_int(self.max_new_tokens):
+            raise UserError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise UserError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
+        if self.strategy == "beam" and self.num_beams < 1:
+            raise UserError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        if self.temperature <= 0:
+            raise UserError(f"temperature must be > 0, got {self.temperature} (use strategy='greedy' for argmax decoding)")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"repetition_penalty must be > 0 (1.0 = off, > 1 discourages repeats), got {self.repetition_penalty}")
+        if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+            raise UserError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {self.no_repeat_ngram_size!r}")
+        n_return = self.num_return_sequences
+        if n_return < 1:
+            raise UserError(f"num_return_sequences must be >= 1, got {n_return}")
+        if n_return > 1 and self.strategy == "greedy":
+            raise UserError(f"num_return_sequences={n_return} needs strategy 'beam' or 'sample' "
                             "(greedy decoding has one answer)")
-        if strategy == "beam" and num_return_sequences > num_beams:
-            raise UserError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-        raise UserError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
-    if length_penalty != length_penalty:  # NaN
-        raise UserError("length_penalty must be a number, got NaN")
+        if n_return > 1 and self.strategy == "beam" and n_return > self.num_beams:
+            raise UserError(f"num_return_sequences ({n_return}) must be <= num_beams ({self.num_beams})")
+        if self.length_penalty != self.length_penalty:  # NaN
+            raise UserError("length_penalty must be a number, got NaN")
+        if self.compile and not self.use_cache:
+            raise UserError("compile=True compiles the cached decoding step; it needs use_cache=True")
+
+    def validate(self, context_length: int, n_prefix: int = 0) -> "GenerationConfig":
+        """``self`` if it fits a model of ``context_length`` after a prefix of ``n_prefix`` tokens."""
+        limit = context_length
+        if n_prefix >= limit:
+            raise UserError(f"the prefix has {n_prefix} tokens; it must be shorter than the model's context length {limit}")
+        if self.max_new_tokens > limit - n_prefix:
+            raise UserError(f"max_new_tokens must be in [1, {limit - n_prefix}] (the model's context length {limit}"
+                            + (f" minus the {n_prefix} prefix tokens" if n_prefix else "") + f"), got {self.max_new_tokens}")
+        return self
+
+    @classmethod
+    def of(cls, config: "GenerationConfig | None" = None, **options) -> "GenerationConfig":
+        """``config`` (default: the defaults) with ``options`` in place of its fields."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {unknown}")
+        config = cls() if config is None else config
+        return replace(config, **options) if options else config
 
 
-def check_compile(compile: bool, use_cache: bool) -> None:
-    if compile and not use_cache:
-        raise UserError("compile=True compiles the cached decoding step; it needs use_cache=True")
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_compiled(model, config: GenerationConfig, compiled: CompiledDecoder | None) -> None:
+    """A caller's ``compiled`` (which implies ``compile``) must be this model's and run the cache."""
+    if compiled is not None:
+        if not config.use_cache:
+            raise UserError("compile=True compiles the cached decoding step; it needs use_cache=True")
+        if compiled.decoder is not model.text_decoder:
+            raise UserError("compiled= is a CompiledDecoder of another model's decoder")
+
+
+@contextlib.contextmanager
+def compiled_decoder(model, config: GenerationConfig, compiled: CompiledDecoder | None = None):
+    """The ``CompiledDecoder`` that calls decoding as ``config`` says share: the caller's
+    ``compiled``; else, with ``config.compile``, one of their own, whose graphs are dropped at the
+    end of the block; else None (eager decoding)."""
+    if compiled is not None or not config.compile:
+        yield compiled
+        return
+    own = CompiledDecoder(model)
+    try:
+        yield own
+    finally:
+        own.forget()
 
 
 @torch.no_grad()
-def generate(model, images: Tensor, max_new_tokens: int = 30, strategy: str = "greedy", num_beams: int = 4,
-             top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
-             min_new_tokens: int = 0, length_penalty: float = 1.0, seed: int | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True,
-             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, prefix=None,
-             include_prefix: bool = True, num_return_sequences: int = 1,
-             return_dict: bool = False, compile: bool = False) -> Tensor | GenerationOutput:
+def generate(model, images: Tensor, config: GenerationConfig | None = None, *, prefix=None,
+             include_prefix: bool = True, return_dict: bool = False, generator: torch.Generator | None = None,
+             compiled: CompiledDecoder | None = None, **options) -> Tensor | GenerationOutput:
+    """Caption ``images`` as ``config`` says; keyword ``options`` (``max_new_tokens=...``,
+    ``strategy=...``: the fields of ``GenerationConfig``) build one or replace its fields.
+    ``compiled``: a ``CompiledDecoder`` of this model that the caller keeps, so its graphs serve
+    every call; ``compile=True`` without one compiles for this call only."""
+    config = GenerationConfig.of(config, **options)
     model.check_images(images)
-    options = dict(max_new_tokens=max_new_tokens, strategy=strategy, num_beams=num_beams, top_k=top_k, top_p=top_p,
-                   temperature=temperature, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
-                   repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                   num_return_sequences=num_return_sequences)
     prefix = prefix_ids(model, prefix, images.device)
-    check_options(model.cfg.text.context_length, len(prefix), **options)  # before the image encoder runs
-    check_compile(compile, use_cache)
+    config.validate(model.cfg.text.context_length, len(prefix))  # before the image encoder runs
+    _check_compiled(model, config, compiled)
     image_embeds, visual_tokens = model.encode_image_tokens(images)
-    out = decode(model, visual_tokens, prefix=prefix, include_prefix=include_prefix, seed=seed, generator=generator,
-                 use_cache=use_cache, return_dict=return_dict, compile=compile, **options)
+    out = decode(model, visual_tokens, config, prefix=prefix, include_prefix=include_prefix, generator=generator,
+                 return_dict=return_dict, compiled=compiled)
     if return_dict:
         out.image_embeds = image_embeds
     return out
 
 
 @torch.no_grad()
-def decode(model, visual_tokens: Tensor, max_new_tokens: int = 30, strategy: str = "greedy", num_beams: int = 4,
-           top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0, min_new_tokens: int = 0,
-           length_penalty: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
-           use_cache: bool = True, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-           prefix: Tensor | None = None, include_prefix: bool = True, num_return_sequences: int = 1,
-           return_dict: bool = False, compile: bool = False) -> Tensor | GenerationOutput:
+def decode(model, visual_tokens: Tensor, config: GenerationConfig | None = None, *, prefix: Tensor | None = None,
+           include_prefix: bool = True, return_dict: bool = False, generator: torch.Generator | None = None,
+           compiled: CompiledDecoder | None = None, **options) -> Tensor | GenerationOutput:
     """``generate`` from visual tokens [B, Q, D] already computed: needs only ``model.cfg.text`` and
     ``model.text_decoder``. ``prefix`` is a 1-D id tensor here (see ``prefix_ids``)."""
+    config = GenerationConfig.of(config, **options)
     text = model.cfg.text
     prefix = torch.empty(0, dtype=torch.long, device=visual_tokens.device) if prefix is None else prefix
-    check_options(text.context_length, len(prefix), max_new_tokens, strategy, num_beams, top_k, top_p, temperature,
-                  min_new_tokens, length_penalty, repetition_penalty, no_repeat_ngram_size, num_return_sequences)
-    check_compile(compile, use_cache)
-    processors = LogitsProcessors(repetition_penalty, no_repeat_ngram_size, min_new_tokens, text.eos_id)
-    if strategy == "beam" and num_beams > 1:
-        tokens, scores, counts = _beam_search(model, visual_tokens, prefix, max_new_tokens, processors, num_beams,
-                                              num_return_sequences, length_penalty, use_cache, compile)
-    else:
-        sample = None
-        if strategy == "sample":
-            if generator is None and seed is not None:
-                generator = torch.Generator(device=visual_tokens.device).manual_seed(seed)
-            sample = lambda logits: _sample(logits, temperature, top_k, top_p, generator)  # noqa: E731
-        repeat = num_return_sequences if strategy == "sample" else 1
-        tokens, scores, counts = _greedy_or_sample(model, visual_tokens, prefix, max_new_tokens, processors,
-                                                   use_cache, sample, repeat, track_scores=return_dict,
-                                                   compile=compile)
+    config.validate(text.context_length, len(prefix))
+    _check_compiled(model, config, compiled)
+    with compiled_decoder(model, config, compiled) as compiled:
+        tokens, scores, counts = _decode(model, visual_tokens, config, prefix, generator, return_dict, compiled)
     if include_prefix and len(prefix):
         tokens = torch.cat([prefix.expand(tokens.shape[0], -1), tokens], dim=1)
     if not return_dict:
         return tokens
     return GenerationOutput(tokens, scores, scores / counts.clamp(min=1), counts, None, visual_tokens, len(prefix))
+
+
+def _decode(model, visual_tokens, config: GenerationConfig, prefix, generator, track_scores, compiled):
+    c = config
+    processors = LogitsProcessors(c.repetition_penalty, c.no_repeat_ngram_size, c.min_new_tokens, model.cfg.text.eos_id)
+    if c.strategy == "beam" and c.num_beams > 1:
+        return _beam_search(model, visual_tokens, prefix, c.max_new_tokens, processors, c.num_beams,
+                            c.num_return_sequences, c.length_penalty, c.use_cache, compiled)
+    sample = None
+    if c.strategy == "sample":
+        if generator is None and c.seed is not None:
+            generator = torch.Generator(device=visual_tokens.device).manual_seed(c.seed)
+        sample = lambda logits: _sample(logits, c.temperature, c.top_k, c.top_p, generator)  # noqa: E731
+    repeat = c.num_return_sequences if c.strategy == "sample" else 1
+    return _greedy_or_sample(model, visual_tokens, prefix, c.max_new_tokens, processors, c.use_cache, sample, repeat,
+                             track_scores=track_scores, compiled=compiled)
 
 
 def _start(model, rows: int, prefix: Tensor, device) -> Tensor:
@@ -348,10 +342,10 @@ def _start(model, rows: int, prefix: Tensor, device) -> Tensor:
 
 
 def _greedy_or_sample(model, visual_tokens, prefix, max_new_tokens, processors, use_cache, sample, repeat,
-                      track_scores, compile=False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                      track_scores, compiled=None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     pad, eos = model.cfg.text.pad_id, model.cfg.text.eos_id
     rows = visual_tokens.shape[0] * repeat
-    step = _Stepper(model, visual_tokens, len(prefix) + max_new_tokens, use_cache, repeat=repeat, compile=compile)
+    step = _Stepper(model, visual_tokens, len(prefix) + max_new_tokens, use_cache, repeat=repeat, compiled=compiled)
     seq = _start(model, rows, prefix, visual_tokens.device)
     first_new = seq.shape[1]
     done = torch.zeros(rows, dtype=torch.bool, device=seq.device)
@@ -388,14 +382,14 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float 
 
 
 def _beam_search(model, visual_tokens, prefix, max_new_tokens, processors, K, n_return, length_penalty,
-                 use_cache, compile=False) -> tuple[Tensor, Tensor, Tensor]:
+                 use_cache, compiled=None) -> tuple[Tensor, Tensor, Tensor]:
     """Batched beam search. Beam scores are summed (processed) log-probabilities; finished
     hypotheses are ranked by score / length**length_penalty. A row stops when it holds K finished
     hypotheses that no running beam can beat (the standard heuristic), or at max_new_tokens. The
     raw log-likelihood of every beam is carried alongside for the returned scores."""
     pad, eos = model.cfg.text.pad_id, model.cfg.text.eos_id
     B, device = visual_tokens.shape[0], visual_tokens.device
-    step = _Stepper(model, visual_tokens, len(prefix) + max_new_tokens, use_cache, repeat=K, compile=compile)
+    step = _Stepper(model, visual_tokens, len(prefix) + max_new_tokens, use_cache, repeat=K, compiled=compiled)
     seq = _start(model, B * K, prefix, device)
     first_new = seq.shape[1]
     beam_scores = torch.zeros(B, K, device=device)

@@ -140,22 +140,27 @@ def _close_meteor(scorer) -> None:
 
 @torch.no_grad()
 def generate_captions(model, tokenizer, paths: list[Path], batch_size: int = 32, workers: int = 0,
-                      skipped: list | None = None, **generate_kwargs) -> dict[int, str]:
-    """{position in paths: generated caption} for every readable image."""
+                      skipped: list | None = None, config=None, compiled=None, **options) -> dict[int, str]:
+    """{position in paths: generated caption} for every readable image, decoded as ``config`` (a
+    ``GenerationConfig``; keyword ``options`` build or amend it) says. With ``compile`` every batch
+    decodes through one ``CompiledDecoder``: ``compiled``, or one of this call's own."""
+    from ..generation import GenerationConfig, compiled_decoder
+    config = GenerationConfig.of(config, **options)
     model.eval()
     out = {}
-    for idx, images in image_batches(paths, model.cfg.vision.image_size, batch_size, workers, skipped, "captioning"):
-        texts = tokenizer.decode(model.generate(to_model(model, images), **generate_kwargs))
-        out.update(zip(idx, texts))
+    with compiled_decoder(model, config, compiled) as compiled:
+        for idx, images in image_batches(paths, model.cfg.vision.image_size, batch_size, workers, skipped, "captioning"):
+            texts = tokenizer.decode(model.generate(to_model(model, images), config, compiled=compiled))
+            out.update(zip(idx, texts))
     return out
 
 
 def evaluate_captions(model, tokenizer, items: list[dict], images_root: str | os.PathLike, batch_size: int = 32,
-                      workers: int = 0, spice: bool = True, **generate_kwargs) -> dict:
+                      workers: int = 0, spice: bool = True, config=None, compiled=None, **options) -> dict:
     root = resolve_image_root([it["file_name"] for it in items], images_root)
     paths = [root.path / it["file_name"] for it in items]
     skipped: list[dict] = []
-    generated = generate_captions(model, tokenizer, paths, batch_size, workers, skipped, **generate_kwargs)
+    generated = generate_captions(model, tokenizer, paths, batch_size, workers, skipped, config, compiled, **options)
     if not generated:
         raise UserError(f"none of the {len(paths)} images could be read ({skip_counts(skipped)})")
     keys = {i: str(items[i]["id"]) for i in generated}

@@ -29,6 +29,7 @@ class EvalResult:
 class Evaluation:
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
+        self.compiled = None  # caption with compile: the CompiledDecoder every run decodes with
         if cfg.task == "zeroshot":
             from .zeroshot import (
                 IMAGENET_CLASSNAMES,
@@ -63,10 +64,13 @@ class Evaluation:
             rows += [("images", m["n_images"]), ("classes", m["n_classes"]), ("templates", m["n_templates"]),
                      ("chance top-1", m["chance_top1"]), ("class mapping", li.mapping)]
         elif cfg.task == "caption":
+            from ..generation import GenerationConfig
             from .captioning import METRICS, evaluate_captions
+            config = GenerationConfig(strategy=cfg.strategy, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                                      compile=cfg.compile)
             out = evaluate_captions(model, tokenizer, self.items, cfg.images, batch_size=cfg.batch_size,
-                                    workers=cfg.workers, spice=cfg.spice, strategy=cfg.strategy,
-                                    num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
+                                    workers=cfg.workers, spice=cfg.spice, config=config,
+                                    compiled=self.compiled_decoder(model) if cfg.compile else None)
             m = out["metrics"]
             rows = [(name, m[name]) for name in METRICS if name in m]
             rows += [("exact match", m["exact_match"]), ("images", m["n_images"]), ("tokenizer", out["tokenizer"])]
@@ -77,3 +81,11 @@ class Evaluation:
             rows = list(out["metrics"].items())
         metrics = {k: float(v) for k, v in out["metrics"].items() if isinstance(v, (int, float))}
         return EvalResult(cfg.name, cfg.task, metrics, out, rows)
+
+    def compiled_decoder(self, model):
+        """This evaluation's ``CompiledDecoder`` of ``model``, kept from run to run: a training run
+        that evaluates every N steps recompiles only it, when the weights have changed."""
+        from ..compiled_decoding import CompiledDecoder
+        if self.compiled is None or self.compiled.decoder is not model.text_decoder:
+            self.compiled = CompiledDecoder(model)
+        return self.compiled

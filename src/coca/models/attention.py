@@ -62,17 +62,3 @@ def set_attention(model: nn.Module, impl: AttentionImpl) -> None:
     for module in model.modules():
         if hasattr(module, "attention_impl"):
             module.attention_impl = impl
-
-
-def single_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0,
-                           scale: float | None = None) -> Tensor:
-    """Attention written out for a single query without dropout, for inductor to fuse: on CPU its
-    kernels read the keys and values faster than the flash-attention kernel does at one query
-    (``benchmarks/decode_step.py`` times the compiled step with each)."""
-    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if mask is not None:
-        scores = scores + mask
-    return scores.softmax(-1) @ v
-
-
-SINGLE_QUERY = AttentionImpl("single_query", single_query_attention)

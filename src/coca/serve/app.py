@@ -29,12 +29,14 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from ..config import MAX_PIXELS
+from ..config import MAX_PIXELS, STRATEGIES, ZEROSHOT_METHODS
 from ..data.samples import to_rgb
 from ..errors import UserError
+from ..generation import GenerationConfig
 from .batcher import Busy, CaptionBatcher
 from .metrics import ServerMetrics
 
@@ -55,6 +57,13 @@ CAPTION_FIELDS = {"image", "path", "strategy", "num_beams", "max_new_tokens", "m
 
 class BodyTooLarge(Exception):
     pass
+
+
+class CaptionOptions(NamedTuple):
+    """What a caption request asks for; requests with equal options share a ``generate`` call."""
+    config: GenerationConfig
+    prefix: str | None = None
+    request: int | None = None  # a sampled request's own: it runs in a batch of its own
 
 
 class LimitBody:
@@ -120,9 +129,11 @@ class Server:
 
     def __init__(self, model, index=None, api_key: str | None = None, max_batch: int = 16, max_wait_ms: float = 30.0,
                  max_queue: int = 256, compile: bool = False):
+        from ..compiled_decoding import CompiledDecoder
         from ..data import eval_transform
         self.model, self.index, self.api_key = model, index, api_key or None
-        self.compile = compile  # captions through generate(compile=True)
+        self.compile = compile  # captions through the server's own compiled decoder, kept for its life
+        self.compiled = CompiledDecoder(model) if compile else None
         self.tokenizer = model.tokenizer
         self.transform = eval_transform(model.cfg.vision.image_size)
         self.metrics = ServerMetrics()
@@ -133,14 +144,13 @@ class Server:
         self.device, self.dtype = p.device, p.dtype
 
     # --- model work (in the worker thread) ----------------------------------------------------
-    def _caption_batch(self, images: torch.Tensor, options: tuple) -> list[dict]:
-        opts = dict(options)
-        opts.pop("request", None)  # only keeps a sampled request in a batch of its own
+    def _caption_batch(self, images: torch.Tensor, options: CaptionOptions) -> list[dict]:
         with torch.no_grad():
-            out = self.model.generate(images.to(self.device, self.dtype), return_dict=True, compile=self.compile, **opts)
+            out = self.model.generate(images.to(self.device, self.dtype), options.config, prefix=options.prefix,
+                                      return_dict=True, compiled=self.compiled)
         texts = self.tokenizer.decode(out.tokens)
         scores = out.normalized_scores.tolist()
-        n = opts.get("num_return_sequences", 1)
+        n = options.config.num_return_sequences
         results = []
         for i in range(images.shape[0]):
             alts = [{"caption": texts[j], "score": round(scores[j], 5)} for j in range(i * n, (i + 1) * n)]
@@ -234,8 +244,7 @@ class Server:
         except Busy as e:
             raise RequestError(503, "busy", str(e)) from None
 
-    async def _caption_request(self, request) -> tuple[torch.Tensor, tuple]:
-        from ..generation import check_options
+    async def _caption_request(self, request) -> tuple[torch.Tensor, CaptionOptions]:
         form = await self.form(request, CAPTION_FIELDS)
         if form.get("path"):
             if form.get("image") is not None:
@@ -244,28 +253,26 @@ class Server:
         else:
             image = await self.image_from_form(form)
         context = self.model.cfg.text.context_length
-        strategy = self._choice(form, "strategy", "beam", ("greedy", "beam", "sample"))
+        strategy = self._choice(form, "strategy", "beam", STRATEGIES)
         options = dict(strategy=strategy, num_beams=_int(form, "num_beams", 3, 1, 8),
                        max_new_tokens=_int(form, "max_new_tokens", 30, 1, context),
                        min_new_tokens=_int(form, "min_new_tokens", 0, 0, context),
                        num_return_sequences=_int(form, "num_return_sequences", 1, 1, 8),
                        repetition_penalty=_float(form, "repetition_penalty", 1.0, 0.01, 100.0),
                        no_repeat_ngram_size=_int(form, "no_repeat_ngram_size", 0, 0, context))
+        if strategy == "sample":
+            options["seed"] = _int(form, "seed", None, 0, 2**31 - 1)
         prefix = form.get("prefix") or ""
         if prefix:
             prefix = self._text(prefix, "prefix", 500)
         n_prefix = len(self.tokenizer.encode_ids(prefix)) if prefix else 0
         try:
-            check_options(context, n_prefix, top_k=None, top_p=None, temperature=1.0, length_penalty=1.0, **options)
+            config = GenerationConfig(**options, compile=self.compile).validate(context, n_prefix)
         except UserError as e:
             raise RequestError(400, "bad_field", str(e)) from None
-        if strategy == "sample":
-            # a sampled request runs in a batch of its own: with a seed it is then reproducible
-            # whatever else is in flight (one generator per generate call)
-            options["seed"] = _int(form, "seed", None, 0, 2**31 - 1)
-            options["request"] = id(form)
-        options["prefix"] = prefix or None
-        return image, tuple(sorted(options.items()))
+        # a sampled request runs in a batch of its own: with a seed it is then reproducible
+        # whatever else is in flight (one generator per generate call)
+        return image, CaptionOptions(config, prefix or None, id(form) if strategy == "sample" else None)
 
     def _index_image(self, relative: str) -> torch.Tensor:
         path = self._resolve(relative)
@@ -305,7 +312,7 @@ class Server:
                     check_template(t, "templates")
                 except UserError as e:
                     raise RequestError(400, "bad_field", str(e)) from None
-        method = self._choice(form, "method", "contrastive", ("contrastive", "likelihood", "both"))
+        method = self._choice(form, "method", "contrastive", ZEROSHOT_METHODS)
 
         def run():
             from ..evaluate.zeroshot import rank_labels

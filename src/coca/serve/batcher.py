@@ -29,7 +29,7 @@ class Busy(Exception):
 @dataclass
 class CaptionJob:
     image: torch.Tensor                 # [3, S, S] normalised
-    options: tuple                      # hashable generation options: jobs with equal options share a batch
+    options: tuple                      # hashable generation options (the server's CaptionOptions): equal ones share a batch
     future: asyncio.Future
     queued_at: float = field(default_factory=time.perf_counter)
 
