@@ -1,6 +1,7 @@
 """The trainer: build, resume, step, log, validate, evaluate, checkpoint, export. One process or
 every rank of a DDP / DeepSpeed launch runs it; the engine (``engines.py``) owns what differs
-between backends, so nothing here asks which one it has. A run directory resumes itself:
+between backends, so nothing here asks which one it has. A run directory (its names in
+``coca.layout.RunLayout``) resumes itself:
 
     RUN_DIR/config.yaml          the resolved run config
     RUN_DIR/tokenizer.model      data.tokenizer, the init_from directory's, or one trained on the captions
@@ -55,22 +56,22 @@ MAX_NONFINITE_IN_A_ROW = 20
 MAX_SHORT_STEPS_IN_A_ROW = 50
 
 
-def prepare_tokenizer(cfg: RunConfig, run_dir: Path, log) -> Tokenizer:
+def prepare_tokenizer(cfg: RunConfig, layout: RunLayout, log) -> Tokenizer:
     ctx = cfg.model.text.context_length
     if cfg.data.tokenizer:
         tok = Tokenizer(cfg.data.tokenizer, context_length=ctx)
-    elif (run_dir / "tokenizer.model").is_file():  # resumed run: keep the ids the weights were trained with
-        tok = Tokenizer(run_dir / "tokenizer.model", context_length=ctx)
+    elif layout.tokenizer.is_file():  # resumed run: keep the ids the weights were trained with
+        tok = Tokenizer(layout.tokenizer, context_length=ctx)
     elif cfg.train.init_from:  # the ids the loaded text weights were trained with; a copy keeps resume exact
         source = init_tokenizer(cfg.train.init_from)
-        atomic_write_bytes(run_dir / "tokenizer.model", source.read_bytes())
-        tok = Tokenizer(run_dir / "tokenizer.model", context_length=ctx)
+        atomic_write_bytes(layout.tokenizer, source.read_bytes())
+        tok = Tokenizer(layout.tokenizer, context_length=ctx)
         log(f"tokenizer from {source} ({tok.vocab_size} pieces)")
     else:
         t0 = time.time()
         try:
             tok = Tokenizer.train(training_captions(cfg.data, cfg.data.tokenizer_train_captions),
-                                  vocab_size=cfg.data.tokenizer_vocab_size, out_dir=run_dir, context_length=ctx,
+                                  vocab_size=cfg.data.tokenizer_vocab_size, out_dir=layout.root, context_length=ctx,
                                   model_type=cfg.data.tokenizer_model_type)
         except UserError as e:
             raise UserError(f"tokenizer training on data.train={cfg.data.train!r} ({cfg.data.kind}): {e}") from None
@@ -193,10 +194,10 @@ class Trainer:
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
 
         if main:
-            tokenizer = prepare_tokenizer(cfg, layout.root, say)
+            tokenizer = prepare_tokenizer(cfg, layout, say)
         barrier(world)
         if not main:  # rank 0 trained or found the tokenizer; the others read the same file
-            tokenizer = prepare_tokenizer(cfg, layout.root, say)
+            tokenizer = prepare_tokenizer(cfg, layout, say)
 
         model = create_model(cfg.model).to(device).train()
         if tc.init_from and latest_checkpoint(layout.checkpoints) is None:  # a resumed run has its checkpoint
@@ -360,7 +361,7 @@ class Trainer:
         return self.parts.engine.save(self.ckpt_root, p.step, state, self.tc.keep_checkpoints)
 
     def export(self) -> Path:
-        return self.parts.engine.export(self.run_dir / "model", self.parts.tokenizer, self.ckpt_root, self.cfg.model)
+        return self.parts.engine.export(self.layout.model, self.parts.tokenizer, self.ckpt_root, self.cfg.model)
 
     # --- the loop ------------------------------------------------------------------------------
     def agreed_stop(self) -> bool:
