@@ -50,7 +50,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matched  # noqa: E402
 
+from coca.models.attention import set_attention  # noqa: E402
 from coca.tokenizer import trim_padding  # noqa: E402
+from coca.train.precision import training_attention  # noqa: E402
 
 
 def make_batch(batch: int, text_len: int, image_size: int, vocab: int, seed: int):
@@ -173,6 +175,9 @@ def main(argv=None) -> int:
     ours_tokens = tokens if args.no_trim else trim_padding(tokens)
 
     ours, ours_loss_fn = build("ours", size)
+    # attention as our BF16 training on this CPU runs it (train.precision.training_attention:
+    # fp32 over bf16 inputs); for the fp32 rows it is the same computation as SDPA
+    set_attention(ours, training_attention(torch.device("cpu"), "bf16"))
     oc, oc_loss_fn = build("open_clip", size)
     oc_cfg = matched.open_clip_cfg(size)
     params = matched.param_summary(ours, oc)
