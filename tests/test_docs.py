@@ -2,7 +2,8 @@
 
 - every number they quote from a benchmark equals the results file it comes from
   (``scripts/check_numbers.py``);
-- the README stays short, starts with the two commands, and its Python example runs;
+- the README stays short, starts with the two commands, and its Python example runs (as does
+  every Python block in docs/);
 - the parameter counts it and docs/architecture.md state are the models' own;
 - its command table names every ``coca`` subcommand, and only those;
 - every relative link (and ``#anchor``) resolves, every page in docs/ is linked from the README;
@@ -275,12 +276,22 @@ def test_the_readme_starts_with_the_two_commands():
 def test_the_readme_python_example_runs(tmp_path):
     blocks = _code_blocks((ROOT / "README.md").read_text(), "python")
     assert blocks, "the README has no Python example"
-    example = blocks[0]
-    assert len(example.strip().splitlines()) <= 12
+    assert len(blocks[0].strip().splitlines()) <= 12
+    _run_python(blocks[0], tmp_path)
+
+
+def test_every_python_block_in_docs_runs(tmp_path):
+    blocks = [(p.name, b) for p in sorted((ROOT / "docs").glob("*.md")) for b in _code_blocks(p.read_text(), "python")]
+    assert blocks  # docs/architecture.md's API listing at least
+    for i, (name, block) in enumerate(blocks):
+        (tmp_path / str(i)).mkdir()
+        _run_python(block, tmp_path / str(i), name)
+
+
+def _run_python(code: str, cwd: Path, where: str = "README.md") -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    run = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"{where}: " + run.stderr[-3000:]
 
 
 def test_the_command_table_names_every_subcommand():
