@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ZEROSHOT_METHODS as METHODS
+from ..config import ZEROSHOT_METHODS as METHODS, ZeroShotMethod
 from ..errors import InputNotFound, UserError
 from ..loading import to_model
 from .common import image_batches, read_text_list, skip_counts
@@ -192,7 +192,7 @@ class _Tally:
 @torch.no_grad()
 def evaluate_zeroshot(model, tokenizer, paths: list[Path], labels: list[int], classnames: list[str],
                       templates: list[str], batch_size: int = 64, workers: int = 0,
-                      method: str = "contrastive") -> dict:
+                      method: ZeroShotMethod = "contrastive") -> dict:
     """Top-1, top-5 and per-class accuracy, with each image's top-5 predictions.
 
     ``method``: ``contrastive`` (CLIP-style: nearest class embedding), ``likelihood`` (CoCa's
@@ -243,7 +243,7 @@ def evaluate_zeroshot(model, tokenizer, paths: list[Path], labels: list[int], cl
 
 @torch.no_grad()
 def rank_labels(model, tokenizer, images: torch.Tensor, labels: list[str], templates: list[str] | None = None,
-                method: str = "contrastive"):
+                method: ZeroShotMethod = "contrastive"):
     """[B, L] probabilities of each label: softmax over the model's temperature-scaled cosines
     (contrastive), over the prompts' log-likelihoods (likelihood), or the mean of the two (both)."""
     if method not in METHODS:
