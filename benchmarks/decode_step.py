@@ -1,11 +1,13 @@
 """The compiled decoding step alone, per row count: as shipped, and as it ran before its two CPU
 paths (every Linear left to inductor's packed GEMM instead of ``TwoRowLinearAsBatchedMatmul`` at
 two rows, and SDPA instead of ``single_query_attention``): two ``CompiledDecoder`` of one model,
-the "before" one with ``cpu_kernels=False``.
+the "before" one with ``cpu_kernels=False``. The two-row path is on only on Intel CPUs
+(``compiled_decoding.TWO_ROW_LINEAR_HELPS``); ``--two-row`` forces it on to measure it elsewhere.
 
 Run (from the repository root; about 3 minutes on 2 cores):
 
     .venv/bin/python benchmarks/decode_step.py --json benchmarks/results/decode_step.json
+    .venv/bin/python benchmarks/decode_step.py --two-row --json benchmarks/results/decode_step_two_row_no_amx.json
 
 The matched decoder of ``benchmarks/generation_hf.py`` (512 wide, 6 layers, vocabulary 32,000,
 random weights), fp32, 2 threads, 256 visual tokens. For each row count both variants are
@@ -35,12 +37,17 @@ def main() -> None:
     p.add_argument("--rows", default="1,2,4,8")
     p.add_argument("--reps", type=int, default=300, help="paired steps per row count")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--two-row", action="store_true", help="the two-row batched matmul on whatever the CPU")
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from generation_hf import build
 
+    from coca import compiled_decoding
     from coca.compiled_decoding import CompiledDecoder
+    from coca.cpu import cpu_description
+    if args.two_row:
+        compiled_decoding.TWO_ROW_LINEAR_HELPS = True
     from coca.generation import _Stepper
 
     _, model = build(0, 32000, 512, 6, 2048)
@@ -79,6 +86,7 @@ def main() -> None:
             rows_out.append(row)
             print(json.dumps(row), flush=True)
     result = {"benchmark": "decode_step", "reps": args.reps, "threads": args.threads, "torch": torch.__version__,
+              "cpu": cpu_description(), "two_row": compiled_decoding.TWO_ROW_LINEAR_HELPS,
               "loadavg": os.getloadavg(), "rows": rows_out}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -319,17 +319,22 @@ def test_single_query_attention_equals_softmax_attention():
         torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_step_runs_two_row_linears_as_batched_matmuls(peaked):
-    """At two rows on CPU the step a ``CompiledDecoder`` traces replaces every fp32 Linear (blocks
-    and LM head) by a batched matmul and keeps the Linear at one and four rows; the model's own
-    step never enters the mode. It never calls SDPA (one query: ``single_query_attention``). The
-    two-row compiled decoding gives eager decoding's tokens."""
+def test_compiled_step_runs_two_row_linears_as_batched_matmuls(peaked, monkeypatch, tmp_path):
+    """At two rows on an Intel CPU the step a ``CompiledDecoder`` traces replaces every fp32 Linear
+    (blocks and LM head) by a batched matmul and keeps the Linear at one and four rows (and at two
+    elsewhere: slower on AMD); the model's own step never enters the mode. It never calls SDPA
+    (one query: ``single_query_attention``). The two-row compiled decoding gives eager decoding's tokens."""
     import types
 
     from torch import nn
 
     from coca import compiled_decoding
     from coca.compiled_decoding import TwoRowLinearAsBatchedMatmul
+    from coca.cpu import cpu_vendor
+    for vendor in ("GenuineIntel", "AuthenticAMD"):
+        (tmp_path / vendor).write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu\n")
+        assert cpu_vendor(str(tmp_path / vendor)) == vendor
+    assert compiled_decoding.TWO_ROW_LINEAR_HELPS == (cpu_vendor() == "GenuineIntel")
     dec = peaked.text_decoder
     # the cross K/V projections run before the step
     n_linear = sum(type(m) is nn.Linear for m in dec.modules()) - len(dec.blocks)
@@ -340,17 +345,20 @@ def test_compiled_step_runs_two_row_linears_as_batched_matmuls(peaked):
         return gm.forward
 
     with torch.no_grad():
-        for rows in (1, 2, 4):
+        for rows, helps in ((1, True), (2, True), (4, True), (2, False)):
+            monkeypatch.setattr(compiled_decoding, "TWO_ROW_LINEAR_HELPS", helps)
             _, visual = peaked.encode_image_tokens(images_for(peaked, B=rows))
             cache = dec.new_cache(visual, 16, static=True)
             step = torch.compile(types.MethodType(compiled_decoding._traced_step, dec), backend=record,
                                  fullgraph=True, dynamic=False)
+            n_traced = len(traced)
             step(torch.full((rows, 1), 5), torch.tensor([0]), [c.k for c in cache.layers], [c.v for c in cache.layers],
                  cache.cross, cache.bias_table)
+            assert len(traced) == n_traced + 1, "a graph traced for these rows and this CPU"
             ops = traced[len(traced) - 1]
             bmm = sum(t is torch.bmm for t in ops)
             linear = sum(t is torch._C._nn.linear for t in ops)
-            two_row_path = rows == 2 and compiled_decoding.MODES_TRACEABLE  # off before PyTorch 2.6
+            two_row_path = rows == 2 and helps and compiled_decoding.MODES_TRACEABLE  # off before PyTorch 2.6
             assert (bmm, linear) == ((n_linear, 0) if two_row_path else (0, n_linear)), (rows, bmm, linear)
             assert torch.nn.functional.scaled_dot_product_attention not in ops  # single_query_attention instead
         torch._dynamo.reset()
@@ -371,6 +379,7 @@ def test_compiled_step_runs_two_row_linears_as_batched_matmuls(peaked):
             nn.Linear(8, 5)(x)  # with a bias
             lin.to(torch.bfloat16)(x.bfloat16())
         assert [f for f in seen if f in (torch.bmm, torch._C._nn.linear)] == [torch.bmm] + [torch._C._nn.linear] * 3
+    monkeypatch.setattr(compiled_decoding, "TWO_ROW_LINEAR_HELPS", True)
     images = images_for(peaked, B=2)
     for kwargs in (dict(strategy="greedy"), dict(strategy="greedy", prefix=[17, 42])):
         assert torch.equal(peaked.generate(images, max_new_tokens=15, compile=True, **kwargs),

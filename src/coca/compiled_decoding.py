@@ -11,8 +11,8 @@ evaluated while it trains, which would then compile again at its next step.
 
 Two kernel choices make the compiled CPU step faster (``benchmarks/decode_step.py``; the model
 code has no such branches): attention for the one new position is written out for inductor to
-fuse (``SINGLE_QUERY``), and at two rows the Linear layers run as a batched matmul
-(``TwoRowLinearAsBatchedMatmul``).
+fuse (``SINGLE_QUERY``), and at two rows on Intel CPUs the Linear layers run as a batched matmul
+(``TwoRowLinearAsBatchedMatmul``; slower on AMD, ``TWO_ROW_LINEAR_HELPS``).
 
 Frozen weights are copies taken at compile time, so a weight change must rebuild the graphs: each
 decoding call compares the decoder's weights signature (storage and version counter of every
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .cpu import isolate_inductor_cache
+from .cpu import cpu_vendor, isolate_inductor_cache
 from .errors import UserError
 from .models.attention import AttentionImpl
 
@@ -147,14 +147,18 @@ class TwoRowLinearAsBatchedMatmul(TorchFunctionMode):
 # dynamo traces a TorchFunctionMode entered inside a compiled region from PyTorch 2.6 on; before,
 # it is a graph break, which the step's fullgraph compile would turn into an error
 MODES_TRACEABLE = torch.__version__ >= (2, 6)
+# The two-row batched matmul is a fix for MKL's packed GEMM on Intel: the step at two rows 1.16x
+# faster with it there, and 1.56x slower with it on an AMD EPYC, where the packed GEMM is the
+# faster at two rows too (benchmarks/decode_step.py, --two-row forces the mode on)
+TWO_ROW_LINEAR_HELPS = cpu_vendor() == "GenuineIntel"
 
 
 def _traced_step(decoder, tokens, position, keys, values, cross, bias_table, cpu_kernels=True):
     """What a ``CompiledDecoder`` compiles (a copy of this function's code per object): the step,
-    on CPU with ``SINGLE_QUERY`` attention and, at two rows, ``TwoRowLinearAsBatchedMatmul``
+    on CPU with ``SINGLE_QUERY`` attention and, at two rows on Intel, ``TwoRowLinearAsBatchedMatmul``
     (``cpu_kernels=False``: the model's own kernels, as ``benchmarks/decode_step.py`` compares)."""
     on_cpu = cpu_kernels and tokens.device.type == "cpu"
-    two_rows = on_cpu and tokens.shape[0] == 2 and MODES_TRACEABLE
+    two_rows = on_cpu and tokens.shape[0] == 2 and MODES_TRACEABLE and TWO_ROW_LINEAR_HELPS
     with TwoRowLinearAsBatchedMatmul() if two_rows else contextlib.nullcontext():
         return decoder.static_step(tokens, position, keys, values, cross, bias_table,
                                    impl=SINGLE_QUERY if on_cpu else None)

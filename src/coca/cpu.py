@@ -20,6 +20,11 @@ def _cpuinfo_value(key: str, cpuinfo: str = "/proc/cpuinfo") -> str:
         return ""
 
 
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """``GenuineIntel``, ``AuthenticAMD``, ... ('' where /proc/cpuinfo says nothing)."""
+    return _cpuinfo_value("vendor_id", cpuinfo)
+
+
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU model, its bf16 matmul instructions and any kernel restriction in the environment,
     e.g. ``AMD EPYC (avx512_bf16, no AMX)`` or ``... ONEDNN_MAX_CPU_ISA=AVX2``: how a timing is labelled."""
