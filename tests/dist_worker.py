@@ -1,7 +1,7 @@
 """One rank of a distributed training step, for tests/test_distributed.py (started once per rank
 with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, as torchrun does).
 
-    python tests/dist_worker.py ENGINE ACCUM_STEPS SPLIT OUT_FILE [NAN_RANK]
+    python tests/dist_worker.py ENGINE ACCUM_STEPS SPLIT OUT_FILE [NAN_RANK [PACK]]
 
 Builds the test model and the fixed global batch (tests/dist_common.py), takes this rank's rows
 (SPLIT: comma-separated row counts per rank), runs one optimiser step through coca's real training
@@ -9,7 +9,8 @@ step (``run_step`` of the engine the trainer would build) and
 writes the global loss and the updated parameters (rank 0) to OUT_FILE. With NAN_RANK, that rank's
 second decoder call returns NaN, so the first step's loss is not finite there: the step must be
 skipped on every rank without touching the weights, and a second, clean step must then equal the
-single-process step (the engine's accumulation state survived the skip).
+single-process step (the engine's accumulation state survived the skip). PACK=1 runs the text
+towers packed (``train.pack_text``) against the padded single-process reference.
 """
 
 import os
@@ -23,11 +24,13 @@ from dist_common import build, global_batch, run_config  # noqa: E402
 from coca.losses import CoCaLoss  # noqa: E402
 from coca.train.distributed import deepspeed_config, global_sum, init_world, shutdown  # noqa: E402
 from coca.train.engines import build_engine  # noqa: E402
+from coca.train.step import StepOptions  # noqa: E402
 
 
 def main() -> None:
     engine_kind, accum, split, out_file = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")], sys.argv[4]
     nan_rank = int(sys.argv[5]) if len(sys.argv) > 5 else -1
+    options = StepOptions(pack_text=len(sys.argv) > 6 and sys.argv[6] == "1")
     torch.set_num_threads(1)
     world = init_world(engine_kind, "cpu")
     model, optimizer, scheduler = build()
@@ -55,7 +58,7 @@ def main() -> None:
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if engine.input_dtype is not None:
             micro = [(i.to(engine.input_dtype), t) for i, t in micro]
-        engine.run_step(micro, loss_fn)
+        engine.run_step(micro, loss_fn, options)
         skipped = engine.streak.value() == 1
         if not skipped:
             raise AssertionError("the poisoned step was not counted as non-finite")
@@ -67,7 +70,7 @@ def main() -> None:
                 torch.save({"first_step_finite": False, "unchanged_after_skip": True}, out_file)
             shutdown(world)
             return
-    step = engine.run_step(micro, loss_fn)
+    step = engine.run_step(micro, loss_fn, options)
     assert step.counted and engine.streak.value() == 0
     result = {k: global_sum(v, world, "cpu") / world.world_size for k, v in step.losses.as_floats().items()}
     result["first_step_finite"] = None if skipped is None else not skipped

@@ -1,6 +1,7 @@
 """Distributed training on CPU over gloo, 2 processes: the loss and the parameter update of one
 step equal the single-process ones on the same global batch (DDP and DeepSpeed ZeRO-2, with and
-without GradCache accumulation, with equal and unequal rows per rank)."""
+without GradCache accumulation, with equal and unequal rows per rank, with the text towers padded
+and packed against the padded single-process reference)."""
 
 import os
 import socket
@@ -23,14 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(engine: str, accum: int, split: str, out: Path, world_size: int = 2, nan_rank: int = -1) -> dict:
+def launch(engine: str, accum: int, split: str, out: Path, world_size: int = 2, nan_rank: int = -1,
+           pack: bool = False) -> dict:
     port = free_port()
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), engine, str(accum), split, str(out), str(nan_rank)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), engine, str(accum), split, str(out), str(nan_rank), str(int(pack))], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for p in procs:
         output = p.communicate(timeout=300)[0].decode(errors="replace")
@@ -67,15 +69,15 @@ def needs_deepspeed() -> None:
     require_program("ninja", why="DeepSpeed compiles a C++ op on first use")
 
 
-@pytest.mark.parametrize("accum, split", [(1, "4,4"), (1, "5,3"), (2, "4,4")])
-def test_ddp_step_equals_single_process(tmp_path, accum, split):
-    check_matches_single_process(launch("ddp", accum, split, tmp_path / "out.pt"))
+@pytest.mark.parametrize("accum, split, pack", [(1, "4,4", False), (1, "5,3", True), (2, "4,4", True)])
+def test_ddp_step_equals_single_process(tmp_path, accum, split, pack):
+    check_matches_single_process(launch("ddp", accum, split, tmp_path / "out.pt", pack=pack))
 
 
-@pytest.mark.parametrize("accum, split", [(1, "4,4"), (2, "4,4")])
-def test_deepspeed_zero2_step_equals_single_process(tmp_path, accum, split):
+@pytest.mark.parametrize("accum, split, pack", [(1, "4,4", False), (2, "4,4", True)])
+def test_deepspeed_zero2_step_equals_single_process(tmp_path, accum, split, pack):
     needs_deepspeed()
-    check_matches_single_process(launch("deepspeed", accum, split, tmp_path / "out.pt"))
+    check_matches_single_process(launch("deepspeed", accum, split, tmp_path / "out.pt", pack=pack))
 
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
@@ -92,17 +94,20 @@ def test_a_nonfinite_loss_with_accumulation_is_skipped_before_any_update(tmp_pat
         check_matches_single_process(result)
 
 
-def test_grad_cache_in_one_process_equals_the_whole_batch(tmp_path):
-    """Four micro-batches of two in one process give the step of the batch of eight."""
+@pytest.mark.parametrize("pack", [False, True])
+def test_grad_cache_in_one_process_equals_the_whole_batch(tmp_path, pack):
+    """Four micro-batches of two in one process give the step of the batch of eight (padded), with
+    the text towers padded or packed."""
     from dist_common import build, global_batch
 
     from coca.losses import CoCaLoss
     from coca.train.distributed import World
     from coca.train.engines import build_engine
+    from coca.train.step import StepOptions
     model, optimizer, scheduler = build()
     images, tokens = global_batch()
     engine = build_engine("single", model, optimizer, scheduler, torch.device("cpu"), World())
-    step = engine.run_step(list(zip(images.chunk(4), tokens.chunk(4))), CoCaLoss(1.0, 1.0, 0))
+    step = engine.run_step(list(zip(images.chunk(4), tokens.chunk(4))), CoCaLoss(1.0, 1.0, 0), StepOptions(pack_text=pack))
     check_matches_single_process({**step.losses.as_floats(), "params": model.state_dict()})
 
 

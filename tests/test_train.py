@@ -269,7 +269,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, data):
     steps, every = 10, 4
     extra = [] if data == "synthetic" else [
         "data.kind=webdataset", f"data.train={_webdataset_shards(tmp_path / 'shards')}", "data.workers=2",
-        "train.precision=bf16"]
+        "train.precision=bf16", "train.patch_dropout=0.5", "train.patch_dropout_until=0.7"]
     subprocess.run(_train_cmd(tmp_path / "straight", steps, every, *extra), check=True, capture_output=True)
     reference = {x["step"]: x["loss"] for x in train_lines(tmp_path / "straight")}
 

@@ -473,6 +473,9 @@ class TrainConfig:
     # or N (the first N blocks of each stack); `coca plan` reports the fewest that fit
     activation_checkpointing: bool | int = False
     compile: bool = False           # torch.compile the model for the training forward/backward
+    pack_text: bool = True          # text towers on the real tokens only (exact: the same loss and gradients)
+    patch_dropout: float = 0.0      # share of patch tokens each training image drops (FLIP); 0 keeps all
+    patch_dropout_until: float = 0.95  # after this share of the steps, train unmasked (FLIP's unmasked tuning)
     init_from: str = ""             # a model directory to start from (ignored once the run has a checkpoint)
     init_strict: bool = True        # false: load what matches, list missing / unexpected tensors
     eval: list[EvalConfig] = field(default_factory=list)  # evaluations run every eval_every steps and at the end
@@ -504,6 +507,12 @@ class TrainConfig:
                               f"CoCa forward does not gather), got {self.zero_stage}")
         if self.val_every < 0 or self.threads < 0:
             raise ConfigError("train.val_every and train.threads must be >= 0")
+        if isinstance(self.patch_dropout, bool) or not isinstance(self.patch_dropout, (int, float)) \
+                or not 0.0 <= self.patch_dropout < 1.0:
+            raise ConfigError(f"train.patch_dropout must be a share in [0, 1), got {self.patch_dropout!r}")
+        if isinstance(self.patch_dropout_until, bool) or not isinstance(self.patch_dropout_until, (int, float)) \
+                or not 0.0 <= self.patch_dropout_until <= 1.0:
+            raise ConfigError(f"train.patch_dropout_until must be a share of the steps in [0, 1], got {self.patch_dropout_until!r}")
         if self.precision not in ("bf16", "fp32", "auto"):
             raise ConfigError(f"train.precision must be 'bf16', 'fp32' or 'auto', got {self.precision!r}")
         if not self.run_dir:

@@ -146,6 +146,8 @@ class CoCaLoss:
         return not self.chunk
 
     def caption(self, outputs: dict[str, Tensor], tokens: Tensor, global_tokens: float | None = None) -> Tensor:
+        """A packed forward (``pack_text``) brings its own targets, the real tokens only."""
+        tokens = outputs.get("caption_targets", tokens)
         if self.chunk:
             return chunked_caption_loss(outputs["decoder_hidden"], self.lm_head_weight, tokens, self.pad_id,
                                         self.chunk, self.world, global_tokens)

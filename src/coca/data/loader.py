@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ..config import DataConfig
@@ -189,7 +190,10 @@ def train_batches(cfg: DataConfig, image_size: int, tokenizer, seed: int, start:
     transform = TrainTransform.from_config(image_size, cfg.augment)
     collate = TrimmingCollator(tokenizer)
     common = dict(num_workers=cfg.workers, persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
-                  worker_init_fn=ignore_stop_signals if cfg.workers else None)
+                  worker_init_fn=ignore_stop_signals if cfg.workers else None,
+                  # the workers' base seed from a generator of its own: starting the loader must not
+                  # draw from torch's global one, whose checkpointed state patch dropout reads
+                  generator=torch.Generator().manual_seed(seed + 7919 * rank + 104729 * start))
     if isinstance(source, WebDatasetSource):
         stream = WebDatasetStream(source, transform, collate, cfg.batch_size, seed, start, rank, world_size,
                                   cfg.resampled)

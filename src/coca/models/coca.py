@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..config import CoCaConfig, ConfigError, get_preset
 from ..errors import InputNotFound, UserError
 from ..io import atomic_write_bytes, atomic_write_text
+from .packing import TextPacking
 from .t5 import T5Decoder, T5Encoder, init_t5_weights
 from .vit import AttentionalPooler, LayerNorm, VisionTransformer
 
@@ -95,23 +96,28 @@ class CoCa(nn.Module):
                 raise ValueError(f"{name} contain id {lo if lo < 0 else hi} outside the vocabulary [0, {t.vocab_size})")
 
     # --- towers ------------------------------------------------------------------------------
-    def encode_image_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (image_embed [B, E] normalised, visual tokens [B, Q, D] for the decoder)."""
+    def encode_image_tokens(self, images: Tensor, patch_dropout: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Returns (image_embed [B, E] normalised, visual tokens [B, Q, D] for the decoder).
+        ``patch_dropout``: the share of patch tokens each image drops (training only; see the ViT)."""
         self.check_images(images)
-        visual_tokens = self.ln_visual(self.gen_pooler(self.visual(images)))
+        visual_tokens = self.ln_visual(self.gen_pooler(self.visual(images, patch_dropout)))
         pooled = self.contrastive_pooler(visual_tokens)[:, 0]
         return F.normalize(self.image_proj(pooled), dim=-1), visual_tokens
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        return self.encode_image_tokens(images)[0]
+    def encode_image(self, images: Tensor, patch_dropout: float = 0.0) -> Tensor:
+        return self.encode_image_tokens(images, patch_dropout)[0]
 
-    def encode_text(self, tokens: Tensor, check_ids: bool = True) -> Tensor:
+    def encode_text(self, tokens: Tensor, check_ids: bool = True, pack_text: bool = False) -> Tensor:
         """Mean of the encoder states over non-pad tokens, projected and L2-normalised: [B, E].
-        ``check_ids=False`` skips the id-range check (a device sync) for trusted tokenizer output."""
+        ``check_ids=False`` skips the id-range check (a device sync) for trusted tokenizer output;
+        ``pack_text`` runs the encoder on the real tokens only (right-padded tokens; same result)."""
         self.check_tokens(tokens, values=check_ids)
-        return self._text_embed(tokens)
+        return self._text_embed(tokens, packing=TextPacking.of(tokens, self.cfg.text.pad_id) if pack_text else None)
 
-    def _text_embed(self, tokens: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
+    def _text_embed(self, tokens: Tensor, inputs_embeds: Tensor | None = None, packing: TextPacking | None = None) -> Tensor:
+        if packing is not None:
+            pooled = packing.mean(self.text_encoder(tokens, inputs_embeds=inputs_embeds, packing=packing))
+            return F.normalize(self.text_proj(pooled), dim=-1)
         mask = tokens != self.cfg.text.pad_id
         hidden = self.text_encoder(tokens, mask, inputs_embeds)
         m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -123,24 +129,37 @@ class CoCa(nn.Module):
         start = torch.full_like(tokens[:, :1], self.cfg.text.pad_id)
         return torch.cat([start, tokens[:, :-1]], dim=1)
 
-    def forward(self, images: Tensor, text_tokens: Tensor, return_logits: bool = True) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, text_tokens: Tensor, return_logits: bool = True,
+                pack_text: bool | TextPacking = False, patch_dropout: float = 0.0) -> dict[str, Tensor]:
         """``logits[:, i]`` predicts ``text_tokens[:, i]`` (decoder inputs are shifted right).
 
         ``return_logits=False`` returns ``decoder_hidden`` [B, L, D] instead of the [B, L, V]
         logits, for a caption loss that applies the LM head in chunks. Token ids are not range-
-        checked here (that needs a device sync): call ``check_tokens`` on untrusted input."""
+        checked here (that needs a device sync): call ``check_tokens`` on untrusted input.
+
+        Training options: ``pack_text`` computes both text towers on the real tokens of the
+        right-padded ``text_tokens`` only (``coca.models.packing``): the logits or states are then
+        [1, T, ...] over the packed positions and ``caption_targets`` [1, T] holds their targets.
+        ``TextPacking.of(text_tokens, pad_id)`` may be passed instead of True: built outside a
+        compiled model it keeps the host read of the lengths out of the graph.
+        ``patch_dropout`` drops that share of each image's patch tokens (FLIP)."""
         self.check_tokens(text_tokens, values=False)
-        image_embeds, visual_tokens = self.encode_image_tokens(images)
+        image_embeds, visual_tokens = self.encode_image_tokens(images, patch_dropout)
         decoder_inputs = self.shift_right(text_tokens)
+        packing = pack_text if isinstance(pack_text, TextPacking) else \
+            TextPacking.of(text_tokens, self.cfg.text.pad_id) if pack_text else None
+        ids = [text_tokens, decoder_inputs] if packing is None else [packing.pack(text_tokens), packing.pack(decoder_inputs)]
         # One lookup for encoder and decoder inputs: the shared table then gets one dense
         # gradient in backward instead of two that must be allocated and summed.
-        encoder_embeds, decoder_embeds = self.text_encoder.embed_tokens(
-            torch.cat([text_tokens, decoder_inputs])).chunk(2)
-        text_embeds = self._text_embed(text_tokens, encoder_embeds)
+        encoder_embeds, decoder_embeds = self.text_encoder.embed_tokens(torch.cat(ids)).chunk(2)
+        text_embeds = self._text_embed(text_tokens, encoder_embeds, packing)
         decoded = self.text_decoder(decoder_inputs, visual_tokens, inputs_embeds=decoder_embeds,
-                                    return_hidden=not return_logits)
-        return {"image_embeds": image_embeds, "text_embeds": text_embeds,
-                "logits" if return_logits else "decoder_hidden": decoded, "logit_scale": self.contrastive_scale()}
+                                    return_hidden=not return_logits, packing=packing)
+        out = {"image_embeds": image_embeds, "text_embeds": text_embeds, "logit_scale": self.contrastive_scale()}
+        if packing is not None:
+            decoded, out["caption_targets"] = decoded[None], ids[0][None]
+        out["logits" if return_logits else "decoder_hidden"] = decoded
+        return out
 
     def contrastive_scale(self) -> Tensor:
         """The inverse temperature exp(logit_scale), clamped at ``max_logit_scale`` (CLIP's 100)."""

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
 from .attention import SDPA, AttentionImpl, attention
+from .packing import TextPacking
 
 
 class RMSNorm(nn.Module):
@@ -100,24 +101,35 @@ class T5Attention(nn.Module):
         return self._heads(self.kv(context), 2)
 
     def forward(self, x: Tensor, bias: Tensor | None, kv: tuple[Tensor, Tensor] | None = None,
-                cache: "LayerCache | None" = None, impl: AttentionImpl | None = None) -> Tensor:
-        """x: [B, L, D]. bias: additive [B|1, H, L, S] (position bias + masks) or None.
+                cache: "LayerCache | None" = None, impl: AttentionImpl | None = None,
+                packing: TextPacking | None = None) -> Tensor:
+        """x: [B, L, D], or packed [T, D] with ``packing``. bias: additive [B|1, H, L, S] (position
+        bias + masks) or None; with ``packing``, L = S = ``packing.width`` (self-attention).
 
         Self-attention: keys/values come from x (and, with a cache, from the earlier steps).
         Cross-attention: ``kv`` holds the projected context keys/values. ``impl`` overrides
-        ``attention_impl`` for this call (the compiled decoding step's kernel).
+        ``attention_impl`` for this call (the compiled decoding step's kernel). Packed: the
+        projections run on the real tokens, attention per caption in the [B, width] layout.
         """
-        B, L, _ = x.shape
+        projected = self.q(x) if self.cross else self.qkv(x)
+        if packing is not None:
+            out = self._attend(packing.unpack(projected), bias, kv, None, impl)
+            return self.o(packing.pack(out))
+        return self.o(self._attend(projected, bias, kv, cache, impl))
+
+    def _attend(self, projected: Tensor, bias: Tensor | None, kv, cache, impl) -> Tensor:
+        """Projected queries (and self-attention keys/values) [B, L, n*H*Dh] -> attention output [B, L, H*Dh]."""
+        B, L, _ = projected.shape
         if self.cross:
-            q = self._heads(self.q(x), 1)[0]
+            q = self._heads(projected, 1)[0]
             k, v = kv
         else:
-            q, k, v = self._heads(self.qkv(x), 3)
+            q, k, v = self._heads(projected, 3)
             if cache is not None:
                 k, v = cache.append(k, v)
         out = attention(q, k, v, bias, dropout_p=self.dropout if self.training else 0.0, scale=1.0,
                         impl=impl or self.attention_impl)
-        return self.o(out.transpose(1, 2).reshape(B, L, self.n_heads * self.d_kv))
+        return out.transpose(1, 2).reshape(B, L, self.n_heads * self.d_kv)
 
 
 class GatedGeluFFN(nn.Module):
@@ -149,10 +161,11 @@ class T5Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, bias: Tensor | None, cross_kv: tuple[Tensor, Tensor] | None = None,
-                cache: "LayerCache | None" = None, impl: AttentionImpl | None = None) -> Tensor:
-        x = x + self.dropout(self.self_attn(self.ln_self(x), bias, cache=cache, impl=impl))
+                cache: "LayerCache | None" = None, impl: AttentionImpl | None = None,
+                packing: TextPacking | None = None) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.ln_self(x), bias, cache=cache, impl=impl, packing=packing))
         if cross_kv is not None:
-            x = x + self.dropout(self.cross_attn(self.ln_cross(x), None, kv=cross_kv, impl=impl))
+            x = x + self.dropout(self.cross_attn(self.ln_cross(x), None, kv=cross_kv, impl=impl, packing=packing))
         return x + self.dropout(self.ff(self.ln_ff(x)))
 
 
@@ -175,17 +188,27 @@ class T5Encoder(nn.Module):
         self.attention_impl = SDPA  # sets the position bias's dtype; ``set_attention`` changes it
         self.grad_checkpointing = 0  # the first N blocks recompute their forward in backward
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                packing: TextPacking | None = None) -> Tensor:
         """tokens: [B, L] ids; attention_mask: [B, L] (1 = real token), default tokens != pad_id.
-        ``inputs_embeds`` (the embedded tokens) may be passed when the caller already looked them up."""
-        if attention_mask is None:
-            attention_mask = tokens != self.cfg.pad_id
-        x = self.dropout(self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds)
-        L = tokens.shape[1]
+        ``inputs_embeds`` (the embedded tokens) may be passed when the caller already looked them up.
+        Returns [B, L, d_model]; with ``packing`` the real tokens only, [T, d_model] (``inputs_embeds``
+        then packed too, and ``attention_mask`` unused)."""
+        if packing is not None:
+            L, attention_mask = packing.width, packing.mask
+            embeds = self.embed_tokens(packing.pack(tokens)) if inputs_embeds is None else inputs_embeds
+        else:
+            L = tokens.shape[1]
+            attention_mask = tokens != self.cfg.pad_id if attention_mask is None else attention_mask
+            embeds = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds
+        x = self.dropout(embeds)
         bias_dtype = self.attention_impl.compute_dtype(x)
         bias = self.position_bias(L, L).to(bias_dtype) + padding_bias(attention_mask.bool(), bias_dtype)
         for i, block in enumerate(self.blocks):
-            x = checkpoint(block, x, bias, use_reentrant=False) if i < self.grad_checkpointing and self.training else block(x, bias)
+            if i < self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, bias, packing=packing, use_reentrant=False)
+            else:
+                x = block(x, bias, packing=packing)
         return self.dropout(self.final_norm(x))
 
 
@@ -317,16 +340,23 @@ class T5Decoder(nn.Module):
 
     def forward(self, tokens: Tensor, visual_tokens: Tensor | None = None, cache: DecoderCache | None = None,
                 inputs_embeds: Tensor | None = None, return_hidden: bool = False,
-                cross_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+                cross_kv: list[tuple[Tensor, Tensor]] | None = None, packing: TextPacking | None = None) -> Tensor:
         """tokens: [B, L] decoder inputs (start token = pad). visual_tokens: [B, N, d_model].
         Returns logits [B, L, V], or with ``return_hidden`` the states the LM head reads [B, L, D]
         (for a loss that applies the head in chunks).
 
         With ``cache``, tokens are the new positions only and visual_tokens may be omitted; so may
         they with ``cross_kv`` (keys/values from ``cross_kv()``, e.g. one image's shared by many captions).
+        With ``packing`` (training; no cache) only the first ``lengths[b]`` positions of each row are
+        computed: logits [T, V] or states [T, D] of the packed positions (``inputs_embeds`` packed too).
         """
-        B, L = tokens.shape
-        x = self.dropout(self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds)
+        if packing is not None:
+            L = packing.width
+            embeds = self.embed_tokens(packing.pack(tokens)) if inputs_embeds is None else inputs_embeds
+        else:
+            L = tokens.shape[1]
+            embeds = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds
+        x = self.dropout(embeds)
         offset = 0 if cache is None else cache.length
         total = offset + L
         bias_dtype = self.attention_impl.compute_dtype(x)
@@ -338,9 +368,9 @@ class T5Decoder(nn.Module):
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             if i < self.grad_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, bias, cross[i], use_reentrant=False)
+                x = checkpoint(block, x, bias, cross[i], packing=packing, use_reentrant=False)
             else:
-                x = block(x, bias, cross[i], layer_cache)
+                x = block(x, bias, cross[i], layer_cache, packing=packing)
         hidden = self.dropout(self.final_norm(x))
         return hidden if return_hidden else self.lm_head(hidden)
 

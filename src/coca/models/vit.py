@@ -117,15 +117,30 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, patch_dropout: float = 0.0) -> Tensor:
+        """``patch_dropout`` p > 0 (training, FLIP): each image keeps a random ``round(N * (1 - p))``
+        of its N patch tokens (at least one, drawn from torch's generator on the images' device, so a
+        run's seed and checkpointed RNG state fix them), and the class token always; the output
+        then has ``1 + kept`` tokens."""
         x = self.conv1(images)                               # [B, width, S/p, S/p]
         x = x.flatten(2).transpose(1, 2)                     # [B, N, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        if patch_dropout > 0:
+            x = drop_patches(x, patch_dropout)
         x = self.ln_pre(x)
         for i, block in enumerate(self.blocks):
             x = checkpoint(block, x, use_reentrant=False) if i < self.grad_checkpointing and self.training else block(x)
         return self.ln_post(x)
+
+
+def drop_patches(x: Tensor, ratio: float) -> Tensor:
+    """x: [B, 1 + N, W] (class token first) -> [B, 1 + kept, W], each image its own random patches."""
+    B, n = x.shape[0], x.shape[1] - 1
+    kept = max(1, round(n * (1.0 - ratio)))
+    order = torch.rand(B, n, device=x.device).argsort(dim=1)[:, :kept] + 1  # +1: past the class token
+    patches = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :1], patches], dim=1)
 
 
 class AttentionalPooler(nn.Module):

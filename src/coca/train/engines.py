@@ -33,7 +33,7 @@ from .checkpoint import (
 from .distributed import World, barrier, deepspeed_config
 from .optim import step_unless_nonfinite
 from .precision import training_attention
-from .step import forward_backward
+from .step import PADDED, StepOptions, forward_backward
 
 
 @dataclass
@@ -75,10 +75,11 @@ class Engine(Protocol):
     streak: NonFiniteStreak
 
     def autocast(self) -> AbstractContextManager: ...
-    def forward(self, images, tokens, return_logits: bool = True) -> dict: ...
+    def forward(self, images, tokens, **options) -> dict: ...  # options: the model's forward keywords
     def no_sync(self, skip_sync: bool) -> AbstractContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def run_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: CoCaLoss) -> Outcome: ...
+    def run_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: CoCaLoss,
+                 options: StepOptions = PADDED) -> Outcome: ...
     def last_lr(self) -> float: ...
     def save(self, root: Path, step: int, state: dict, keep: int) -> Path: ...
     def load(self, path: Path) -> dict: ...
@@ -116,8 +117,8 @@ class SingleEngine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def forward(self, images, tokens, return_logits: bool = True):
-        return self.wrapped(images, tokens, return_logits=return_logits)
+    def forward(self, images, tokens, **options):
+        return self.wrapped(images, tokens, **options)
 
     def no_sync(self, skip_sync: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP)."""
@@ -126,11 +127,11 @@ class SingleEngine:
     def backward(self, loss) -> None:
         loss.backward()
 
-    def run_step(self, micro_batches, loss_fn: CoCaLoss) -> Outcome:
+    def run_step(self, micro_batches, loss_fn: CoCaLoss, options: StepOptions = PADDED) -> Outcome:
         """Forward + backward, clip, and the update unless the loss or the (all-reduced) gradient
         norm is not finite, decided on the device; the schedule advances either way."""
         self.optimizer.zero_grad(set_to_none=True)
-        done = forward_backward(self, micro_batches, loss_fn)
+        done = forward_backward(self, micro_batches, loss_fn, options)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
@@ -229,8 +230,8 @@ class DeepSpeedEngine:
     def autocast(self):
         return nullcontext()
 
-    def forward(self, images, tokens, return_logits: bool = True):
-        return self.wrapped(images, tokens, return_logits=return_logits)
+    def forward(self, images, tokens, **options):
+        return self.wrapped(images, tokens, **options)
 
     def no_sync(self, skip_sync: bool):
         return nullcontext()  # DeepSpeed reduces only at the accumulation boundary by itself
@@ -242,8 +243,8 @@ class DeepSpeedEngine:
         self.wrapped.backward(loss, scale_wrt_gas=False)
         self.wrapped.step()
 
-    def run_step(self, micro_batches, loss_fn: CoCaLoss) -> Outcome:
-        done = forward_backward(self, micro_batches, loss_fn, check_first=True)
+    def run_step(self, micro_batches, loss_fn: CoCaLoss, options: StepOptions = PADDED) -> Outcome:
+        done = forward_backward(self, micro_batches, loss_fn, options, check_first=True)
         self.streak.record(done.backward_ran)
         norm = self.wrapped.get_global_grad_norm() if done.backward_ran else None
         return Outcome(done.losses, done.logit_scale, done.rows, None if norm is None else torch.as_tensor(float(norm)),

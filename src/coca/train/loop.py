@@ -47,6 +47,7 @@ from .engines import Engine, Outcome, engine_for_run
 from .metrics import MetricsLog, TensorBoard
 from .optim import build_optimizer, build_scheduler, describe_groups, freeze
 from .precision import resolve_device, resolve_precision
+from .step import StepOptions
 from .warmstart import init_tokenizer, load_init_weights
 
 MAX_NONFINITE_IN_A_ROW = 20
@@ -295,12 +296,18 @@ class Trainer:
                                 f"skipped so far by reason: {dict(self.progress.skipped) or 'none'}")
             return None
         self.short_steps = 0
-        outcome = self.parts.engine.run_step(micro, self.parts.loss_fn)
+        outcome = self.parts.engine.run_step(micro, self.parts.loss_fn, self.step_options())
         if not outcome.counted:
             self.nonfinite_in_a_row()
             return None
         self.progress.step += 1
         return outcome
+
+    def step_options(self) -> StepOptions:
+        """Packing as configured; patch dropout until ``patch_dropout_until`` of the steps, then none."""
+        tc = self.tc
+        masked = self.progress.step < tc.patch_dropout_until * tc.steps
+        return StepOptions(pack_text=tc.pack_text, patch_dropout=tc.patch_dropout if masked else 0.0)
 
     # --- log, validate, evaluate ---------------------------------------------------------------
     def log_step(self, result: Outcome, samples: int, elapsed: float) -> dict:

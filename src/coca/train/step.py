@@ -15,7 +15,24 @@ from dataclasses import dataclass
 import torch
 
 from ..losses import CoCaLoss, Losses, contrastive_loss
+from ..models.packing import TextPacking
 from .distributed import global_sum
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How a training step runs the model, fixed by the trainer for each step."""
+    pack_text: bool = False      # text towers on the real tokens only (exact; ``coca.models.packing``)
+    patch_dropout: float = 0.0   # share of patch tokens each image drops (FLIP); 0 once unmasked tuning starts
+
+    def forward_kwargs(self, loss_fn: CoCaLoss, tokens: torch.Tensor) -> dict:
+        # the packing is built here, outside a compiled model: its host read of the longest
+        # caption would break the graph and specialise it on the length
+        packing = TextPacking.of(tokens, loss_fn.pad_id) if self.pack_text else False
+        return {"return_logits": loss_fn.wants_logits, "pack_text": packing, "patch_dropout": self.patch_dropout}
+
+
+PADDED = StepOptions()
 
 
 @dataclass
@@ -32,17 +49,17 @@ def all_ranks_finite(loss: torch.Tensor, world) -> bool:
 
 
 def forward_backward(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: CoCaLoss,
-                     check_first: bool = False) -> Pass:
+                     options: StepOptions = PADDED, check_first: bool = False) -> Pass:
     """Forward + backward of every micro-batch, into gradients the caller zeroed. With
     ``check_first`` every rank agrees on the host that the step's loss is finite before any
     backward, and none runs when it is not (for an engine that updates inside backward). Without
     it the backward always runs and the engine decides on the update afterwards."""
     rows = sum(images.shape[0] for images, _ in micro_batches)
     if len(micro_batches) > 1:
-        return _grad_cache_step(engine, micro_batches, loss_fn, rows, check_first)
+        return _grad_cache_step(engine, micro_batches, loss_fn, options, rows, check_first)
     images, tokens = micro_batches[0]
     with engine.autocast():
-        out = engine.forward(images, tokens, return_logits=loss_fn.wants_logits)
+        out = engine.forward(images, tokens, **options.forward_kwargs(loss_fn, tokens))
         losses = loss_fn(out, tokens)
     scale = out["logit_scale"].detach()
     if check_first and not all_ranks_finite(losses.loss, loss_fn.world):
@@ -65,7 +82,7 @@ def _set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int, check_first: bool) -> Pass:
+def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, options: StepOptions, rows: int, check_first: bool) -> Pass:
     model, world = engine.model, loss_fn.world
     pad, wc, wcap = loss_fn.pad_id, loss_fn.contrastive_weight, loss_fn.caption_weight
     device = micro_batches[0][0].device
@@ -78,12 +95,13 @@ def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int, check_
             states.append(_rng_state())
             with engine.autocast():
                 if check_first:
-                    out = model(images, tokens, return_logits=loss_fn.wants_logits)
+                    out = model(images, tokens, **options.forward_kwargs(loss_fn, tokens))
                     img, txt = out["image_embeds"], out["text_embeds"]
                     caps.append(loss_fn.caption(out, tokens, tokens_global).float())
-                else:
-                    img = model.encode_image(images)
-                    txt = model.encode_text(tokens, check_ids=False)  # tokenizer output: no id check, no sync
+                else:  # the same patches as pass 2: the RNG state is restored there
+                    img = model.encode_image(images, options.patch_dropout)
+                    # tokenizer output: no id check, no sync
+                    txt = model.encode_text(tokens, check_ids=False, pack_text=options.pack_text)
             images_e.append(img.float())
             texts_e.append(txt.float())
     img_leaf = torch.cat(images_e).requires_grad_(True)
@@ -104,7 +122,7 @@ def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, rows: int, check_
     for m, (images, tokens) in enumerate(micro_batches):  # pass 2: re-run with a graph, inject gradients
         _set_rng_state(states[m])
         with engine.no_sync(m < n - 1), engine.autocast():
-            out = engine.forward(images, tokens, return_logits=loss_fn.wants_logits)
+            out = engine.forward(images, tokens, **options.forward_kwargs(loss_fn, tokens))
             cap = loss_fn.caption(out, tokens, tokens_global)
             surrogate = wc * ((out["image_embeds"].float() * d_img[m]).sum()
                               + (out["text_embeds"].float() * d_txt[m]).sum()

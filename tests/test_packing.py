@@ -1,0 +1,152 @@
+"""Packed text towers (``train.pack_text``) against the padded computation on the same weights:
+the loss, the text embeddings and every parameter's gradient, with captions of every length
+1..77 in one batch; patch dropout's token selection and its training-only use."""
+
+import pytest
+import torch
+
+import coca
+from coca.config import get_preset
+from coca.losses import CoCaLoss
+from coca.models.packing import TextPacking
+
+
+def right_padded(lengths: list[int], width: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = torch.randint(3, vocab, (n,), generator=g)
+        tokens[row, n - 1] = 1  # EOS last, as the tokenizer writes it
+    return tokens
+
+
+def test_packing_layout_against_a_python_loop():
+    tokens = right_padded([3, 1, 5, 2], 8, 50)
+    packing = TextPacking.of(tokens, pad_id=0)
+    assert packing.width == 5 and packing.total == 11
+    expected = [int(t) for row in tokens for t in row if t != 0]
+    assert packing.pack(tokens).tolist() == expected
+    assert packing.segments.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2, 3, 3]
+    states = torch.randn(packing.total, 4)
+    grid = packing.unpack(states)
+    assert grid.shape == (4, 5, 4) and torch.equal(packing.pack(grid), states)
+    assert torch.equal(grid[1, 1:], torch.zeros(4, 4))  # padding stays zero
+    means = torch.stack([states[0:3].mean(0), states[3:4].mean(0), states[4:9].mean(0), states[9:11].mean(0)])
+    torch.testing.assert_close(packing.mean(states), means)
+
+
+def model_of(size: str) -> coca.CoCa:
+    torch.manual_seed(0)
+    if size == "tiny":
+        return coca.create_model("coca-tiny")
+    cfg = get_preset("coca-tiny").to_dict()  # mid-size: wider, deeper text towers and more heads
+    cfg["text"].update(d_model=256, d_kv=32, num_heads=8, d_ff=768, encoder_layers=4, decoder_layers=4, vocab_size=2048)
+    cfg["vision"].update(width=192, heads=6, mlp_dim=384, layers=2)
+    return coca.create_model(cfg)
+
+
+def step(model, images, tokens, loss_fn, pack):
+    model.zero_grad(set_to_none=True)
+    out = model(images, tokens, return_logits=loss_fn.wants_logits, pack_text=pack)
+    losses = loss_fn(out, tokens)
+    losses.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return losses, out["text_embeds"].detach(), grads
+
+
+@pytest.mark.parametrize("size, chunk", [("tiny", 0), ("tiny", 48), ("mid", 0)])
+def test_packed_text_towers_equal_the_padded_ones(size, chunk):
+    model = model_of(size).train()
+    t = model.cfg.text
+    lengths = list(range(1, t.context_length + 1))  # 1..77, in an order that mixes long and short
+    lengths = lengths[::2] + lengths[1::2][::-1]
+    if size == "mid":
+        lengths = lengths[::3]
+    tokens = right_padded(lengths, t.context_length, t.vocab_size)
+    s = model.cfg.vision.image_size
+    images = torch.randn(len(lengths), 3, s, s, generator=torch.Generator().manual_seed(2))
+    loss_fn = CoCaLoss(pad_id=t.pad_id, caption_chunk_tokens=chunk, lm_head_weight=model.text_decoder.lm_head.weight)
+    padded, packed = step(model, images, tokens, loss_fn, False), step(model, images, tokens, loss_fn, True)
+    for part in ("loss", "contrastive", "caption"):
+        torch.testing.assert_close(getattr(packed[0], part), getattr(padded[0], part), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[1], padded[1], rtol=1e-5, atol=1e-6)
+    assert packed[2].keys() == padded[2].keys() and len(padded[2]) == len(list(model.parameters()))
+    for name, grad in padded[2].items():
+        # fp32 sums over up to B x 77 positions in another order: relative to the tensor's scale
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(packed[2][name], grad, rtol=1e-4, atol=1e-5 * scale + 1e-9, msg=name)
+
+
+def test_packed_outputs_cover_the_real_tokens_only():
+    model = model_of("tiny").eval()
+    tokens = right_padded([4, 1, 7], 12, model.cfg.text.vocab_size)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = model(images, tokens, pack_text=True)
+        padded = model(images, tokens)
+    assert out["logits"].shape == (1, 12, model.cfg.text.vocab_size)
+    assert out["caption_targets"][0].tolist() == [int(x) for x in tokens[tokens != 0]]
+    rows = [padded["logits"][b, :n] for b, n in enumerate([4, 1, 7])]
+    torch.testing.assert_close(out["logits"][0], torch.cat(rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.encode_text(tokens, pack_text=True), model.encode_text(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_packed_bf16_autocast_stays_close_to_padded():
+    model = model_of("tiny").train()
+    tokens = right_padded([5, 30, 2, 77, 12, 9], 77, model.cfg.text.vocab_size)
+    images = torch.randn(6, 3, 64, 64)
+    loss_fn = CoCaLoss(pad_id=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        padded = loss_fn(model(images, tokens), tokens).loss
+        packed = loss_fn(model(images, tokens, pack_text=True), tokens).loss
+    # bf16 has 8 mantissa bits; the two differ by rounding in a different summation order only
+    assert float(packed.detach()) == pytest.approx(float(padded.detach()), rel=2e-2)
+
+
+# ---------------------------------------------------------------------------- patch dropout
+
+def test_patch_dropout_keeps_the_class_token_and_a_random_share_of_patches():
+    from coca.models.vit import drop_patches
+    x = torch.arange(17.0)[None, :, None].repeat(3, 1, 2)  # token i holds the value i
+    torch.manual_seed(0)
+    kept = drop_patches(x, 0.5)
+    assert kept.shape == (3, 9, 2)  # class token + 8 of 16 patches
+    assert torch.equal(kept[:, 0], x[:, 0])
+    for row in kept[:, 1:, 0]:
+        assert len(set(row.tolist())) == 8 and row.min() >= 1  # distinct patches, never the class token
+    assert not torch.equal(kept[0, 1:], kept[1, 1:])  # each image its own draw
+    torch.manual_seed(0)
+    assert torch.equal(drop_patches(x, 0.5), kept)  # the generator's state fixes the draw
+    assert drop_patches(x, 0.99).shape[1] == 2  # at least one patch
+
+
+def test_patch_dropout_changes_training_forward_only():
+    model = model_of("tiny").train()
+    images = torch.randn(2, 3, 64, 64)
+    tokens = right_padded([3, 5], 8, model.cfg.text.vocab_size)
+    torch.manual_seed(1)
+    a = model(images, tokens, patch_dropout=0.5)["image_embeds"]
+    b = model(images, tokens)["image_embeds"]
+    assert not torch.allclose(a, b)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(images, tokens, patch_dropout=0.5)["image_embeds"], a)
+    assert model.visual(images, 0.75).shape[1] == 1 + 4  # 16 patches at 64 px / 16
+
+
+def test_patch_dropout_settings_are_checked():
+    from coca.config import ConfigError, load_run_config
+    for bad in ("train.patch_dropout=1.0", "train.patch_dropout=-0.1", "train.patch_dropout_until=1.5"):
+        with pytest.raises(ConfigError, match="patch_dropout"):
+            load_run_config(None, [bad])
+
+
+def test_patch_dropout_stops_for_the_unmasked_tuning_steps():
+    from types import SimpleNamespace
+    from coca.config import load_run_config
+    from coca.train.loop import Trainer
+    tc = load_run_config(None, ["train.steps=20", "train.patch_dropout=0.5", "train.patch_dropout_until=0.75"]).train
+    ratios = [Trainer.step_options(SimpleNamespace(tc=tc, progress=SimpleNamespace(step=s))).patch_dropout
+              for s in range(20)]  # progress.step = steps done before the one being taken
+    assert ratios == [0.5] * 15 + [0.0] * 5
+    assert all(Trainer.step_options(SimpleNamespace(tc=tc, progress=SimpleNamespace(step=s))).pack_text
+               for s in (0, 19))
