@@ -150,3 +150,45 @@ def test_patch_dropout_stops_for_the_unmasked_tuning_steps():
     assert ratios == [0.5] * 15 + [0.0] * 5
     assert all(Trainer.step_options(SimpleNamespace(tc=tc, progress=SimpleNamespace(step=s))).pack_text
                for s in (0, 19))
+
+
+# ---------------------------------------------------------------------------- coca plan
+
+def test_plan_costs_packed_text_and_patch_dropout(capsys):
+    from coca.cli import main
+    from coca.config import load_run_config
+    from coca.models.coca import create_model
+    from coca.plan import plan
+    from coca.summary import forward_flops
+    cfg = lambda *s: load_run_config(None, ["data.batch_size=8", *s])  # noqa: E731  coca-tiny
+    model = create_model("coca-tiny", device="meta")
+    padded = plan(cfg("train.pack_text=false"), 1, 80, 312, 0.5)
+    assert padded["forward_flops_per_sample"] == pytest.approx(forward_flops(model)["total"])
+    packed = plan(cfg(), 1, 80, 312, 0.5, mean_caption_tokens=21.5)
+    at = lambda n, p=0.0: forward_flops(model, 1, n, p)  # noqa: E731
+    assert at(77)["total"] == pytest.approx(forward_flops(model)["total"])
+    # between whole lengths the FLOPs are interpolated; the text towers cost ~ their tokens
+    assert packed["forward_flops_per_sample"] == pytest.approx((at(21)["total"] + at(22)["total"]) / 2)
+    assert at(22)["text_encoder"] / at(77)["text_encoder"] == pytest.approx(22 / 77, rel=0.1)
+    assert at(22)["visual"] == at(77)["visual"]
+    assert packed["activations_bytes"] < padded["activations_bytes"]
+    assert packed["step_time_s"] < padded["step_time_s"]
+    # patch dropout 0.5 for 80% of the steps: the vision tower on 1 + 8 of its 1 + 16 tokens there
+    half = at(4, 0.5)
+    v = model.cfg.vision
+    patch_embedding = 2 * (v.image_size // v.patch_size) ** 2 * 3 * v.patch_size ** 2 * v.width  # all patches
+    assert (half["visual"] - patch_embedding) / (at(4)["visual"] - patch_embedding) == pytest.approx(9 / 17, rel=0.05)
+    dropped = plan(cfg("train.patch_dropout=0.5", "train.patch_dropout_until=0.8"), 1, 80, 312, 0.5,
+                   mean_caption_tokens=4)
+    assert dropped["forward_flops_per_sample"] == pytest.approx(0.8 * half["total"] + 0.2 * at(4)["total"])
+    # memory is the largest step's: the unmasked tuning, unless masking lasts the whole run
+    assert dropped["activations_bytes"] == plan(cfg(), 1, 80, 312, 0.5, mean_caption_tokens=4)["activations_bytes"]
+    whole = plan(cfg("train.patch_dropout=0.5", "train.patch_dropout_until=1.0"), 1, 80, 312, 0.5,
+                 mean_caption_tokens=4)
+    assert whole["activations_bytes"] < dropped["activations_bytes"]
+    assert main(["plan", "--mean-caption-tokens", "12", "--set", "train.patch_dropout=0.5"]) == 0
+    assert "packed text towers at 12 tokens per caption" in capsys.readouterr().out
+    for bad in ("0", "78"):
+        assert main(["plan", "--mean-caption-tokens", bad]) == 2
+    with pytest.raises(Exception, match="mean_caption_tokens"):
+        load_run_config(None, ["data.mean_caption_tokens=0"])

@@ -228,7 +228,8 @@ def cmd_plan(args) -> int:
     from .config import load_run_config
     from .plan import format_plan, plan
     cfg = load_run_config(args.config, args.set)
-    print(format_plan(plan(cfg, args.gpus, args.gpu_memory, args.peak_tflops, args.mfu, args.samples)))
+    print(format_plan(plan(cfg, args.gpus, args.gpu_memory, args.peak_tflops, args.mfu, args.samples,
+                           args.mean_caption_tokens)))
     return 0
 
 
@@ -430,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--peak-tflops", type=float, default=312, help="dense BF16 peak per GPU (A100: 312)")
     s.add_argument("--mfu", type=float, default=0.5, help="assumed model-FLOPs utilisation (default 0.5)")
     s.add_argument("--samples", type=float, help="samples seen (default: train.steps x global batch)")
+    s.add_argument("--mean-caption-tokens", type=float, default=None,
+                   help="real tokens per caption, for packed text towers (default: data.mean_caption_tokens)")
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("demo", help="the built-in demo on the tiny preset")

@@ -306,6 +306,9 @@ class DataConfig:
     tokenizer_vocab_size: int = 32000
     tokenizer_model_type: str = "unigram"  # unigram (as T5) or bpe
     tokenizer_train_captions: int = 200_000  # captions read to train a tokenizer
+    # real tokens per caption (EOS included) the data averages: what packed text towers cost, for
+    # `coca plan`; 22 is web alt-text's (median 15, a long tail, ~5% truncated at the limit)
+    mean_caption_tokens: float = 22.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -317,6 +320,9 @@ class DataConfig:
                   "tokenizer_vocab_size", "tokenizer_train_captions")
         if self.workers < 0:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+        if isinstance(self.mean_caption_tokens, bool) or not isinstance(self.mean_caption_tokens, (int, float)) \
+                or self.mean_caption_tokens < 1:
+            raise ConfigError(f"data.mean_caption_tokens must be a number >= 1, got {self.mean_caption_tokens!r}")
         if self.tokenizer_model_type not in ("unigram", "bpe"):
             raise ConfigError(f"data.tokenizer_model_type must be 'unigram' or 'bpe', got {self.tokenizer_model_type!r}")
         if isinstance(self.augment, dict):

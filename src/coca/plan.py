@@ -8,7 +8,15 @@ moments on every rank, none partitioned: 16 bytes per parameter against this lay
 4 + 16 / N), in fp32, or at another ZeRO stage needs a different amount than this plan reports. ``train.engine`` changes one thing only, the FLOPs of GradCache's extra pass
 (below). From the run config the plan reads the model, ``data.batch_size``,
 ``train.accum_steps``, ``train.activation_checkpointing``, ``loss.caption_chunk_tokens``,
-``train.steps`` and the shard count of ``data.train`` (for its warning).
+``train.steps``, ``train.pack_text`` with ``data.mean_caption_tokens`` (or ``--mean-caption-tokens``),
+``train.patch_dropout`` with ``train.patch_dropout_until``, and the shard count of ``data.train``
+(for its warning).
+
+Packed text towers compute each caption's real tokens: their FLOPs and activations are those of
+captions of the mean length (padded ones, of the whole context). Patch dropout p runs the vision
+tower on ``1 + round(N (1 - p))`` tokens for ``patch_dropout_until`` of the steps; the FLOPs are
+the run's average, while the memory is that of its largest step, the unmasked ones after the
+masked phase (unless it lasts the whole run).
 
 Memory per GPU in that layout (DeepSpeed's bf16 mode: bf16 weights, fp32 master weights and
 Adam moments in the optimiser, partitioned over the data-parallel ranks; fp32 gradient
@@ -37,6 +45,8 @@ the plan reports the fewest that fit the stated memory.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import RunConfig
@@ -49,16 +59,19 @@ _measured: dict[tuple, int] = {}  # a plan measures several settings; each meta 
 
 
 def saved_activation_bytes(model_cfg, micro_batch: int, text_len: int, checkpointing: bool | int,
-                           caption_chunk_tokens: int = 0) -> int:
-    """Bytes autograd keeps for backward after one bf16 forward + loss at ``micro_batch``."""
+                           caption_chunk_tokens: int = 0, patch_dropout: float = 0.0) -> int:
+    """Bytes autograd keeps for backward after one bf16 forward + loss at ``micro_batch``, every
+    caption ``text_len`` real tokens (packed captions of that length cost the same)."""
     blocks = "every" if checkpointing is True else int(checkpointing)  # True == 1 as a dict key: keep them apart
-    key = (repr(model_cfg), micro_batch, text_len, blocks, caption_chunk_tokens)
+    key = (repr(model_cfg), micro_batch, text_len, blocks, caption_chunk_tokens, patch_dropout)
     if key not in _measured:
-        _measured[key] = _saved_activation_bytes(model_cfg, micro_batch, text_len, checkpointing, caption_chunk_tokens)
+        _measured[key] = _saved_activation_bytes(model_cfg, micro_batch, text_len, checkpointing, caption_chunk_tokens,
+                                                 patch_dropout)
     return _measured[key]
 
 
-def _saved_activation_bytes(model_cfg, micro_batch, text_len, checkpointing, caption_chunk_tokens) -> int:
+def _saved_activation_bytes(model_cfg, micro_batch, text_len, checkpointing, caption_chunk_tokens,
+                            patch_dropout) -> int:
     from .losses import CoCaLoss
     from .models.coca import CoCa
     with torch.device("meta"):
@@ -79,12 +92,12 @@ def _saved_activation_bytes(model_cfg, micro_batch, text_len, checkpointing, cap
     loss = CoCaLoss(1.0, 1.0, model_cfg.text.pad_id, caption_chunk_tokens=caption_chunk_tokens,
                     lm_head_weight=model.text_decoder.lm_head.weight)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss(model(images, tokens, return_logits=loss.wants_logits), tokens)
+        loss(model(images, tokens, return_logits=loss.wants_logits, patch_dropout=patch_dropout), tokens)
     return sum(n for n, _ in saved.values())
 
 
 def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, mfu: float,
-         samples: float | None = None) -> dict:
+         samples: float | None = None, mean_caption_tokens: float | None = None) -> dict:
     from .models.coca import create_model
     from .summary import forward_flops, parameter_counts
     if gpus < 1:
@@ -93,13 +106,26 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, m
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
     if peak_tflops <= 0 or gpu_memory_gib <= 0:
         raise UserError("--peak-tflops and --gpu-memory must be > 0")
+    context = cfg.model.text.context_length
+    mean_tokens = cfg.data.mean_caption_tokens if mean_caption_tokens is None else mean_caption_tokens
+    if not 1 <= mean_tokens <= context:
+        raise UserError(f"--mean-caption-tokens must be in [1, {context}] (the model's context), got {mean_tokens}")
+    # packed text towers compute each caption's real tokens; padded ones the whole context
+    text_tokens = min(float(mean_tokens), context) if cfg.train.pack_text else float(context)
+    dropout, until = cfg.train.patch_dropout, cfg.train.patch_dropout_until
     micro, accum = cfg.data.batch_size, cfg.train.accum_steps
     global_batch = micro * accum * gpus
     model = create_model(cfg.model, device="meta")
     P = parameter_counts(model)["total"]
-    text_len = cfg.model.text.context_length
-    flops = forward_flops(model, batch=1)
+    # the step's FLOPs averaged over the run: masked for `until` of the steps, then unmasked
+    masked = forward_flops(model, 1, text_tokens, dropout) if dropout else None
+    unmasked = forward_flops(model, 1, text_tokens)
+    flops = unmasked if masked is None else {k: until * masked[k] + (1 - until) * unmasked[k] for k in unmasked}
     fwd_flops_sample = flops["total"]
+    # memory: the largest step, the unmasked one unless dropout lasts the whole run; the packed
+    # micro-batch at the mean length rounded up (its token count varies by a few % between batches)
+    text_len = math.ceil(text_tokens)
+    memory_dropout = dropout if dropout and until >= 1 else 0.0
     # GradCache's first pass (accum_steps > 1): image and text encoders once more, without a graph
     # (under DeepSpeed the decoder too: its losses are checked before the backward that updates)
     grad_cache_sample = 0.0
@@ -121,7 +147,8 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, m
     def activations(blocks: bool | int) -> int:
         n = every if blocks is True else int(blocks)
         if n not in act:
-            act[n] = saved_activation_bytes(cfg.model, micro, text_len, n, cfg.loss.caption_chunk_tokens)
+            act[n] = saved_activation_bytes(cfg.model, micro, text_len, n, cfg.loss.caption_chunk_tokens,
+                                            memory_dropout)
         return act[n]
 
     activations(0), activations(every)  # both always reported
@@ -142,7 +169,7 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, m
     recompute_sample = sum(flops[t] * min(n_ckpt, n) / n for t, n in stacks.items())
     if cfg.loss.caption_chunk_tokens:  # the chunked caption loss makes its logits again in backward
         t = cfg.model.text
-        recompute_sample += 2 * text_len * t.d_model * t.vocab_size
+        recompute_sample += 2 * text_tokens * t.d_model * t.vocab_size
     steps = cfg.train.steps if samples is None else max(1, round(samples / global_batch))
     samples = steps * global_batch
     step_flops = 3 * fwd_flops_sample * global_batch
@@ -168,6 +195,8 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, m
         "gpu_memory_bytes": cap,
         "forward_flops_per_sample": fwd_flops_sample, "train_flops_per_step": step_flops,
         "grad_cache_flops_per_step": extra_flops, "recompute_flops_per_step": recompute_flops,
+        "text_tokens_per_caption": text_tokens, "packed_text": cfg.train.pack_text,
+        "patch_dropout": dropout, "patch_dropout_until": until, "memory_patch_dropout": memory_dropout,
         "mfu": mfu, "peak_tflops": peak_tflops, "step_time_s": step_time, "steps": steps, "samples": samples,
         "gpu_hours": step_time * steps * gpus / 3600, "wall_days": step_time * steps / 86400,
         "warnings": warnings,
@@ -199,15 +228,21 @@ def format_plan(p: dict) -> str:
         "none fits, even with every block checkpointed: lower data.batch_size (and raise train.accum_steps)"
         if n is None else f"{n} (train.activation_checkpointing: {n}; activations "
                           f"{p['fewest_checkpointed_activations_bytes'] / GIB:.1f} GiB)"))
+    text = (f"packed text towers at {p['text_tokens_per_caption']:g} tokens per caption (data.mean_caption_tokens)"
+            if p["packed_text"] else f"text towers padded to {p['text_tokens_per_caption']:g} tokens")
+    if p["patch_dropout"]:
+        text += (f"; patch dropout {p['patch_dropout']:g} for {p['patch_dropout_until']:.0%} of the steps"
+                 + ("" if p["memory_patch_dropout"] else " (memory: the unmasked steps after it)"))
     lines += [
         "",
-        f"compute: {p['forward_flops_per_sample'] / 1e9:.1f} GFLOPs forward per sample; "
+        f"compute ({text}):",
+        f"  {p['forward_flops_per_sample'] / 1e9:.1f} GFLOPs forward per sample; "
         f"{p['train_flops_per_step'] / 1e15:.2f} PFLOPs per training step (3x forward)"
         + (f" + {p['recompute_flops_per_step'] / 1e15:.2f} PFLOPs recomputing checkpointed blocks"
            if p["recompute_flops_per_step"] else "")
         + (f" + {p['grad_cache_flops_per_step'] / 1e15:.2f} PFLOPs for GradCache's first pass"
            if p["grad_cache_flops_per_step"] else ""),
-        f"at {p['mfu']:.0%} MFU of {p['peak_tflops']:.0f} TFLOPS per GPU: {p['step_time_s']:.2f} s per step; "
+        f"  at {p['mfu']:.0%} MFU of {p['peak_tflops']:.0f} TFLOPS per GPU: {p['step_time_s']:.2f} s per step; "
         f"{p['steps']:,} steps = {p['samples'] / 1e9:.2f}B samples seen -> {p['gpu_hours']:,.0f} GPU-hours, "
         f"{p['wall_days']:.1f} days on {p['gpus']} GPUs",
     ]

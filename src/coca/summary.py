@@ -41,14 +41,33 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
 
 
-def forward_flops(model: CoCa, batch: int = 1) -> dict[str, float]:
-    """FLOPs of one ``model(images, tokens)`` call at full context length, per component and total."""
+def forward_flops(model: CoCa, batch: int = 1, text_tokens: float | None = None,
+                  patch_dropout: float = 0.0) -> dict[str, float]:
+    """FLOPs of one ``model(images, tokens)`` call, per component and total.
+
+    ``text_tokens``: the real tokens per caption that the packed text towers compute (a mean may be
+    fractional: the FLOPs are interpolated between the two whole lengths around it, exact for the
+    linear layers, which are all but ~2% at these lengths); None is the full context, padded.
+    ``patch_dropout``: the share of patch tokens the vision tower drops (training's FLIP masking)."""
+    if text_tokens is None:
+        return _forward_flops(model, batch, model.cfg.text.context_length, patch_dropout)
+    if not 1 <= text_tokens <= model.cfg.text.context_length:
+        raise ValueError(f"text_tokens must be in [1, {model.cfg.text.context_length}], got {text_tokens}")
+    low = int(text_tokens)
+    below = _forward_flops(model, batch, low, patch_dropout)
+    if low == text_tokens:
+        return below
+    above, w = _forward_flops(model, batch, low + 1, patch_dropout), text_tokens - low
+    return {k: (1 - w) * below[k] + w * above[k] for k in below}
+
+
+def _forward_flops(model: CoCa, batch: int, text_len: int, patch_dropout: float) -> dict[str, float]:
     cfg = model.cfg
     device = next(model.parameters()).device
     images = torch.zeros(batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
-    tokens = torch.ones(batch, cfg.text.context_length, dtype=torch.long, device=device)
+    tokens = torch.ones(batch, text_len, dtype=torch.long, device=device)  # every token real: one caption's packed cost
     with torch.no_grad(), flop_counter() as counter:
-        model(images, tokens)
+        model(images, tokens, patch_dropout=patch_dropout)
     per_module = counter.get_flop_counts()
     name = type(model).__name__
     out = {}
