@@ -13,6 +13,10 @@ It writes one JSON file and prints one table:
    activation checkpointing: samples/s, MFU against the measured and the datasheet peak (model
    FLOPs = 3 x forward, the recomputed forward not counted), peak memory against ``coca plan``'s
    prediction (its activation estimate + fp32 gradients, over the measured weights and AdamW state).
+   ``sample_cost``: at that micro-batch (no checkpointing) with web-shaped captions (median 15
+   tokens, 5% at the limit; ``benchmarks/train_step.py --lengths web``): ours padded to 76 tokens,
+   packed (``train.pack_text``) and packed + patch dropout 0.5, and open_clip on the same batch,
+   with samples/s, model FLOPs per sample, peak memory and the ratio to open_clip.
 3. ``open_clip``: open_clip's ``coca_ViT-L-14`` training step at the same micro-batch and precision
    (its own CoCaLoss), side by side, and the samples/s ratio.
 4. ``generation``: greedy caption generation, 30 new tokens, tokens/s of ours (KV cache) and of
@@ -42,7 +46,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matched  # noqa: E402
-from train_step import make_batch  # noqa: E402
+from coca.train.step import PADDED, StepOptions  # noqa: E402
+from train_step import caption_lengths, make_batch, tokens_of_lengths  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,9 +93,12 @@ def matmul_peak(device, n: int, reps: int) -> float:
 
 # ------------------------------------------------------------------------------ training steps
 
-def synthetic_batch(batch: int, image_size: int, vocab: int, device):
-    """The training-step benchmark's batch (captions of 8-32 tokens + EOS), on ``device``."""
+def synthetic_batch(batch: int, image_size: int, vocab: int, device, web: bool = False):
+    """The training-step benchmark's batch (captions of 8-32 tokens + EOS), on ``device``; ``web``:
+    web-shaped caption lengths (median 15, 5% at the limit) padded to open_clip's 76."""
     images, tokens = make_batch(batch, 33, image_size, vocab, seed=0)
+    if web:
+        tokens = tokens_of_lengths(caption_lengths("web", batch, 76, seed=0), 76, vocab, seed=0)
     return images.to(device), tokens.to(device)
 
 
@@ -112,11 +120,11 @@ def ours_step_factory(preset: str, device, checkpointing: bool):
     loss_fn = CoCaLoss(1.0, 1.0, model.cfg.text.pad_id)
     cfg = model.cfg
 
-    def make(batch: int):
-        images, tokens = synthetic_batch(batch, cfg.vision.image_size, cfg.text.vocab_size, device)
+    def make(batch: int, web: bool = False, options: StepOptions = PADDED):
+        images, tokens = synthetic_batch(batch, cfg.vision.image_size, cfg.text.vocab_size, device, web)
 
         def step():
-            return engine.run_step([(images, tokens)], loss_fn)
+            return engine.run_step([(images, tokens)], loss_fn, options)
         return step
     return model, make
 
@@ -138,8 +146,8 @@ def open_clip_step_factory(smoke: bool, device):
     loss_fn = CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0, pad_id=0)
     size, vocab = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["vocab_size"]
 
-    def make(batch: int):
-        images, tokens = synthetic_batch(batch, size, vocab, device)
+    def make(batch: int, web: bool = False):
+        images, tokens = synthetic_batch(batch, size, vocab, device, web)
         tokens = torch.nn.functional.pad(tokens, (0, 76 - tokens.shape[1]))  # open_clip's fixed context
 
         def step():
@@ -189,6 +197,7 @@ def train_rows(args, device, peak_tflops: float) -> tuple[list[dict], dict]:
     import coca
     from coca.config import load_run_config
     from coca.plan import plan
+    from coca.summary import forward_flops
     preset = "coca-tiny" if args.smoke else "coca-large-v2"
     candidates = [2, 4] if args.smoke else [16, 32, 64, 128, 256, 512, 1024]
     rows, batches = [], {}
@@ -200,7 +209,7 @@ def train_rows(args, device, peak_tflops: float) -> tuple[list[dict], dict]:
             continue
         r = measure_step(make, b, device, args.reps)
         text_len = 33  # the synthetic captions: up to 32 tokens + EOS (the batch is not trimmed further)
-        fwd = forward_flops_at(coca.create_model(preset, device="meta"), text_len)
+        fwd = forward_flops(coca.create_model(preset, device="meta"), 1, text_len)["total"]
         model_flops = 3 * fwd * b
         p = plan(load_run_config(None, [f"model.preset={preset}", f"data.batch_size={b}",
                                         f"train.activation_checkpointing={str(checkpointing).lower()}"]),
@@ -236,15 +245,67 @@ def train_rows(args, device, peak_tflops: float) -> tuple[list[dict], dict]:
     return rows, batches
 
 
-def forward_flops_at(meta_model, text_len: int) -> float:
-    """Forward FLOPs per sample with captions of ``text_len`` tokens (flop counter, meta device)."""
+def open_clip_forward_flops(model, device) -> float:
+    """open_clip's CoCa forward on one sample (it pads every caption to 76: no length dependence)."""
     from coca.summary import flop_counter
-    cfg = meta_model.cfg
-    images = torch.zeros(1, 3, cfg.vision.image_size, cfg.vision.image_size, device="meta")
-    tokens = torch.ones(1, text_len, dtype=torch.long, device="meta")
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    images = torch.zeros(1, 3, size, size, device=device)
+    tokens = torch.ones(1, 76, dtype=torch.long, device=device)
     with torch.no_grad(), flop_counter() as counter:
-        meta_model(images, tokens)
+        model(images, tokens)
     return float(counter.get_total_flops())
+
+
+SAMPLE_COST = {"padded": PADDED, "packed": StepOptions(pack_text=True),
+               "packed + patch dropout 0.5": StepOptions(pack_text=True, patch_dropout=0.5)}
+
+
+def sample_cost_rows(args, device, batch: int) -> list[dict]:
+    """What a sample costs with web-shaped captions at the training rows' micro-batch: ours padded
+    to 76 tokens, packed (``train.pack_text``), packed + patch dropout 0.5, and open_clip, which
+    pads to 76; the same images and captions, samples/s, model FLOPs per sample, peak memory."""
+    import coca
+    from coca.summary import forward_flops
+    preset = "coca-tiny" if args.smoke else "coca-large-v2"
+    lengths = torch.tensor(caption_lengths("web", batch, 76, seed=0))  # synthetic_batch's captions
+    mean_tokens = float(lengths.float().mean())
+    meta = coca.create_model(preset, device="meta")
+    rows = []
+    model, make = ours_step_factory(preset, device, False)
+    for name, options in SAMPLE_COST.items():
+        try:
+            r = measure_step(lambda b: make(b, web=True, options=options), batch, device, args.reps)
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            rows.append({"row": f"ours {name}", "batch": batch, "error": "out of memory"})
+            free(device)
+            continue
+        at = None if name == "padded" else mean_tokens
+        r.update(row=f"ours {name}", method=name, flops_per_sample=3 * forward_flops(meta, 1, at, options.patch_dropout)["total"])
+        rows.append(r)
+        free(device)
+    del model, make
+    free(device)
+    oc, make = open_clip_step_factory(args.smoke, device)
+    try:
+        r = measure_step(lambda b: make(b, web=True), batch, device, args.reps)
+        r.update(row="open_clip coca_ViT-L-14" + (" (shrunk)" if args.smoke else ""), method="open_clip",
+                 flops_per_sample=3 * open_clip_forward_flops(oc, device))
+        rows.append(r)
+        for x in rows:
+            if "samples_per_s" in x:
+                x["speedup_vs_open_clip"] = x["samples_per_s"] / r["samples_per_s"]
+    except RuntimeError as e:
+        if not is_oom(e):
+            raise
+        rows.append({"row": "open_clip coca_ViT-L-14", "batch": batch, "error": "out of memory"})
+    del oc, make
+    free(device)
+    for x in rows:
+        x.update(lengths="web", mean_caption_tokens=mean_tokens)
+    return rows
 
 
 # --------------------------------------------------------------------------------- generation
@@ -365,9 +426,13 @@ def main(argv=None) -> int:
     print(f"# GPU check on {results['device']}: measured bf16 matmul peak {peak:.1f} TFLOPS "
           f"(datasheet {args.datasheet_tflops:.0f})", flush=True)
     if "train" not in args.skip:
-        results["train"], _ = train_rows(args, device, peak)
+        results["train"], batches = train_rows(args, device, peak)
         for r in results["train"]:
             print("train", json.dumps(r), flush=True)
+        if False in batches:
+            results["sample_cost"] = sample_cost_rows(args, device, batches[False])
+            for r in results["sample_cost"]:
+                print("sample_cost", json.dumps(r), flush=True)
     if "generation" not in args.skip:
         results["generation"] = generation_rows(args, device)
         for r in results["generation"]:
@@ -399,6 +464,13 @@ def format_table(r: dict) -> str:
         if "ours_over_open_clip" in t:
             detail += f", ours / open_clip {t['ours_over_open_clip']:.2f}x"
         rows.append([f"{t['row']} step{ck}", f"{t['samples_per_s']:.1f} samples/s", detail])
+    for c in r.get("sample_cost", []):
+        if "error" in c:
+            rows.append([f"{c['row']} step, web captions", c["error"], ""])
+            continue
+        rows.append([f"{c['row']} step, web captions", f"{c['samples_per_s']:.1f} samples/s",
+                     f"batch {c['batch']}, {c['flops_per_sample'] / 1e9:.3g} GFLOPs/sample, peak "
+                     f"{c['peak_memory_gib']:.1f} GiB, vs open_clip {c.get('speedup_vs_open_clip', float('nan')):.2f}x"])
     for g in r.get("generation", []):
         rows.append([f"greedy generation, batch {g['batch']}", f"{g['ours_tokens_per_s']:.0f} tokens/s",
                      f"open_clip {g['open_clip_tokens_per_s']:.0f}; ours / open_clip {g['ours_over_open_clip']:.2f}x"])

@@ -31,6 +31,30 @@ are only a sanity check, not comparable across rows.
 Memory (unless --no-memory): each model runs two fp32 steps in a fresh subprocess and reports
 its peak RSS (VmHWM from /proc/self/status) minus the RSS before the model was built:
 weights, gradients, AdamW state and the peak of activations, plus allocator slack.
+
+Cost per sample (``--lengths uniform|coco|web``; about 12 minutes on 2 CPU cores):
+
+    .venv/bin/python benchmarks/train_step.py --lengths web --json benchmarks/results/sample_cost_web.json
+
+Captions drawn from a stated length distribution (tokens including EOS, at most 76):
+
+* uniform: 8-32 tokens, uniformly (the side-by-side rows above);
+* coco: COCO-shaped, words ~ lognormal around 10.2 (sigma 0.22) plus 1 in 200 of 20-50 words,
+  tokens = ceil(1.3 x words) + EOS (``benchmarks/trim.py``'s model of COCO's ~10.5-word captions);
+* web: alt-text-shaped, tokens ~ lognormal with median 15 and sigma 0.99, so that 70% are under 25
+  tokens (ALBEF's authors: "most of the captions for pre-training have a length shorter than 25",
+  salesforce/ALBEF#35) and a long tail of which 5% reach the 76-token limit and are truncated there
+  (SigLIP, LiT and ViCLIP train on 16-32 tokens for the same reason).
+
+The model has the FLOP split of coca-large-v2 at 77 tokens (``--preset seed-split``: ViT 256 wide x
+8 layers on 128 px / 16, text 256 wide, 2 + 2 layers, vocab 4096, 64 decoder queries: vision side
+54%, text 46%, against coca-large-v2's 55:45 by ``coca info``), small enough for a micro-batch of
+128 on a CPU. Rows, each in fp32 and under BF16 autocast, interleaved, median of ``--reps``: open_clip
+(its full 76 + CLS context); ours padded to 76; ours trimmed to the batch's longest caption; ours
+packed (``train.pack_text``); ours packed with patch dropout 0.5 (``train.patch_dropout``). Ours
+runs the trainer's loss (``coca.losses.CoCaLoss``), open_clip its own. FLOPs per sample are
+counted with ``coca.summary.flop_counter`` over one forward + backward; peak memory is the fp32
+peak RSS of two steps in a fresh process, as above.
 """
 
 from __future__ import annotations
@@ -44,6 +68,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -64,6 +89,35 @@ def make_batch(batch: int, text_len: int, image_size: int, vocab: int, seed: int
         tokens[i, :n] = torch.randint(3, vocab, (n,), generator=g)
         tokens[i, n] = 1  # EOS
     return images, tokens
+
+
+WEB_MEDIAN_TOKENS, WEB_SIGMA = 15.0, 0.99  # lognormal: P(>= 76 tokens) = 5%, P(< 25) = 70%
+
+
+def caption_lengths(kind: str, batch: int, text_len: int, seed: int) -> list[int]:
+    """Caption lengths in tokens (EOS included), at most ``text_len``; see the module docstring."""
+    rng = np.random.default_rng(seed)
+    if kind == "uniform":
+        lengths = rng.integers(9, min(text_len, 33) + 1, batch)  # 8-32 tokens + EOS
+    elif kind == "coco":
+        words = np.clip(np.round(rng.lognormal(np.log(10.2), 0.22, batch)), 6, 50)
+        long = rng.random(batch) < 0.005
+        words[long] = rng.integers(20, 51, long.sum())
+        lengths = np.ceil(1.3 * words).astype(int) + 1
+    elif kind == "web":
+        lengths = np.round(rng.lognormal(np.log(WEB_MEDIAN_TOKENS), WEB_SIGMA, batch)).astype(int)
+    else:
+        raise ValueError(f"unknown length distribution {kind!r}")
+    return np.clip(lengths, 2, text_len).tolist()
+
+
+def tokens_of_lengths(lengths: list[int], text_len: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(len(lengths), text_len, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tokens[i, :n - 1] = torch.randint(3, vocab, (n - 1,), generator=g)
+        tokens[i, n - 1] = 1  # EOS, the last token (a truncated caption keeps it, as the tokenizer does)
+    return tokens
 
 
 def ours_loss(model, images, tokens):
@@ -148,6 +202,125 @@ def measure_memory(args, which: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+# --------------------------------------------------------------------- cost per sample (--lengths)
+
+SEED_SPLIT = dict(image_size=128, patch_size=16, vision_width=256, vision_layers=8, vision_heads=4, text_width=256,
+                  text_heads=4, encoder_layers=2, decoder_layers=2, d_ff=768, vocab=4096, n_queries=64, embed_dim=256)
+METHODS = ("open_clip", "padded", "trimmed", "packed", "packed_dropout")
+
+
+def method_step(method: str, model, images, tokens, bf16: bool, lr: float):
+    """One training step of ``method`` on this batch (its own AdamW), and the call it times."""
+    from coca.losses import CoCaLoss
+    if method == "open_clip":
+        return make_step(model, make_open_clip_loss(), images, tokens, bf16, lr)
+    loss_fn = CoCaLoss(1.0, 1.0, 0)
+    feed = trim_padding(tokens) if method == "trimmed" else tokens
+    pack, dropout = method.startswith("packed"), 0.5 if method == "packed_dropout" else 0.0
+
+    def loss(model, images, _tokens):
+        return loss_fn(model(images, feed, pack_text=pack, patch_dropout=dropout), feed).loss
+    return make_step(model, loss, images, tokens, bf16, lr)
+
+
+def counted_flops(step) -> float:
+    """FLOPs of one forward + backward (the optimiser's few are left out), by the flop counter."""
+    from coca.summary import flop_counter
+    with flop_counter() as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def cost_child(args) -> int:
+    """Subprocess: peak RSS of two fp32 steps of one method, printed as JSON."""
+    torch.set_num_threads(args.threads)
+    size = matched.Size(**SEED_SPLIT)
+    images, tokens = cost_batch(args, size)
+    base = peak_rss_kb()
+    model = (matched.build_open_clip(size) if args.cost_child == "open_clip" else matched.build_ours(size))[0].train()
+    step = method_step(args.cost_child, model, images, tokens, False, args.lr)
+    step()
+    step()
+    print(json.dumps({"peak_delta_kb": peak_rss_kb() - base}))
+    return 0
+
+
+def cost_batch(args, size):
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch, 3, size.image_size, size.image_size, generator=g)
+    lengths = caption_lengths(args.lengths, args.batch, args.text_len, args.seed)
+    return images, tokens_of_lengths(lengths, args.text_len, size.vocab, args.seed)
+
+
+def cost_per_sample(args) -> int:
+    from coca.cpu import cpu_description
+    from coca.summary import forward_flops
+    torch.set_num_threads(args.threads)
+    size = matched.Size(**SEED_SPLIT)
+    images, tokens = cost_batch(args, size)
+    lengths = (tokens != 0).sum(1)
+    ours, _ = matched.build_ours(size)
+    set_attention(ours, training_attention(torch.device("cpu"), "bf16"))  # as BF16 training on CPU runs it
+    ours.train()
+    oc, _ = matched.build_open_clip(size)
+    oc.train()
+    split = forward_flops(ours)
+    vision_share = (split["visual"] + split["poolers"]) / split["total"]
+    print(f"# cost per sample: {args.lengths} lengths (mean {float(lengths.float().mean()):.1f}, median "
+          f"{float(lengths.float().median()):.0f}, longest {int(lengths.max())}, "
+          f"{float((lengths >= args.text_len).float().mean()) * 100:.1f}% at {args.text_len}), batch {args.batch}, "
+          f"{args.threads} threads, {cpu_description()}")
+    print(f"forward FLOPs at 77 tokens: vision {vision_share * 100:.1f}%, text {100 - vision_share * 100:.1f}% "
+          f"(params ours {matched.n_params(ours) / 1e6:.1f}M, open_clip {matched.n_params(oc) / 1e6:.1f}M)")
+    methods = [m for m in METHODS if m in args.methods.split(",")]
+    precisions = ["fp32"] + ([] if args.no_bf16 else ["bf16"])
+    steps = {(m, prec): method_step(m, oc if m == "open_clip" else ours, images, tokens, prec == "bf16", args.lr)
+             for prec in precisions for m in methods}
+    flops = {}
+    for m in methods:  # counted once per method in fp32: the same operations in BF16
+        flops[m] = counted_flops(steps[(m, "fp32")]) / args.batch
+    names = list(steps)
+    for name in names:  # warm-up (and the AdamW state)
+        steps[name]()
+    times = {name: [] for name in names}
+    load_start = os.getloadavg()
+    for r in range(args.reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(matched.timed(steps[name]))
+        print(f"rep {r + 1}/{args.reps}: " + ", ".join(f"{m}/{p} {times[(m, p)][-1]:.2f}s" for m, p in names), flush=True)
+    load_end = os.getloadavg()
+    memory = {}
+    if not args.no_memory:
+        for m in methods:
+            cmd = [sys.executable, os.path.abspath(__file__), "--cost-child", m, "--lengths", args.lengths,
+                   "--batch", str(args.batch), "--seed", str(args.seed), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            memory[m] = json.loads(out.strip().splitlines()[-1])["peak_delta_kb"] / 1024
+    rows, table = [], []
+    for m, prec in names:
+        med = matched.median(times[(m, prec)])
+        ref = matched.median(times[("open_clip", prec)]) if "open_clip" in methods else float("nan")
+        row = {"method": m, "precision": prec, "lengths": args.lengths, "batch": args.batch, "median_s": med,
+               "times_s": times[(m, prec)], "samples_per_s": args.batch / med, "flops_per_sample": flops[m],
+               "speedup_vs_open_clip": ref / med, "peak_rss_mb": memory.get(m) if prec == "fp32" else None}
+        rows.append(row)
+        table.append([m, prec, f"{row['samples_per_s']:.1f}", f"{flops[m] / 1e9:.2f}", f"{row['speedup_vs_open_clip']:.2f}x",
+                      f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] is not None else "-"])
+    print()
+    print(matched.markdown_table(["method", "precision", "samples/s", "GFLOPs/sample (fwd+bwd)", "vs open_clip",
+                                  "peak RSS MB (fp32)"], table))
+    matched.write_json(args.json, {
+        "benchmark": "sample_cost", "args": vars(args), "size": SEED_SPLIT, "cpu": cpu_description(),
+        "threads": args.threads, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_avg": {"start": load_start, "end": load_end},
+        "lengths": {"mean": float(lengths.float().mean()), "median": float(lengths.float().median()),
+                    "max": int(lengths.max()), "share_at_limit": float((lengths >= args.text_len).float().mean())},
+        "forward_flops_77": split, "vision_share_77": vision_share, "rows": rows})
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
@@ -159,12 +332,23 @@ def main(argv=None) -> int:
                    help="feed ours the full padded length instead of trimming the batch to its longest caption")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocess measurement")
     p.add_argument("--memory-child", choices=("ours", "open_clip"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--lengths", choices=("uniform", "coco", "web"), default=None,
+                   help="cost per sample: every method at the seed-split size, captions of this length distribution")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"with --lengths: comma-separated, of {METHODS}")
+    p.add_argument("--cost-child", choices=METHODS, default=None, help=argparse.SUPPRESS)
     matched.add_size_args(p)
     args = p.parse_args(argv)
     if not 2 <= args.text_len <= 76:
         p.error("--text-len must be in [2, 76] (open_clip's text context is 76 plus its CLS token)")
     if args.memory_child:
         return memory_child(args)
+    if args.lengths or args.cost_child:
+        unknown = set(args.methods.split(",")) - set(METHODS)
+        if unknown:
+            p.error(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
+        if "--batch" not in (argv if argv is not None else sys.argv):
+            args.batch = 128
+        return cost_child(args) if args.cost_child else cost_per_sample(args)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

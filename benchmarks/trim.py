@@ -38,23 +38,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matched  # noqa: E402
-from train_step import build, make_step, peak_rss_kb  # noqa: E402
+from train_step import build, caption_lengths, make_step, peak_rss_kb, tokens_of_lengths  # noqa: E402
 
 TEXT_LEN = 76
 
 
 def coco_like_tokens(batch: int, vocab: int, seed: int) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    words = np.clip(np.round(rng.lognormal(np.log(10.2), 0.22, batch)), 6, 50)
-    long = rng.random(batch) < 0.005
-    words[long] = rng.integers(20, 51, long.sum())
-    lengths = np.minimum(np.ceil(1.3 * words).astype(int), TEXT_LEN - 1)
-    tokens = torch.zeros(batch, TEXT_LEN, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    for i, n in enumerate(lengths.tolist()):
-        tokens[i, :n] = torch.randint(3, vocab, (n,), generator=g)
-        tokens[i, n] = 1  # EOS
-    return tokens
+    return tokens_of_lengths(caption_lengths("coco", batch, TEXT_LEN, seed), TEXT_LEN, vocab, seed)
 
 
 def batch_for(batch: int, size, seed: int, trim: bool):

@@ -21,6 +21,12 @@ def test_gpu_check_smoke(tmp_path):
     assert ours["plan_activation_and_grad_gib"] > ours_ckpt["plan_activation_and_grad_gib"] > 0
     oc = next(t for t in r["train"] if t["row"].startswith("open_clip"))
     assert oc["batch"] == ours["batch"] and oc["ours_over_open_clip"] > 0
+    cost = {c["method"]: c for c in r["sample_cost"]}
+    assert list(cost) == ["padded", "packed", "packed + patch dropout 0.5", "open_clip"]
+    assert all(c["batch"] == ours["batch"] and c["samples_per_s"] > 0 and c["speedup_vs_open_clip"] > 0
+               for c in cost.values())
+    assert cost["padded"]["flops_per_sample"] > cost["packed"]["flops_per_sample"] \
+        > cost["packed + patch dropout 0.5"]["flops_per_sample"] > 0
     assert [g["batch"] for g in r["generation"]] == [1, 32]
     assert all(g["ours_tokens_per_s"] > 0 and g["open_clip_tokens_per_s"] > 0 for g in r["generation"])
     assert [x["engine"] for x in r["resume"]] == ["ddp", "deepspeed"]
