@@ -23,7 +23,7 @@ system-packages:
 	@bash scripts/ensure-system-packages.sh
 
 test: $(STAMP) system-packages
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 	$(BIN)/python scripts/faults.py
 
 # Bad inputs and injected faults against every command; one table, every count but inputs 0.
