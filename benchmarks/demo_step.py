@@ -5,6 +5,7 @@ fp32 and bf16 matmul rates at the demo's shapes.
 Run (from the repository root; about 1 minute on 2 cores):
 
     .venv/bin/python benchmarks/demo_step.py --json benchmarks/results/demo_step.json
+    .venv/bin/python benchmarks/demo_step.py --packing --json benchmarks/results/demo_step_packing.json
 
 ``configs/demo.yaml`` (coca-tiny as the demo trains it), one Trainer per row, the same 8 batches
 of the demo's data for every row (drawn once, before timing, so data loading is not timed).
@@ -48,6 +49,8 @@ def matmul_rates() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--packing", action="store_true",
+                   help="rows: the demo's step with padded and with packed text towers (train.pack_text), its own precision")
     p.add_argument("--json")
     args = p.parse_args()
     from coca.config import load_run_config
@@ -56,13 +59,16 @@ def main() -> None:
     from coca.models.attention import SDPA, set_attention
     from coca.train.loop import Trainer
 
-    rows = {"fp32": ("fp32", None), "bf16, bf16 attention (before)": ("bf16", SDPA),
-            "bf16, fp32 attention (now)": ("bf16", None)}
+    rows = {"fp32": ("fp32", None, []), "bf16, bf16 attention (before)": ("bf16", SDPA, []),
+            "bf16, fp32 attention (now)": ("bf16", None, [])}
+    if args.packing:
+        rows = {"padded text": ("auto", None, ["train.pack_text=false"]),
+                "packed text": ("auto", None, ["train.pack_text=true"])}
     tmp = tempfile.mkdtemp()
     trainers = {}
-    for name, (precision, attention) in rows.items():
+    for name, (precision, attention, extra) in rows.items():
         cfg = load_run_config(str(DEMO_CONFIG), [f"train.run_dir={tmp}/{len(trainers)}", "data.workers=0",
-                                                 f"train.precision={precision}"])
+                                                 f"train.precision={precision}", *extra])
         trainer = Trainer(cfg, log=lambda *a: None)
         trainer.setup()
         if attention is not None:

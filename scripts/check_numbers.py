@@ -80,6 +80,9 @@ CLAIMS = [
                                                    f"{a['saved_for_backward_mb']:.0f}",
                                                    f"{a['peak_rss_delta_mb'] - f['peak_rss_delta_mb']:.0f}"))(
          *(next(x for x in r["results"] if x["row"] == row) for row in ("all components trained", "vision tower frozen")))),
+    ("docs/performance.md", "the demo's step alone measured {} s padded and {} s packed (median of {} interleaved "
+                            "repetitions)", "demo_step_packing.json",
+     lambda r: (*(f"{x['median_s']:.3f}" for x in r["rows"]), str(r["reps"]))),
     ("docs/performance.md", "{} steps of batch {}, held-out zero-shot accuracy **{}** (chance 0.056), caption exact match **{}**, "
                   "CIDEr {}, wall time **{} s** from start-up to exit", "demo_run.json",
      lambda r: (lambda m: (str(m["steps"]), str(m["batch_size"]), f"{m['zeroshot_accuracy']:.3f}",
@@ -87,7 +90,7 @@ CLAIMS = [
          r["metrics"])),
     ("README.md", "`make demo` takes {} s on 2 cores in the recorded run, on an Intel CPU with AMX", "demo_run.json",
      lambda r: (f"{r['wall_s_with_startup']:.0f}",)),
-    ("README.md", "and {} s on an AMD EPYC without AMX", "demo_run_no_amx.json",
+    ("README.md", "and {} s on an AMD EPYC without AMX", "demo_run_packed.json",
      lambda r: (f"{r['wall_s_with_startup']:.0f}",)),
     ("docs/training.md", "the demo's step measured {}x faster in BF16 with AMX, {}x faster with AVX512-BF16 alone, and "
                   "{}x slower restricted to AVX2", ("demo_step.json", "demo_step_no_amx.json", "demo_step_avx2.json"),
@@ -366,6 +369,44 @@ def _train_step_rows(r):
     return rows
 
 
+SAMPLE_COST_LABELS = {"open_clip": "open_clip (76 + CLS)", "padded": "ours, padded to 76", "trimmed": "ours, trimmed",
+                      "packed": "ours, packed", "packed_dropout": "ours, packed + patch dropout 0.5"}
+
+
+def _sample_cost_rows(r):
+    padded = {x["precision"]: x["samples_per_s"] for x in r["rows"] if x["method"] == "padded"}
+    rows = []
+    for x in r["rows"]:
+        ratio = f"{x['speedup_vs_open_clip']:.2f}x"
+        rows.append(_row(SAMPLE_COST_LABELS[x["method"]], x["precision"], f"{x['samples_per_s']:.1f}",
+                         f"{x['flops_per_sample'] / 1e9:.2f}", f"**{ratio}**" if x["method"].startswith("packed") else ratio,
+                         f"{x['samples_per_s'] / padded[x['precision']]:.2f}x",
+                         "-" if x["peak_rss_mb"] is None else f"{x['peak_rss_mb']:.0f} MB"))
+    lengths = r["lengths"]
+    rows.append(f"mean {lengths['mean']:.1f} tokens, median {lengths['median']:.0f}, "
+                f"{lengths['share_at_limit']:.1%} at the 76-token limit")
+    rows.append(f"vision {r['vision_share_77']:.1%} of the forward FLOPs at 77 tokens")
+    return rows
+
+
+def _sample_cost_summary(r):
+    ratio = {(x["method"], x["precision"]): x["speedup_vs_open_clip"] for x in r["rows"]}
+    return [_row(SAMPLE_COST_LABELS[m], f"{ratio[(m, 'fp32')]:.2f}x", f"{ratio[(m, 'bf16')]:.2f}x")
+            for m in ("padded", "trimmed", "packed", "packed_dropout")]
+
+
+def _patch_dropout_rows(r):
+    import statistics
+    rows = []
+    for name in dict.fromkeys(x["dataset"] for x in r["runs"]):
+        for ratio in (0.0, r["ratio"]):
+            runs = [x for x in r["runs"] if x["dataset"] == name and x["patch_dropout"] == ratio]
+            cell = lambda k: f"{statistics.mean(x[k] for x in runs):.3f} ± {statistics.pstdev(x[k] for x in runs):.3f}"  # noqa: E731
+            rows.append(_row(name, f"{ratio:g}", runs[0]["steps"], f"{statistics.mean(x['train_s'] for x in runs):.0f} s",
+                             cell("zeroshot"), cell("exact_match"), cell("cider")))
+    return rows
+
+
 def _trim_rows(r):
     x = r["rows"][0]
     return [_row("trimmed to the longest caption", f"{x['trimmed_s']:.3f}", f"{x['trimmed_peak_rss_delta_mb'] / 1000:.2f} GB"),
@@ -456,6 +497,14 @@ def _demo_run_by_cpu_rows(*runs):
         return _row(_cpu_label(r), f"{r['wall_s_with_startup']:.0f} s", f"{m['train_time_s']:.0f} s",
                     f"{m['zeroshot_accuracy']:.3f}", f"{m['caption_exact_match']:.3f}", f"{m['cider']:.2f}")
     return [row(r) for r in runs]
+
+
+def _demo_packing_rows(padded, packed):
+    def row(label, r):
+        m = r["metrics"]
+        return _row(label, f"{r['wall_s_with_startup']:.0f} s", f"{m['zeroshot_accuracy']:.3f}",
+                    f"{m['caption_exact_match']:.3f}", f"{m['cider']:.2f}", f"{m['final_train_loss']:.4f}")
+    return [row("padded (`--set train.pack_text=false`)", padded), row("packed (the default)", packed)]
 
 
 def _demo_recipe_rows(before, bf16_jitter, current):
@@ -584,6 +633,9 @@ TABLES = [
     ("docs/generation.md", ("serve.json",), _serve_rows),
     ("BENCHMARKS.md", ("train_step.json",), _train_step_rows),
     ("BENCHMARKS.md", ("trim.json",), _trim_rows),
+    ("BENCHMARKS.md", ("sample_cost_web.json",), _sample_cost_rows),
+    ("docs/performance.md", ("sample_cost_web.json",), _sample_cost_summary),
+    ("BENCHMARKS.md", ("patch_dropout.json",), _patch_dropout_rows),
     ("BENCHMARKS.md", ("data_loader.json",), _data_loader_rows),
     ("BENCHMARKS.md", ("prepare.json",), _prepare_rows),
     ("BENCHMARKS.md", ("step_options.json",), _step_option_rows),
@@ -595,6 +647,7 @@ TABLES = [
      _demo_recipe_rows),
     ("docs/performance.md", ("demo_step.json", "demo_step_no_amx.json", "demo_step_avx2.json"), _demo_step_by_cpu_rows),
     ("docs/performance.md", ("demo_run.json", "demo_run_no_amx.json", "demo_run_avx2.json"), _demo_run_by_cpu_rows),
+    ("docs/performance.md", ("demo_run_no_amx.json", "demo_run_packed.json"), _demo_packing_rows),
     ("docs/data.md", ("prepare.json",), _stage2_rows),
     ("docs/reliability.md", ("faults.json",), _fault_rows),
 ]

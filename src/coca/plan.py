@@ -235,7 +235,7 @@ def format_plan(p: dict) -> str:
                  + ("" if p["memory_patch_dropout"] else " (memory: the unmasked steps after it)"))
     lines += [
         "",
-        f"compute ({text}):",
+        f"compute, {text}:",
         f"  {p['forward_flops_per_sample'] / 1e9:.1f} GFLOPs forward per sample; "
         f"{p['train_flops_per_step'] / 1e15:.2f} PFLOPs per training step (3x forward)"
         + (f" + {p['recompute_flops_per_step'] / 1e15:.2f} PFLOPs recomputing checkpointed blocks"
