@@ -192,3 +192,31 @@ def test_plan_costs_packed_text_and_patch_dropout(capsys):
         assert main(["plan", "--mean-caption-tokens", bad]) == 2
     with pytest.raises(Exception, match="mean_caption_tokens"):
         load_run_config(None, ["data.mean_caption_tokens=0"])
+
+
+def test_grad_cache_drops_the_same_patches_in_both_passes(monkeypatch):
+    """GradCache's first pass (embeddings, no graph) and its second (with a graph) must drop the
+    same patches of each micro-batch, or the cached embeddings' gradients belong to other inputs."""
+    import coca.models.vit as vit
+    from coca.train.distributed import World
+    from coca.train.engines import build_engine
+    from coca.train.step import StepOptions
+    drawn, original = [], vit.drop_patches
+
+    def recording(x, ratio):
+        out = original(x, ratio)
+        drawn.append(out.detach().clone())
+        return out
+    monkeypatch.setattr(vit, "drop_patches", recording)
+    model = model_of("tiny").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    engine = build_engine("single", model, optimizer, scheduler, torch.device("cpu"), World())
+    tokens = right_padded([3, 9, 5, 2], 12, model.cfg.text.vocab_size)
+    images = torch.randn(4, 3, 64, 64)
+    micro = list(zip(images.chunk(2), tokens.chunk(2)))
+    engine.run_step(micro, CoCaLoss(pad_id=0), StepOptions(pack_text=True, patch_dropout=0.5))
+    assert len(drawn) == 4  # two micro-batches, each in both passes
+    for first, second in zip(drawn[:2], drawn[2:]):
+        assert torch.equal(first, second)
+    assert not torch.equal(drawn[0], drawn[1])
