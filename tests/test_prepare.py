@@ -328,3 +328,33 @@ def test_the_prepare_recipe_lists_every_setting_with_its_default():
     recipe = yaml.safe_load(open("configs/prepare.yaml"))
     assert keys(recipe) == keys(PrepareConfig().to_dict())
     assert load_prepare_config("configs/prepare.yaml").to_dict() == PrepareConfig().to_dict()
+
+
+def test_semantic_embeddings_do_not_depend_on_the_callers_thread_count(tmp_path):
+    """Local workers, this process and Ray tasks run with different torch thread counts; the CPU's
+    matmul kernels split their sums by it, which moved float16 embeddings by an ulp between engines."""
+    import torch
+
+    import coca
+    from coca.config import get_preset
+    from coca.cpu import one_cpu_thread
+    from coca.data.synthetic import SyntheticScenes
+    from coca.prepare.semantic import embed_images
+    cfg = get_preset("coca-tiny").to_dict()
+    cfg["vision"]["patch_size"] = 8
+    torch.manual_seed(0)
+    coca.create_model(cfg).save_pretrained(tmp_path / "model")
+    scenes = SyntheticScenes(256, split="train", seed=5, image_size=64, max_objects=1)
+    images = [scenes.load(i)[0] for i in range(256)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = embed_images(images, str(tmp_path / "model"))
+        assert torch.get_num_threads() == 2  # restored
+        torch.set_num_threads(1)
+        one = embed_images(images, str(tmp_path / "model"))
+    finally:
+        torch.set_num_threads(before)
+    assert two.tobytes() == one.tobytes()
+    with one_cpu_thread("cuda"):  # another device: the CPU's thread count is left alone
+        assert torch.get_num_threads() == before

@@ -1,11 +1,13 @@
 """What this CPU's kernels can do, as PyTorch will use them: its bf16 matmul instructions, any
-restriction of them in the environment, and a compile cache kept apart per restriction."""
+restriction of them in the environment, a compile cache kept apart per restriction, and one
+thread count for results that must not depend on where they were computed."""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 # Environment variables that restrict the CPU kernels PyTorch uses (oneDNN, MKL, ATen's own).
@@ -80,3 +82,23 @@ def _default_cache_dir() -> str:
     import tempfile
     user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
     return os.path.join(tempfile.gettempdir(), "torchinductor_" + user)
+
+
+@contextmanager
+def one_cpu_thread(device=None):
+    """Run PyTorch's CPU kernels on one thread inside the block (unless ``device`` is not the CPU).
+
+    The CPU's matmul kernels split their sums by thread count, so the same model on the same
+    inputs rounds differently with 1 or N threads. Data preparation computes embeddings in this
+    process, in local worker processes or in Ray tasks (which Ray gives one CPU each); one thread
+    everywhere keeps their outputs bit for bit the same. Its tasks run one per core in parallel."""
+    import torch
+    if device is not None and torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

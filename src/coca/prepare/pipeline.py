@@ -217,6 +217,7 @@ def _similarity_filter(meta: list[dict], rejects: list[dict], cfg: PrepareConfig
     """Reject pairs whose image-text cosine under a coca model is below the threshold."""
     import torch
 
+    from ..cpu import one_cpu_thread
     from ..data.transforms import eval_transform
     from ..loading import load_model
     path = cfg.filters.similarity_model
@@ -225,7 +226,7 @@ def _similarity_filter(meta: list[dict], rejects: list[dict], cfg: PrepareConfig
     model = _similarity_models[path]
     transform = eval_transform(model.cfg.vision.image_size)
     kept = []
-    with torch.no_grad():
+    with torch.no_grad(), one_cpu_thread(next(model.parameters()).device):  # the same decisions on every engine
         for start in range(0, len(meta), 64):
             chunk = meta[start:start + 64]
             images = torch.stack([transform(r["_image"]) for r in chunk])

@@ -83,12 +83,13 @@ def embed_images(images: list, path: str, batch_size: int = 64) -> np.ndarray:
     """[n, D] float16 L2-normalised image embeddings of PIL images."""
     import torch
 
+    from ..cpu import one_cpu_thread
     from ..data.transforms import eval_transform
     model = load_semantic_model(path)
     transform = eval_transform(model.cfg.vision.image_size)
     p = next(model.parameters())
     out = [np.zeros((0, model.cfg.embed_dim), np.float16)]
-    with torch.no_grad():
+    with torch.no_grad(), one_cpu_thread(p.device):  # the same float16 bits on every engine
         for start in range(0, len(images), batch_size):
             batch = torch.stack([transform(im) for im in images[start:start + batch_size]]).to(p.device, p.dtype)
             emb = torch.nn.functional.normalize(model.encode_image(batch).float(), dim=-1)
