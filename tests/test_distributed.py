@@ -218,7 +218,8 @@ def test_plan_for_the_described_run(capsys):
     from coca.models.coca import create_model
     from coca.summary import forward_flops
     acc = plan(load_run_config("configs/coca-large-v2.yaml", ["train.accum_steps=8"]), 8, 80, 312, 0.5)
-    f = forward_flops(create_model("coca-large-v2", device="meta"))
+    # the recipe packs its text towers at data.mean_caption_tokens (22) per caption
+    f = forward_flops(create_model("coca-large-v2", device="meta"), 1, 22.0)
     # the recipe runs DeepSpeed, whose first GradCache pass runs the decoder too (to check the loss
     # before the backward that updates); DDP's skips it
     assert acc["grad_cache_flops_per_step"] == pytest.approx(f["total"] * 16384)
@@ -265,7 +266,7 @@ def test_plan_finds_the_fewest_checkpointed_blocks_that_fit():
     from coca.config import load_run_config
     from coca.plan import GIB, plan, saved_activation_bytes
     cfg = load_run_config(None, ["data.batch_size=64", "data.kind=webdataset", "data.train=s/{0..3}.tar",
-                                 "data.workers=4", "train.activation_checkpointing=2"])
+                                 "data.workers=4", "train.activation_checkpointing=2", "train.pack_text=false"])
     P = plan(cfg, 2, 1.0, 312, 0.5)["params"]
     static = 2 * P + 2 * P + 4 * P / 2 + 12 * P / 2
     act = [saved_activation_bytes(cfg.model, 64, 77, n) for n in range(5)]  # coca-tiny: 4 + 3 + 3 blocks
