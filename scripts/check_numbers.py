@@ -80,6 +80,19 @@ CLAIMS = [
                                                    f"{a['saved_for_backward_mb']:.0f}",
                                                    f"{a['peak_rss_delta_mb'] - f['peak_rss_delta_mb']:.0f}"))(
          *(next(x for x in r["results"] if x["row"] == row) for row in ("all components trained", "vision tower frozen")))),
+    # packed text towers and patch dropout (benchmarks/train_step.py --lengths web, benchmarks/patch_dropout.py)
+    ("README.md", "a step is {}x open_clip's in fp32 and {}x in BF16, and {}x / {}x with patch dropout",
+     "sample_cost_web.json", lambda r: tuple(f"{_cost(r, m, p)['speedup_vs_open_clip']:.2f}"
+                                              for m in ("packed", "packed_dropout") for p in ("fp32", "bf16"))),
+    ("docs/training.md", "training step {}x (fp32) and {}x (BF16) as fast as the padded one", "sample_cost_web.json",
+     lambda r: tuple(f"{_cost(r, 'packed', p)['samples_per_s'] / _cost(r, 'padded', p)['samples_per_s']:.2f}"
+                     for p in ("fp32", "bf16"))),
+    ("docs/training.md", "a step at web lengths is {}x (fp32) and {}x (BF16) open_clip's", "sample_cost_web.json",
+     lambda r: tuple(f"{_cost(r, 'packed_dropout', p)['speedup_vs_open_clip']:.2f}" for p in ("fp32", "bf16"))),
+    ("BENCHMARKS.md", "Forward + backward + AdamW, micro-batch {}, {} threads, median of {} interleaved repetitions",
+     "sample_cost_web.json", lambda r: (str(r["args"]["batch"]), str(r["threads"]), str(r["args"]["reps"]))),
+    ("BENCHMARKS.md", "dropout buys only {}x more steps there ({}x on the digits)", "patch_dropout.json",
+     lambda r: tuple(f"{_steps(r, d, r['ratio']) / _steps(r, d, 0.0):.2f}" for d in ("demo", "digits"))),
     ("docs/performance.md", "the demo's step alone measured {} s padded and {} s packed (median of {} interleaved "
                             "repetitions)", "demo_step_packing.json",
      lambda r: (*(f"{x['median_s']:.3f}" for x in r["rows"]), str(r["reps"]))),
@@ -405,6 +418,14 @@ def _patch_dropout_rows(r):
             rows.append(_row(name, f"{ratio:g}", runs[0]["steps"], f"{statistics.mean(x['train_s'] for x in runs):.0f} s",
                              cell("zeroshot"), cell("exact_match"), cell("cider")))
     return rows
+
+
+def _cost(r, method, precision):
+    return next(x for x in r["rows"] if x["method"] == method and x["precision"] == precision)
+
+
+def _steps(r, dataset, ratio):
+    return next(x["steps"] for x in r["runs"] if x["dataset"] == dataset and x["patch_dropout"] == ratio)
 
 
 def _trim_rows(r):
