@@ -51,7 +51,8 @@ The model has the FLOP split of coca-large-v2 at 77 tokens (``--preset seed-spli
 54%, text 46%, against coca-large-v2's 55:45 by ``coca info``), small enough for a micro-batch of
 128 on a CPU. Rows, each in fp32 and under BF16 autocast, interleaved, median of ``--reps``: open_clip
 (its full 76 + CLS context); ours padded to 76; ours trimmed to the batch's longest caption; ours
-packed (``train.pack_text``); ours packed with patch dropout 0.5 (``train.patch_dropout``). Ours
+packed (``train.pack_text``); ours packed with patch dropout 0.5 (``train.patch_dropout``); ours
+packed with attention in 4 length groups (``packed_buckets``, what training on a CPU runs). Ours
 runs the trainer's loss (``coca.losses.CoCaLoss``), open_clip its own. FLOPs per sample are
 counted with ``coca.summary.flop_counter`` over one forward + backward; peak memory is the fp32
 peak RSS of two steps in a fresh process, as above.
@@ -76,6 +77,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matched  # noqa: E402
 
 from coca.models.attention import set_attention  # noqa: E402
+from coca.models.packing import TextPacking  # noqa: E402
 from coca.tokenizer import trim_padding  # noqa: E402
 from coca.train.precision import training_attention  # noqa: E402
 
@@ -206,7 +208,8 @@ def measure_memory(args, which: str) -> dict:
 
 SEED_SPLIT = dict(image_size=128, patch_size=16, vision_width=256, vision_layers=8, vision_heads=4, text_width=256,
                   text_heads=4, encoder_layers=2, decoder_layers=2, d_ff=768, vocab=4096, n_queries=64, embed_dim=256)
-METHODS = ("open_clip", "padded", "trimmed", "packed", "packed_dropout")
+METHODS = ("open_clip", "padded", "trimmed", "packed", "packed_dropout", "packed_buckets")
+BUCKETS = 4  # packed_buckets: attention in 4 groups of captions of similar length, each at its own width
 
 
 def method_step(method: str, model, images, tokens, bf16: bool, lr: float):
@@ -217,9 +220,11 @@ def method_step(method: str, model, images, tokens, bf16: bool, lr: float):
     loss_fn = CoCaLoss(1.0, 1.0, 0)
     feed = trim_padding(tokens) if method == "trimmed" else tokens
     pack, dropout = method.startswith("packed"), 0.5 if method == "packed_dropout" else 0.0
+    buckets = BUCKETS if method == "packed_buckets" else 1
 
     def loss(model, images, _tokens):
-        return loss_fn(model(images, feed, pack_text=pack, patch_dropout=dropout), feed).loss
+        packing = TextPacking.of(feed, 0, buckets) if pack else False  # built per step, as training does
+        return loss_fn(model(images, feed, pack_text=packing, patch_dropout=dropout), feed).loss
     return make_step(model, loss, images, tokens, bf16, lr)
 
 

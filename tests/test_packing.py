@@ -20,6 +20,26 @@ def right_padded(lengths: list[int], width: int, vocab: int, seed: int = 0) -> t
     return tokens
 
 
+def test_attention_groups_hold_captions_of_similar_length():
+    lengths = [7, 1, 3, 9, 2, 5, 8, 4]
+    tokens = right_padded(lengths, 10, 50)
+    packing = TextPacking.of(tokens, pad_id=0, buckets=3)
+    rows = [g.rows.tolist() for g in packing.groups]
+    assert rows == [[1, 2, 4], [0, 5, 7], [3, 6]]  # by length: 1 2 3 | 4 5 7 | 8 9, in batch order
+    assert [g.width for g in packing.groups] == [3, 7, 9]
+    states = torch.randn(packing.total, 2)
+    for g in packing.groups:  # each group's grid holds its captions' packed states, row by row
+        grid = g.unpack(states)
+        starts = [sum(lengths[:r]) for r in g.rows.tolist()]
+        for i, (r, start) in enumerate(zip(g.rows.tolist(), starts)):
+            assert torch.equal(grid[i, :lengths[r]], states[start:start + lengths[r]])
+            assert not grid[i, lengths[r]:].any()
+    rebuilt = torch.zeros_like(states)
+    for g in packing.groups:
+        rebuilt = g.pack_into(rebuilt, g.unpack(states))
+    assert torch.equal(rebuilt, states)
+
+
 def test_packing_layout_against_a_python_loop():
     tokens = right_padded([3, 1, 5, 2], 8, 50)
     packing = TextPacking.of(tokens, pad_id=0)
@@ -54,8 +74,10 @@ def step(model, images, tokens, loss_fn, pack):
     return losses, out["text_embeds"].detach(), grads
 
 
-@pytest.mark.parametrize("size, chunk", [("tiny", 0), ("tiny", 48), ("mid", 0)])
-def test_packed_text_towers_equal_the_padded_ones(size, chunk):
+@pytest.mark.parametrize("size, chunk, buckets", [("tiny", 0, 1), ("tiny", 48, 1), ("mid", 0, 1), ("tiny", 48, 3),
+                                                 ("mid", 0, 4)])
+def test_packed_text_towers_equal_the_padded_ones(size, chunk, buckets):
+    """buckets > 1: attention in groups of captions of similar length, each at its own width."""
     model = model_of(size).train()
     t = model.cfg.text
     lengths = list(range(1, t.context_length + 1))  # 1..77, in an order that mixes long and short
@@ -66,7 +88,9 @@ def test_packed_text_towers_equal_the_padded_ones(size, chunk):
     s = model.cfg.vision.image_size
     images = torch.randn(len(lengths), 3, s, s, generator=torch.Generator().manual_seed(2))
     loss_fn = CoCaLoss(pad_id=t.pad_id, caption_chunk_tokens=chunk, lm_head_weight=model.text_decoder.lm_head.weight)
-    padded, packed = step(model, images, tokens, loss_fn, False), step(model, images, tokens, loss_fn, True)
+    packing = TextPacking.of(tokens, t.pad_id, buckets=buckets)
+    assert len(packing.groups) == (0 if buckets == 1 else buckets)
+    padded, packed = step(model, images, tokens, loss_fn, False), step(model, images, tokens, loss_fn, packing)
     for part in ("loss", "contrastive", "caption"):
         torch.testing.assert_close(getattr(packed[0], part), getattr(padded[0], part), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(packed[1], padded[1], rtol=1e-5, atol=1e-6)
@@ -145,11 +169,11 @@ def test_patch_dropout_stops_for_the_unmasked_tuning_steps():
     from coca.config import load_run_config
     from coca.train.loop import Trainer
     tc = load_run_config(None, ["train.steps=20", "train.patch_dropout=0.5", "train.patch_dropout_until=0.75"]).train
-    ratios = [Trainer.step_options(SimpleNamespace(tc=tc, progress=SimpleNamespace(step=s))).patch_dropout
-              for s in range(20)]  # progress.step = steps done before the one being taken
-    assert ratios == [0.5] * 15 + [0.0] * 5
-    assert all(Trainer.step_options(SimpleNamespace(tc=tc, progress=SimpleNamespace(step=s))).pack_text
-               for s in (0, 19))
+    parts = SimpleNamespace(device=torch.device("cpu"))
+    options = [Trainer.step_options(SimpleNamespace(tc=tc, parts=parts, progress=SimpleNamespace(step=s)))
+               for s in range(20)]  # progress.step = steps done before the one being taken
+    assert [o.patch_dropout for o in options] == [0.5] * 15 + [0.0] * 5
+    assert all(o.pack_text and o.attention_buckets == 4 for o in options)
 
 
 # ---------------------------------------------------------------------------- coca plan

@@ -107,12 +107,15 @@ class CoCa(nn.Module):
     def encode_image(self, images: Tensor, patch_dropout: float = 0.0) -> Tensor:
         return self.encode_image_tokens(images, patch_dropout)[0]
 
-    def encode_text(self, tokens: Tensor, check_ids: bool = True, pack_text: bool = False) -> Tensor:
+    def encode_text(self, tokens: Tensor, check_ids: bool = True, pack_text: bool | TextPacking = False) -> Tensor:
         """Mean of the encoder states over non-pad tokens, projected and L2-normalised: [B, E].
         ``check_ids=False`` skips the id-range check (a device sync) for trusted tokenizer output;
-        ``pack_text`` runs the encoder on the real tokens only (right-padded tokens; same result)."""
+        ``pack_text`` runs the encoder on the real tokens only (right-padded tokens; same result),
+        or with the given ``TextPacking`` of ``tokens``."""
         self.check_tokens(tokens, values=check_ids)
-        return self._text_embed(tokens, packing=TextPacking.of(tokens, self.cfg.text.pad_id) if pack_text else None)
+        packing = pack_text if isinstance(pack_text, TextPacking) else \
+            TextPacking.of(tokens, self.cfg.text.pad_id) if pack_text else None
+        return self._text_embed(tokens, packing=packing)
 
     def _text_embed(self, tokens: Tensor, inputs_embeds: Tensor | None = None, packing: TextPacking | None = None) -> Tensor:
         if packing is not None:

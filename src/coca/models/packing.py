@@ -7,7 +7,9 @@ queries, keys and values are scattered back to a ``[B, W, ...]`` layout, W the b
 caption, where the padded attention with its position bias and masks runs unchanged (attention
 is ~1% of a T5-Large token's FLOPs per padded position, so the padding it keeps is cheap), and
 gathered back. Each caption therefore sees exactly the positions 0..n-1 and the neighbours'
-tokens never: the packed computation equals the padded one up to summation order.
+tokens never: the packed computation equals the padded one up to summation order. With
+``buckets`` > 1 the batch is split by length into groups (``AttentionGroup``) whose attention
+runs re-padded to each group's own longest caption: less padding, which measured faster on CPUs.
 
 Captions must be right-padded (real tokens first, then pad), as every tokenizer call returns them.
 """
@@ -21,28 +23,72 @@ from torch import Tensor
 
 
 @dataclass
+class AttentionGroup:
+    """Captions whose attention runs together, re-padded to the group's own longest caption.
+
+    rows: [b] their rows in the batch; width: their longest caption; index: [t] flat positions
+    ``i * width + j`` of their real tokens in the [b, width] layout; source: [t] the same tokens'
+    places in the packed sequence."""
+
+    rows: Tensor
+    width: int
+    index: Tensor
+    source: Tensor
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """Packed [T, ...] -> this group's [b, width, ...], zeros at its padded positions."""
+        out = x.new_zeros((self.rows.shape[0] * self.width, *x.shape[1:]))
+        return out.index_copy(0, self.index, x.index_select(0, self.source)).view(-1, self.width, *x.shape[1:])
+
+    def pack_into(self, packed: Tensor, x: Tensor) -> Tensor:
+        """This group's [b, width, ...] written at its tokens' places of ``packed`` [T, ...]."""
+        return packed.index_copy(0, self.source, x.flatten(0, 1).index_select(0, self.index))
+
+
+@dataclass
 class TextPacking:
     """Where the real tokens of a [B, L] right-padded batch sit.
 
     lengths: [B] real tokens per caption; index: [T] flat positions ``b * width + i`` of the real
     tokens in the [B, width] layout; segments: [T] caption of each packed token; width: the
-    longest caption (>= 1); mask: [B, width] bool, True at real tokens."""
+    longest caption (>= 1); mask: [B, width] bool, True at real tokens; groups: with
+    ``buckets`` > 1, captions of similar length whose attention runs re-padded to their own
+    longest (empty: the whole batch at ``width``)."""
 
     lengths: Tensor
     index: Tensor
     segments: Tensor
     mask: Tensor
     width: int
+    groups: tuple[AttentionGroup, ...] = ()
 
     @classmethod
-    def of(cls, tokens: Tensor, pad_id: int) -> "TextPacking":
-        """The packing of ``tokens`` [B, L]. Reads the longest length on the host (one sync)."""
+    def of(cls, tokens: Tensor, pad_id: int, buckets: int = 1) -> "TextPacking":
+        """The packing of ``tokens`` [B, L]. Reads the lengths on the host (one sync). ``buckets``:
+        split the batch by length into that many groups of equal size for attention."""
         lengths = (tokens != pad_id).sum(1)
-        width = max(int(lengths.max()) if tokens.shape[0] else 1, 1)
-        mask = torch.arange(width, device=tokens.device)[None, :] < lengths[:, None]
+        on_host = lengths.tolist()
+        width = max(max(on_host, default=1), 1)
+        positions = torch.arange(width, device=tokens.device)
+        mask = positions[None, :] < lengths[:, None]
         index = mask.flatten().nonzero().squeeze(1)
         segments = torch.div(index, width, rounding_mode="floor")
-        return cls(lengths, index, segments, mask, width)
+        groups = ()
+        if buckets > 1 and len(on_host) >= 2 * buckets:
+            starts = lengths.cumsum(0) - lengths  # each caption's first place in the packed sequence
+            by_length = sorted(range(len(on_host)), key=on_host.__getitem__)
+            size = -(-len(on_host) // buckets)
+            groups = tuple(cls._group(sorted(by_length[i:i + size]), on_host, lengths, starts, positions)
+                           for i in range(0, len(on_host), size))
+        return cls(lengths, index, segments, mask, width, groups)
+
+    @staticmethod
+    def _group(rows: list[int], on_host: list[int], lengths: Tensor, starts: Tensor, positions: Tensor) -> AttentionGroup:
+        width = max(max(on_host[r] for r in rows), 1)
+        rows_t = torch.tensor(rows, device=lengths.device)
+        real = positions[None, :width] < lengths[rows_t][:, None]  # [b, width]
+        source = (starts[rows_t][:, None] + positions[None, :width])[real]
+        return AttentionGroup(rows_t, width, real.flatten().nonzero().squeeze(1), source)
 
     @property
     def batch(self) -> int:

@@ -104,7 +104,8 @@ class T5Attention(nn.Module):
                 cache: "LayerCache | None" = None, impl: AttentionImpl | None = None,
                 packing: TextPacking | None = None) -> Tensor:
         """x: [B, L, D], or packed [T, D] with ``packing``. bias: additive [B|1, H, L, S] (position
-        bias + masks) or None; with ``packing``, L = S = ``packing.width`` (self-attention).
+        bias + masks) or None; with ``packing``, L = S = ``packing.width`` (self-attention), and
+        with its ``groups`` one such bias per group, at the group's width.
 
         Self-attention: keys/values come from x (and, with a cache, from the earlier steps).
         Cross-attention: ``kv`` holds the projected context keys/values. ``impl`` overrides
@@ -112,6 +113,13 @@ class T5Attention(nn.Module):
         projections run on the real tokens, attention per caption in the [B, width] layout.
         """
         projected = self.q(x) if self.cross else self.qkv(x)
+        if packing is not None and packing.groups:  # bias: one per group, sized to it
+            out = None
+            for g, group_bias in zip(packing.groups, bias if bias is not None else [None] * len(packing.groups)):
+                group_kv = None if kv is None else tuple(t.index_select(0, g.rows) for t in kv)
+                res = self._attend(g.unpack(projected), group_bias, group_kv, None, impl)
+                out = g.pack_into(res.new_zeros(packing.total, res.shape[-1]) if out is None else out, res)
+            return self.o(out)
         if packing is not None:
             out = self._attend(packing.unpack(projected), bias, kv, None, impl)
             return self.o(packing.pack(out))
@@ -203,7 +211,12 @@ class T5Encoder(nn.Module):
             embeds = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds
         x = self.dropout(embeds)
         bias_dtype = self.attention_impl.compute_dtype(x)
-        bias = self.position_bias(L, L).to(bias_dtype) + padding_bias(attention_mask.bool(), bias_dtype)
+        if packing is not None and packing.groups:  # each group's bias, its top-left corner
+            position = self.position_bias(L, L).to(bias_dtype)
+            bias = [position[..., :g.width, :g.width] + padding_bias(attention_mask[g.rows, :g.width], bias_dtype)
+                    for g in packing.groups]
+        else:
+            bias = self.position_bias(L, L).to(bias_dtype) + padding_bias(attention_mask.bool(), bias_dtype)
         for i, block in enumerate(self.blocks):
             if i < self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, bias, packing=packing, use_reentrant=False)
@@ -364,6 +377,8 @@ class T5Decoder(nn.Module):
         if L > 1:  # causal mask within the new positions; a single new token may see everything
             causal = torch.ones(L, total, dtype=torch.bool, device=x.device).tril(diagonal=offset)
             bias = bias.masked_fill(~causal, torch.finfo(bias_dtype).min)
+        if packing is not None and packing.groups:  # relative positions and causality: the same corner
+            bias = [bias[..., :g.width, :g.width] for g in packing.groups]
         cross = cache.cross if cache is not None else cross_kv if cross_kv is not None else self.cross_kv(visual_tokens)
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None

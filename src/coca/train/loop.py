@@ -47,7 +47,7 @@ from .engines import Engine, Outcome, engine_for_run
 from .metrics import MetricsLog, TensorBoard
 from .optim import build_optimizer, build_scheduler, describe_groups, freeze
 from .precision import resolve_device, resolve_precision
-from .step import StepOptions
+from .step import StepOptions, attention_buckets
 from .warmstart import init_tokenizer, load_init_weights
 
 MAX_NONFINITE_IN_A_ROW = 20
@@ -307,7 +307,8 @@ class Trainer:
         """Packing as configured; patch dropout until ``patch_dropout_until`` of the steps, then none."""
         tc = self.tc
         masked = self.progress.step < tc.patch_dropout_until * tc.steps
-        return StepOptions(pack_text=tc.pack_text, patch_dropout=tc.patch_dropout if masked else 0.0)
+        return StepOptions(pack_text=tc.pack_text, patch_dropout=tc.patch_dropout if masked else 0.0,
+                           attention_buckets=attention_buckets(self.parts.device, tc.compile))
 
     # --- log, validate, evaluate ---------------------------------------------------------------
     def log_step(self, result: Outcome, samples: int, elapsed: float) -> dict:

@@ -24,15 +24,24 @@ class StepOptions:
     """How a training step runs the model, fixed by the trainer for each step."""
     pack_text: bool = False      # text towers on the real tokens only (exact; ``coca.models.packing``)
     patch_dropout: float = 0.0   # share of patch tokens each image drops (FLIP); 0 once unmasked tuning starts
+    attention_buckets: int = 1   # packed: attention in this many groups of captions of similar length
 
     def forward_kwargs(self, loss_fn: CoCaLoss, tokens: torch.Tensor) -> dict:
         # the packing is built here, outside a compiled model: its host read of the longest
         # caption would break the graph and specialise it on the length
-        packing = TextPacking.of(tokens, loss_fn.pad_id) if self.pack_text else False
+        packing = TextPacking.of(tokens, loss_fn.pad_id, self.attention_buckets) if self.pack_text else False
         return {"return_logits": loss_fn.wants_logits, "pack_text": packing, "patch_dropout": self.patch_dropout}
 
 
 PADDED = StepOptions()
+
+
+def attention_buckets(device: torch.device, compiled: bool) -> int:
+    """Groups for packed attention: 4 on the CPU, where re-padding each quarter of the batch to its
+    own longest caption measured faster than one width for all (``benchmarks/train_step.py
+    --methods packed,packed_buckets``); one elsewhere (not yet measured on a GPU) and under
+    ``torch.compile`` (the groups' widths would each become a guard of the compiled graph)."""
+    return 4 if device.type == "cpu" and not compiled else 1
 
 
 @dataclass
@@ -101,7 +110,8 @@ def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, options: StepOpti
                 else:  # the same patches as pass 2: the RNG state is restored there
                     img = model.encode_image(images, options.patch_dropout)
                     # tokenizer output: no id check, no sync
-                    txt = model.encode_text(tokens, check_ids=False, pack_text=options.pack_text)
+                    txt = model.encode_text(tokens, check_ids=False,  # packed as pass 2 packs
+                                            pack_text=options.forward_kwargs(loss_fn, tokens)["pack_text"])
             images_e.append(img.float())
             texts_e.append(txt.float())
     img_leaf = torch.cat(images_e).requires_grad_(True)
