@@ -48,8 +48,8 @@ Captions drawn from a stated length distribution (tokens including EOS, at most 
 
 The model has the FLOP split of coca-large-v2 at 77 tokens (``--preset seed-split``: ViT 256 wide x
 8 layers on 128 px / 16, text 256 wide, 2 + 2 layers, vocab 4096, 64 decoder queries: vision side
-54%, text 46%, against coca-large-v2's 55:45 by ``coca info``), small enough for a micro-batch of
-128 on a CPU. Rows, each in fp32 and under BF16 autocast, interleaved, median of ``--reps``: open_clip
+54%, text 46%, against coca-large-v2's 55:45 by ``coca info``), small enough for the seed's
+micro-batch of 256 (the default here) on a CPU. Rows, each in fp32 and under BF16 autocast, interleaved, median of ``--reps``: open_clip
 (its full 76 + CLS context); ours padded to 76; ours trimmed to the batch's longest caption; ours
 packed (``train.pack_text``); ours packed with patch dropout 0.5 (``train.patch_dropout``); ours
 packed with attention in 4 length groups (``packed_buckets``, what training on a CPU runs). Ours
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
         if "--batch" not in (argv if argv is not None else sys.argv):
-            args.batch = 128
+            args.batch = 256  # the seed's micro-batch (16,384 over 64 GPUs)
         return cost_child(args) if args.cost_child else cost_per_sample(args)
 
     torch.set_num_threads(args.threads)
