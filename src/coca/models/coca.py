@@ -113,9 +113,13 @@ class CoCa(nn.Module):
         ``pack_text`` runs the encoder on the real tokens only (right-padded tokens; same result),
         or with the given ``TextPacking`` of ``tokens``."""
         self.check_tokens(tokens, values=check_ids)
-        packing = pack_text if isinstance(pack_text, TextPacking) else \
-            TextPacking.of(tokens, self.cfg.text.pad_id) if pack_text else None
-        return self._text_embed(tokens, packing=packing)
+        return self._text_embed(tokens, packing=self._packing(tokens, pack_text))
+
+    def _packing(self, tokens: Tensor, pack_text: bool | TextPacking) -> TextPacking | None:
+        """The ``pack_text`` argument as a packing of ``tokens``: given, built here, or none."""
+        if isinstance(pack_text, TextPacking):
+            return pack_text
+        return TextPacking.of(tokens, self.cfg.text.pad_id) if pack_text else None
 
     def _text_embed(self, tokens: Tensor, inputs_embeds: Tensor | None = None, packing: TextPacking | None = None) -> Tensor:
         if packing is not None:
@@ -149,8 +153,7 @@ class CoCa(nn.Module):
         self.check_tokens(text_tokens, values=False)
         image_embeds, visual_tokens = self.encode_image_tokens(images, patch_dropout)
         decoder_inputs = self.shift_right(text_tokens)
-        packing = pack_text if isinstance(pack_text, TextPacking) else \
-            TextPacking.of(text_tokens, self.cfg.text.pad_id) if pack_text else None
+        packing = self._packing(text_tokens, pack_text)
         ids = [text_tokens, decoder_inputs] if packing is None else [packing.pack(text_tokens), packing.pack(decoder_inputs)]
         # One lookup for encoder and decoder inputs: the shared table then gets one dense
         # gradient in backward instead of two that must be allocated and summed.

@@ -99,19 +99,20 @@ def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, options: StepOpti
     # To know that the step's loss is finite before the first backward (check_first), pass 1 runs
     # the whole forward (the decoder too, without a graph) to have every caption loss in hand.
     states, images_e, texts_e, caps = [], [], [], []
+    # each micro-batch's packing built once, for both passes (each build reads lengths on the host)
+    kwargs = [options.forward_kwargs(loss_fn, tokens) for _, tokens in micro_batches]
     with torch.no_grad():  # pass 1: embeddings (and, to check first, caption losses), no graph
-        for images, tokens in micro_batches:
+        for m, (images, tokens) in enumerate(micro_batches):
             states.append(_rng_state())
             with engine.autocast():
                 if check_first:
-                    out = model(images, tokens, **options.forward_kwargs(loss_fn, tokens))
+                    out = model(images, tokens, **kwargs[m])
                     img, txt = out["image_embeds"], out["text_embeds"]
                     caps.append(loss_fn.caption(out, tokens, tokens_global).float())
                 else:  # the same patches as pass 2: the RNG state is restored there
                     img = model.encode_image(images, options.patch_dropout)
                     # tokenizer output: no id check, no sync
-                    txt = model.encode_text(tokens, check_ids=False,  # packed as pass 2 packs
-                                            pack_text=options.forward_kwargs(loss_fn, tokens)["pack_text"])
+                    txt = model.encode_text(tokens, check_ids=False, pack_text=kwargs[m]["pack_text"])
             images_e.append(img.float())
             texts_e.append(txt.float())
     img_leaf = torch.cat(images_e).requires_grad_(True)
@@ -132,7 +133,7 @@ def _grad_cache_step(engine, micro_batches, loss_fn: CoCaLoss, options: StepOpti
     for m, (images, tokens) in enumerate(micro_batches):  # pass 2: re-run with a graph, inject gradients
         _set_rng_state(states[m])
         with engine.no_sync(m < n - 1), engine.autocast():
-            out = engine.forward(images, tokens, **options.forward_kwargs(loss_fn, tokens))
+            out = engine.forward(images, tokens, **kwargs[m])
             cap = loss_fn.caption(out, tokens, tokens_global)
             surrogate = wc * ((out["image_embeds"].float() * d_img[m]).sum()
                               + (out["text_embeds"].float() * d_txt[m]).sum()
