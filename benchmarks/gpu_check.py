@@ -16,7 +16,10 @@ It writes one JSON file and prints one table:
    ``sample_cost``: at that micro-batch (no checkpointing) with web-shaped captions (median 15
    tokens, 5% at the limit; ``benchmarks/train_step.py --lengths web``): ours padded to 76 tokens,
    packed (``train.pack_text``) and packed + patch dropout 0.5, and open_clip on the same batch,
-   with samples/s, model FLOPs per sample, peak memory and the ratio to open_clip.
+   with samples/s, model FLOPs per sample, peak memory and the ratio to open_clip; on a GPU also
+   packed with FlexAttention's document masks (``train.packed_attention: flex``).
+   ``packed_attention``: that kernel's losses and every gradient against the padded step, fp32, on
+   a mid-size model with captions of lengths 1..77 (forward only on the CPU).
 3. ``open_clip``: open_clip's ``coca_ViT-L-14`` training step at the same micro-batch and precision
    (its own CoCaLoss), side by side, and the samples/s ratio.
 4. ``generation``: greedy caption generation, 30 new tokens, tokens/s of ours (KV cache) and of
@@ -259,6 +262,54 @@ def open_clip_forward_flops(model, device) -> float:
 
 SAMPLE_COST = {"padded": PADDED, "packed": StepOptions(pack_text=True),
                "packed + patch dropout 0.5": StepOptions(pack_text=True, patch_dropout=0.5)}
+# GPUs only (FlexAttention has no CPU backward): the packed towers with FlexAttention's document
+# masks instead of re-padded attention ("packed" above, one width on a GPU)
+SAMPLE_COST_CUDA = {"packed, flex attention": StepOptions(pack_text=True, packed_attention="flex")}
+
+
+def packed_attention_check(device) -> dict:
+    """The flex packed-attention kernel against the padded computation, fp32, on one mid-size model
+    and one batch of captions of every length 1..77: the caption and contrastive losses and, on a
+    GPU, every parameter's gradient (largest difference relative to the tensor's largest value).
+    On the CPU the forward only, as ``tests/test_packing.py`` checks it."""
+    import coca
+    from coca.config import get_preset
+    from coca.losses import CoCaLoss
+    from coca.models.packing import TextPacking
+    cfg = get_preset("coca-tiny").to_dict()
+    cfg["text"].update(d_model=256, d_kv=32, num_heads=8, d_ff=768, encoder_layers=4, decoder_layers=4, vocab_size=2048)
+    cfg["vision"].update(width=192, heads=6, mlp_dim=384, layers=2)
+    torch.manual_seed(0)
+    model = coca.create_model(cfg).to(device).train()
+    t, size = model.cfg.text, model.cfg.vision.image_size
+    lengths = list(range(1, t.context_length + 1))
+    tokens = tokens_of_lengths(lengths[::2] + lengths[1::2][::-1], t.context_length, t.vocab_size, seed=0).to(device)
+    images = torch.randn(len(lengths), 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    loss_fn = CoCaLoss(pad_id=t.pad_id)
+    backward = device.type == "cuda"
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on both sides
+    try:
+        runs = {}
+        for name, pack in (("padded", False), ("flex", TextPacking.of(tokens, t.pad_id, kernel="flex"))):
+            model.zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(backward):
+                losses = loss_fn(model(images, tokens, return_logits=True, pack_text=pack), tokens)
+                if backward:
+                    losses.loss.backward()
+            runs[name] = (losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    (ref, ref_grads), (flex, flex_grads) = runs["padded"], runs["flex"]
+    row = {"check": "flex packed attention vs padded (fp32)", "gradients_checked": backward,
+           "caption_loss_rel_diff": abs(float(flex.caption) - float(ref.caption)) / abs(float(ref.caption)),
+           "contrastive_loss_rel_diff": abs(float(flex.contrastive) - float(ref.contrastive)) / abs(float(ref.contrastive))}
+    if backward:
+        row["gradients"] = len(ref_grads)
+        row["missing_gradients"] = sorted(set(ref_grads) - set(flex_grads))
+        row["max_grad_rel_diff"] = max(float((flex_grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-30))
+                                       for n, g in ref_grads.items() if n in flex_grads)
+    return row
 
 
 def sample_cost_rows(args, device, batch: int) -> list[dict]:
@@ -273,7 +324,8 @@ def sample_cost_rows(args, device, batch: int) -> list[dict]:
     meta = coca.create_model(preset, device="meta")
     rows = []
     model, make = ours_step_factory(preset, device, False)
-    for name, options in SAMPLE_COST.items():
+    methods = {**SAMPLE_COST, **(SAMPLE_COST_CUDA if device.type == "cuda" else {})}
+    for name, options in methods.items():
         try:
             r = measure_step(lambda b: make(b, web=True, options=options), batch, device, args.reps)
         except RuntimeError as e:
@@ -433,6 +485,8 @@ def main(argv=None) -> int:
             results["sample_cost"] = sample_cost_rows(args, device, batches[False])
             for r in results["sample_cost"]:
                 print("sample_cost", json.dumps(r), flush=True)
+        results["packed_attention"] = packed_attention_check(device)
+        print("packed_attention", json.dumps(results["packed_attention"]), flush=True)
     if "generation" not in args.skip:
         results["generation"] = generation_rows(args, device)
         for r in results["generation"]:
@@ -471,6 +525,12 @@ def format_table(r: dict) -> str:
         rows.append([f"{c['row']} step, web captions", f"{c['samples_per_s']:.1f} samples/s",
                      f"batch {c['batch']}, {c['flops_per_sample'] / 1e9:.3g} GFLOPs/sample, peak "
                      f"{c['peak_memory_gib']:.1f} GiB, vs open_clip {c.get('speedup_vs_open_clip', float('nan')):.2f}x"])
+    if "packed_attention" in r:
+        c = r["packed_attention"]
+        detail = f"losses: caption {c['caption_loss_rel_diff']:.1e}, contrastive {c['contrastive_loss_rel_diff']:.1e}"
+        if c["gradients_checked"]:
+            detail += f"; {c['gradients']} gradients, max relative {c['max_grad_rel_diff']:.1e}, missing {len(c['missing_gradients'])}"
+        rows.append([c["check"], "forward and backward" if c["gradients_checked"] else "forward (CPU)", detail])
     for g in r.get("generation", []):
         rows.append([f"greedy generation, batch {g['batch']}", f"{g['ours_tokens_per_s']:.0f} tokens/s",
                      f"open_clip {g['open_clip_tokens_per_s']:.0f}; ours / open_clip {g['ours_over_open_clip']:.2f}x"])

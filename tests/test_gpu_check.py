@@ -27,6 +27,9 @@ def test_gpu_check_smoke(tmp_path):
                for c in cost.values())
     assert cost["padded"]["flops_per_sample"] > cost["packed"]["flops_per_sample"] \
         > cost["packed + patch dropout 0.5"]["flops_per_sample"] > 0
+    check = r["packed_attention"]
+    assert not check["gradients_checked"]  # the CPU has no FlexAttention backward
+    assert check["caption_loss_rel_diff"] < 1e-5 and check["contrastive_loss_rel_diff"] < 1e-5
     assert [g["batch"] for g in r["generation"]] == [1, 32]
     assert all(g["ours_tokens_per_s"] > 0 and g["open_clip_tokens_per_s"] > 0 for g in r["generation"])
     assert [x["engine"] for x in r["resume"]] == ["ddp", "deepspeed"]

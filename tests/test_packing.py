@@ -101,6 +101,57 @@ def test_packed_text_towers_equal_the_padded_ones(size, chunk, buckets):
         torch.testing.assert_close(packed[2][name], grad, rtol=1e-4, atol=1e-5 * scale + 1e-9, msg=name)
 
 
+@pytest.mark.parametrize("size", ["tiny", "mid"])
+def test_flex_packed_attention_equals_the_padded_forward(size):
+    """The GPU kernel (FlexAttention over the packed sequence with document masks and the position
+    bias as a score modifier): forward only, as FlexAttention has no CPU backward; its gradients
+    are checked on a GPU by ``benchmarks/gpu_check.py``."""
+    model = model_of(size).train()
+    t = model.cfg.text
+    lengths = list(range(1, t.context_length + 1))
+    lengths = (lengths[::2] + lengths[1::2][::-1])[::3 if size == "mid" else 1]
+    tokens = right_padded(lengths, t.context_length, t.vocab_size)
+    s = model.cfg.vision.image_size
+    images = torch.randn(len(lengths), 3, s, s, generator=torch.Generator().manual_seed(2))
+    loss_fn = CoCaLoss(pad_id=t.pad_id, lm_head_weight=model.text_decoder.lm_head.weight)
+    with torch.no_grad():
+        padded = model(images, tokens, return_logits=True)
+        packing = TextPacking.of(tokens, t.pad_id, buckets=4, kernel="flex")
+        assert packing.groups == ()
+        packed = model(images, tokens, return_logits=True, pack_text=packing)
+    rows = torch.cat([padded["logits"][b, :n] for b, n in enumerate(lengths)])
+    torch.testing.assert_close(packed["logits"][0], rows, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed["text_embeds"], padded["text_embeds"], rtol=1e-5, atol=1e-6)
+    for part in ("loss", "contrastive", "caption"):
+        torch.testing.assert_close(getattr(loss_fn(packed, tokens), part), getattr(loss_fn(padded, tokens), part),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_flex_packed_attention_refuses_attention_dropout():
+    cfg = get_preset("coca-tiny").to_dict()
+    cfg["text"]["dropout"] = 0.1
+    model = coca.create_model(cfg).train()
+    tokens = right_padded([3, 5], 8, model.cfg.text.vocab_size)
+    with pytest.raises(ValueError, match="attention dropout"), torch.no_grad():
+        model.encode_text(tokens, pack_text=TextPacking.of(tokens, 0, kernel="flex"))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        TextPacking.of(tokens, 0, kernel="nested")
+
+
+def test_packed_attention_setting_picks_a_kernel_the_device_can_train_with():
+    from coca.config import ConfigError, TrainConfig
+    from coca.train.step import packed_attention_kernel
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert packed_attention_kernel("auto", cpu, 0.0) == packed_attention_kernel("auto", gpu, 0.0) == "groups"
+    assert packed_attention_kernel("flex", gpu, 0.0) == "flex"
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        packed_attention_kernel("flex", cpu, 0.0)
+    with pytest.raises(ConfigError, match="no attention dropout"):
+        packed_attention_kernel("flex", gpu, 0.1)
+    with pytest.raises(ConfigError, match="train.packed_attention must be"):
+        TrainConfig(run_dir="r", packed_attention="nested")
+
+
 def test_packed_outputs_cover_the_real_tokens_only():
     model = model_of("tiny").eval()
     tokens = right_padded([4, 1, 7], 12, model.cfg.text.vocab_size)
@@ -169,7 +220,7 @@ def test_patch_dropout_stops_for_the_unmasked_tuning_steps():
     from coca.config import load_run_config
     from coca.train.loop import Trainer
     tc = load_run_config(None, ["train.steps=20", "train.patch_dropout=0.5", "train.patch_dropout_until=0.75"]).train
-    parts = SimpleNamespace(device=torch.device("cpu"))
+    parts = SimpleNamespace(device=torch.device("cpu"), packed_attention="groups")
     options = [Trainer.step_options(SimpleNamespace(tc=tc, parts=parts, progress=SimpleNamespace(step=s)))
                for s in range(20)]  # progress.step = steps done before the one being taken
     assert [o.patch_dropout for o in options] == [0.5] * 15 + [0.0] * 5

@@ -480,6 +480,10 @@ class TrainConfig:
     activation_checkpointing: bool | int = False
     compile: bool = False           # torch.compile the model for the training forward/backward
     pack_text: bool = True          # text towers on the real tokens only (exact: the same loss and gradients)
+    # packed attention kernel: groups (re-padded per caption, 4 length groups on CPUs), flex
+    # (FlexAttention with document masks; GPUs only, no backward on CPUs), auto (groups until
+    # flex is measured faster on a GPU: benchmarks/gpu_check.py)
+    packed_attention: str = "auto"
     patch_dropout: float = 0.0      # share of patch tokens each training image drops (FLIP); 0 keeps all
     patch_dropout_until: float = 0.95  # after this share of the steps, train unmasked (FLIP's unmasked tuning)
     init_from: str = ""             # a model directory to start from (ignored once the run has a checkpoint)
@@ -519,6 +523,8 @@ class TrainConfig:
         if isinstance(self.patch_dropout_until, bool) or not isinstance(self.patch_dropout_until, (int, float)) \
                 or not 0.0 <= self.patch_dropout_until <= 1.0:
             raise ConfigError(f"train.patch_dropout_until must be a share of the steps in [0, 1], got {self.patch_dropout_until!r}")
+        if self.packed_attention not in ("auto", "groups", "flex"):
+            raise ConfigError(f"train.packed_attention must be 'auto', 'groups' or 'flex', got {self.packed_attention!r}")
         if self.precision not in ("bf16", "fp32", "auto"):
             raise ConfigError(f"train.precision must be 'bf16', 'fp32' or 'auto', got {self.precision!r}")
         if not self.run_dir:

@@ -57,6 +57,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropo
     return out.to(q.dtype)
 
 
+_compiled_flex: dict = {}
+
+
+def document_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, score_mod=None, scale: float | None = None,
+                       impl: AttentionImpl = SDPA) -> Tensor:
+    """FlexAttention over packed sequences (``TextPacking`` with ``kernel="flex"``): q [1, H, T, Dh],
+    k, v [1, H, S, Dh]; ``block_mask`` says which keys each query sees (its own caption, or its own
+    image's visual tokens), ``score_mod`` adds the position bias. Computes in
+    ``impl.compute_dtype(q)``, output in q's dtype. On GPUs the kernel is compiled once, with
+    dynamic shapes (every batch packs to another length); on CPUs it runs uncompiled, forward only."""
+    from torch.nn.attention.flex_attention import flex_attention
+    kernel = flex_attention
+    if q.device.type == "cuda":
+        kernel = _compiled_flex.setdefault("cuda", torch.compile(flex_attention, dynamic=True))
+    dtype = impl.compute_dtype(q)
+    with torch.autocast(q.device.type, enabled=False):
+        out = kernel(q.to(dtype), k.to(dtype), v.to(dtype), score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return out.to(q.dtype)
+
+
 def set_attention(model: nn.Module, impl: AttentionImpl) -> None:
     """Every attention module of ``model`` computes with ``impl`` from now on."""
     for module in model.modules():

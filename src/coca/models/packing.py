@@ -10,16 +10,24 @@ gathered back. Each caption therefore sees exactly the positions 0..n-1 and the 
 tokens never: the packed computation equals the padded one up to summation order. With
 ``buckets`` > 1 the batch is split by length into groups (``AttentionGroup``) whose attention
 runs re-padded to each group's own longest caption: less padding, which measured faster on CPUs.
+With ``kernel="flex"`` attention instead runs on the packed sequence itself through FlexAttention
+(``coca.models.attention.document_attention``): a block mask keeps each caption to its own tokens
+(and, in the decoder, to the earlier ones; cross-attention to its own image's visual tokens), and
+the position bias is a score modifier indexed by in-caption positions. FlexAttention has no
+backward on CPUs (torch 2.14), so that kernel is for GPUs; its forward runs everywhere.
 
 Captions must be right-padded (real tokens first, then pad), as every tokenizer call returns them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+
+PACKED_KERNELS = ("groups", "flex")
 
 
 @dataclass
@@ -53,7 +61,8 @@ class TextPacking:
     tokens in the [B, width] layout; segments: [T] caption of each packed token; width: the
     longest caption (>= 1); mask: [B, width] bool, True at real tokens; groups: with
     ``buckets`` > 1, captions of similar length whose attention runs re-padded to their own
-    longest (empty: the whole batch at ``width``)."""
+    longest (empty: the whole batch at ``width``); kernel: "groups" (re-padded attention, the
+    groups above) or "flex" (FlexAttention over the packed sequence with document masks)."""
 
     lengths: Tensor
     index: Tensor
@@ -61,11 +70,16 @@ class TextPacking:
     mask: Tensor
     width: int
     groups: tuple[AttentionGroup, ...] = ()
+    kernel: str = "groups"
+    _block_masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def of(cls, tokens: Tensor, pad_id: int, buckets: int = 1) -> "TextPacking":
+    def of(cls, tokens: Tensor, pad_id: int, buckets: int = 1, kernel: str = "groups") -> "TextPacking":
         """The packing of ``tokens`` [B, L]. Reads the lengths on the host (one sync). ``buckets``:
-        split the batch by length into that many groups of equal size for attention."""
+        split the batch by length into that many groups of equal size for attention (``kernel``
+        "groups"); ``kernel="flex"``: attention over the packed sequence (buckets unused)."""
+        if kernel not in PACKED_KERNELS:
+            raise ValueError(f"packed attention kernel must be one of {PACKED_KERNELS}, got {kernel!r}")
         lengths = (tokens != pad_id).sum(1)
         on_host = lengths.tolist()
         width = max(max(on_host, default=1), 1)
@@ -74,13 +88,13 @@ class TextPacking:
         index = mask.flatten().nonzero().squeeze(1)
         segments = torch.div(index, width, rounding_mode="floor")
         groups = ()
-        if buckets > 1 and len(on_host) >= 2 * buckets:
+        if kernel == "groups" and buckets > 1 and len(on_host) >= 2 * buckets:
             starts = lengths.cumsum(0) - lengths  # each caption's first place in the packed sequence
             by_length = sorted(range(len(on_host)), key=on_host.__getitem__)
             size = -(-len(on_host) // buckets)
             groups = tuple(cls._group(sorted(by_length[i:i + size]), on_host, lengths, starts, positions)
                            for i in range(0, len(on_host), size))
-        return cls(lengths, index, segments, mask, width, groups)
+        return cls(lengths, index, segments, mask, width, groups, kernel)
 
     @staticmethod
     def _group(rows: list[int], on_host: list[int], lengths: Tensor, starts: Tensor, positions: Tensor) -> AttentionGroup:
@@ -89,6 +103,40 @@ class TextPacking:
         real = positions[None, :width] < lengths[rows_t][:, None]  # [b, width]
         source = (starts[rows_t][:, None] + positions[None, :width])[real]
         return AttentionGroup(rows_t, width, real.flatten().nonzero().squeeze(1), source)
+
+    @property
+    def positions(self) -> Tensor:
+        """[T] each packed token's position within its caption."""
+        return self.index.remainder(self.width)
+
+    def self_attention_mask(self, causal: bool):
+        """FlexAttention block mask over the packed sequence: a token sees its own caption's
+        tokens (with ``causal``, those not after it). Built once per packing and kept for every layer."""
+        key = ("self", causal)
+        if key not in self._block_masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+            segments, positions = self.segments, self.positions
+
+            def own_caption(b, h, q, k):
+                same = segments[q] == segments[k]
+                return same & (positions[k] <= positions[q]) if causal else same
+            self._block_masks[key] = create_block_mask(own_caption, None, None, self.total, self.total,
+                                                       device=self.index.device)
+        return self._block_masks[key]
+
+    def cross_attention_mask(self, tokens_per_image: int):
+        """FlexAttention block mask from the packed tokens to every image's visual tokens laid end to
+        end (``[B * tokens_per_image]``): a token sees its own image's only."""
+        key = ("cross", tokens_per_image)
+        if key not in self._block_masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+            segments = self.segments
+
+            def own_image(b, h, q, k):
+                return segments[q] == torch.div(k, tokens_per_image, rounding_mode="floor")
+            self._block_masks[key] = create_block_mask(own_image, None, None, self.total, self.batch * tokens_per_image,
+                                                       device=self.index.device)
+        return self._block_masks[key]
 
     @property
     def batch(self) -> int:

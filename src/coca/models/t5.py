@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
-from .attention import SDPA, AttentionImpl, attention
+from .attention import SDPA, AttentionImpl, attention, document_attention
 from .packing import TextPacking
 
 
@@ -113,6 +113,8 @@ class T5Attention(nn.Module):
         projections run on the real tokens, attention per caption in the [B, width] layout.
         """
         projected = self.q(x) if self.cross else self.qkv(x)
+        if packing is not None and packing.kernel == "flex":
+            return self.o(self._attend_packed(projected, bias, kv, packing, impl))
         if packing is not None and packing.groups:  # bias: one per group, sized to it
             out = None
             for g, group_bias in zip(packing.groups, bias if bias is not None else [None] * len(packing.groups)):
@@ -124,6 +126,23 @@ class T5Attention(nn.Module):
             out = self._attend(packing.unpack(projected), bias, kv, None, impl)
             return self.o(packing.pack(out))
         return self.o(self._attend(projected, bias, kv, cache, impl))
+
+    def _attend_packed(self, projected: Tensor, bias, kv, packing: TextPacking, impl) -> Tensor:
+        """FlexAttention on the packed sequence itself: [T, n*H*Dh] -> [T, H*Dh]. Self-attention:
+        ``bias`` is (block mask, position score); cross-attention: every image's keys/values laid
+        end to end, each caption masked to its own image's."""
+        if self.training and self.dropout > 0:
+            raise ValueError("packed attention with kernel 'flex' has no attention dropout; use kernel 'groups'")
+        T = projected.shape[0]
+        if self.cross:
+            q = projected.view(1, T, self.n_heads, self.d_kv).transpose(1, 2)
+            k, v = (t.transpose(0, 1).flatten(1, 2)[None] for t in kv)  # [B, H, N, Dh] -> [1, H, B*N, Dh]
+            block_mask, score = packing.cross_attention_mask(kv[0].shape[2]), None
+        else:
+            q, k, v = projected.view(1, T, 3, self.n_heads, self.d_kv).permute(2, 0, 3, 1, 4).unbind(0)
+            block_mask, score = bias
+        out = document_attention(q, k, v, block_mask, score, scale=1.0, impl=impl or self.attention_impl)
+        return out[0].transpose(0, 1).reshape(T, self.n_heads * self.d_kv)
 
     def _attend(self, projected: Tensor, bias: Tensor | None, kv, cache, impl) -> Tensor:
         """Projected queries (and self-attention keys/values) [B, L, n*H*Dh] -> attention output [B, L, H*Dh]."""
@@ -177,6 +196,16 @@ class T5Block(nn.Module):
         return x + self.dropout(self.ff(self.ln_ff(x)))
 
 
+def packed_position_bias(table: Tensor, packing: TextPacking, causal: bool):
+    """Self-attention "bias" of the flex kernel: the block mask of each caption's own tokens and a
+    score modifier adding ``table`` [H, width, width] (the position bias) at the in-caption positions."""
+    positions = packing.positions
+
+    def position_score(score, b, h, q, k):
+        return score + table[h, positions[q], positions[k]]
+    return packing.self_attention_mask(causal), position_score
+
+
 def padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """[B, S] bool (True = attend) -> additive [B, 1, 1, S]."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)[:, None, None, :]
@@ -211,7 +240,9 @@ class T5Encoder(nn.Module):
             embeds = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds
         x = self.dropout(embeds)
         bias_dtype = self.attention_impl.compute_dtype(x)
-        if packing is not None and packing.groups:  # each group's bias, its top-left corner
+        if packing is not None and packing.kernel == "flex":
+            bias = packed_position_bias(self.position_bias(L, L)[0].to(bias_dtype), packing, causal=False)
+        elif packing is not None and packing.groups:  # each group's bias, its top-left corner
             position = self.position_bias(L, L).to(bias_dtype)
             bias = [position[..., :g.width, :g.width] + padding_bias(attention_mask[g.rows, :g.width], bias_dtype)
                     for g in packing.groups]
@@ -374,7 +405,9 @@ class T5Decoder(nn.Module):
         total = offset + L
         bias_dtype = self.attention_impl.compute_dtype(x)
         bias = self.position_bias(L, total, q_offset=offset).to(bias_dtype)
-        if L > 1:  # causal mask within the new positions; a single new token may see everything
+        if packing is not None and packing.kernel == "flex":  # causality in the block mask
+            bias = packed_position_bias(bias[0], packing, causal=True)
+        elif L > 1:  # causal mask within the new positions; a single new token may see everything
             causal = torch.ones(L, total, dtype=torch.bool, device=x.device).tril(diagonal=offset)
             bias = bias.masked_fill(~causal, torch.finfo(bias_dtype).min)
         if packing is not None and packing.groups:  # relative positions and causality: the same corner

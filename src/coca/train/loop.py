@@ -47,7 +47,7 @@ from .engines import Engine, Outcome, engine_for_run
 from .metrics import MetricsLog, TensorBoard
 from .optim import build_optimizer, build_scheduler, describe_groups, freeze
 from .precision import resolve_device, resolve_precision
-from .step import StepOptions, attention_buckets
+from .step import StepOptions, attention_buckets, packed_attention_kernel
 from .warmstart import init_tokenizer, load_init_weights
 
 MAX_NONFINITE_IN_A_ROW = 20
@@ -151,6 +151,7 @@ class TrainingParts:
     val_loss_fn: CoCaLoss            # validation, on rank 0 alone
     evaluations: list[Evaluation]
     best: BestModel | None           # rank 0, with train.best_metric
+    packed_attention: str = "groups"  # the kernel of ``train.packed_attention`` on this device
 
 
 class Trainer:
@@ -183,6 +184,7 @@ class Trainer:
             torch.cuda.set_device(device)
         main = world.is_main
         say = self._log if main else (lambda *args: None)
+        packed_attention = packed_attention_kernel(tc.packed_attention, device, cfg.model.text.dropout)
         if tc.precision == "auto":  # decided here, and saved in config.yaml as decided
             tc.precision = resolve_precision(tc.precision, device)
             say(f"train.precision=auto: {tc.precision} on this {device.type}")
@@ -221,7 +223,8 @@ class Trainer:
             val_loss_fn=CoCaLoss(lc.contrastive_weight, lc.caption_weight, pad,
                                  caption_chunk_tokens=lc.caption_chunk_tokens, lm_head_weight=head),
             evaluations=evaluations,
-            best=BestModel(layout.best, tc.best_metric, tc.best_mode) if tc.best_metric and main else None)
+            best=BestModel(layout.best, tc.best_metric, tc.best_mode) if tc.best_metric and main else None,
+            packed_attention=packed_attention)
 
     # --- resume --------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -308,7 +311,8 @@ class Trainer:
         tc = self.tc
         masked = self.progress.step < tc.patch_dropout_until * tc.steps
         return StepOptions(pack_text=tc.pack_text, patch_dropout=tc.patch_dropout if masked else 0.0,
-                           attention_buckets=attention_buckets(self.parts.device, tc.compile))
+                           attention_buckets=attention_buckets(self.parts.device, tc.compile),
+                           packed_attention=self.parts.packed_attention)
 
     # --- log, validate, evaluate ---------------------------------------------------------------
     def log_step(self, result: Outcome, samples: int, elapsed: float) -> dict:

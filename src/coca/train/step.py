@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import ConfigError
 from ..losses import CoCaLoss, Losses, contrastive_loss
 from ..models.packing import TextPacking
 from .distributed import global_sum
@@ -24,12 +25,14 @@ class StepOptions:
     """How a training step runs the model, fixed by the trainer for each step."""
     pack_text: bool = False      # text towers on the real tokens only (exact; ``coca.models.packing``)
     patch_dropout: float = 0.0   # share of patch tokens each image drops (FLIP); 0 once unmasked tuning starts
-    attention_buckets: int = 1   # packed: attention in this many groups of captions of similar length
+    attention_buckets: int = 1   # packed, kernel "groups": attention in this many groups of captions of similar length
+    packed_attention: str = "groups"  # packed attention kernel (``TextPacking.of``): groups | flex
 
     def forward_kwargs(self, loss_fn: CoCaLoss, tokens: torch.Tensor) -> dict:
         # the packing is built here, outside a compiled model: its host read of the longest
         # caption would break the graph and specialise it on the length
-        packing = TextPacking.of(tokens, loss_fn.pad_id, self.attention_buckets) if self.pack_text else False
+        packing = TextPacking.of(tokens, loss_fn.pad_id, self.attention_buckets, self.packed_attention) \
+            if self.pack_text else False
         return {"return_logits": loss_fn.wants_logits, "pack_text": packing, "patch_dropout": self.patch_dropout}
 
 
@@ -42,6 +45,21 @@ def attention_buckets(device: torch.device, compiled: bool) -> int:
     --methods packed,packed_buckets``); one elsewhere (not yet measured on a GPU) and under
     ``torch.compile`` (the groups' widths would each become a guard of the compiled graph)."""
     return 4 if device.type == "cpu" and not compiled else 1
+
+
+def packed_attention_kernel(setting: str, device: torch.device, text_dropout: float) -> str:
+    """The packed attention kernel of ``train.packed_attention``: auto is "groups" (FlexAttention is
+    not yet measured against it on a GPU); "flex" needs a GPU, FlexAttention having no backward on
+    CPUs, and no attention dropout, which it does not apply."""
+    if setting == "auto":
+        return "groups"
+    if setting == "flex" and device.type != "cuda":
+        raise ConfigError(f"train.packed_attention=flex needs a CUDA device (FlexAttention has no backward on "
+                         f"{device.type}); use 'groups' or 'auto'")
+    if setting == "flex" and text_dropout > 0:
+        raise ConfigError(f"train.packed_attention=flex applies no attention dropout, and model.text.dropout is "
+                         f"{text_dropout}; use 'groups' or set the dropout to 0")
+    return setting
 
 
 @dataclass
