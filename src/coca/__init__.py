@@ -8,6 +8,7 @@ import importlib
 __version__ = "0.1.0"
 
 _WHERE = {"CoCa": "models.coca", "create_model": "models.coca", "load": "models.coca", "Tokenizer": "tokenizer",
+          "OpenCLIPCoCa": "models.open_clip_coca", "CLIPTokenizer": "clip_tokenizer",
           "CoCaConfig": "config", "TextConfig": "config", "VisionConfig": "config", "list_presets": "config"}
 _SUBMODULES = ("config", "convert", "generation")
 
@@ -25,5 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'coca' has no attribute {name!r}")
 
 
-__all__ = ["CoCa", "CoCaConfig", "TextConfig", "VisionConfig", "Tokenizer", "create_model", "load",
+__all__ = ["CoCa", "OpenCLIPCoCa", "CLIPTokenizer", "CoCaConfig", "TextConfig", "VisionConfig", "Tokenizer", "create_model", "load",
            "list_models", "convert", "config", "generation", "__version__"]

@@ -35,13 +35,15 @@ def cmd_list(args) -> int:
 
 def cmd_info(args) -> int:
     from .models.coca import create_model
-    from .summary import COMPONENTS, branch_totals, forward_flops, parameter_counts
+    from .components import component_label
+    from .summary import branch_totals, forward_flops, parameter_counts
     model = create_model(args.preset, device="meta")
     counts = parameter_counts(model)
     flops = forward_flops(model, batch=1)
     cfg = model.cfg
+    text = "T5" if cfg.family == "t5" else "open_clip CoCa: CLIP text"
     print(f"{cfg.name}: ViT {cfg.vision.width}x{cfg.vision.layers} patch {cfg.vision.patch_size} at "
-          f"{cfg.vision.image_size}px; T5 d_model {cfg.text.d_model}, {cfg.text.encoder_layers}+"
+          f"{cfg.vision.image_size}px; {text} d_model {cfg.text.d_model}, {cfg.text.encoder_layers}+"
           f"{cfg.text.decoder_layers} layers, {cfg.text.num_heads} heads, d_ff {cfg.text.d_ff}, "
           f"vocab {cfg.text.vocab_size}, {cfg.text.context_length} tokens")
     print(f"\n{'component':<16} {'':<26} {'parameters':>14} {'share':>7} {'fwd GFLOPs/sample':>18}")
@@ -50,7 +52,7 @@ def cmd_info(args) -> int:
             print("-" * 84)
         gf = flops.get(comp)
         gf_s = f"{gf / 1e9:.2f}" if gf is not None else ""
-        label = COMPONENTS[comp][0] if comp in COMPONENTS else ""
+        label = component_label(comp, cfg.family)
         print(f"{comp:<16} {label:<26} {n:>14,} {n / counts['total']:>7.1%} {gf_s:>18}")
     print("(the component names are what optim.freeze and optim.lr_mult take)")
     visual, language = branch_totals(counts)

@@ -18,6 +18,21 @@ COMPONENTS = {
     "temperature": ("temperature", ("logit_scale",)),
 }
 VISUAL_COMPONENTS = ("visual", "poolers")
+# what the components are in the open_clip family (coca.models.open_clip_coca), where they differ
+OPEN_CLIP_LABELS = {
+    "poolers": "attentional pooler",
+    "text_encoder": "text tower (CLIP, causal)",
+    "text_decoder": "multimodal decoder",
+    "token_embedding": "token embedding",
+    "lm_head": "LM head",
+}
+
+
+def component_label(component: str, family: str = "t5") -> str:
+    """A component's label in ``coca info`` for a model family."""
+    if component not in COMPONENTS:
+        return ""
+    return OPEN_CLIP_LABELS.get(component, COMPONENTS[component][0]) if family == "open_clip" else COMPONENTS[component][0]
 
 
 def component_of(name: str) -> str:

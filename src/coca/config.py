@@ -147,20 +147,38 @@ class TextConfig:
     dropout: float = 0.0
     pad_id: int = 0  # also the decoder start token, as in T5
     eos_id: int = 1
+    decoder_start_id: int | None = None  # the decoder's start token; None: pad_id (T5). open_clip: <start_of_text>
+    # open_clip family: which keys the CLS token's mask opens. "legacy" is what the released CoCa
+    # weights were trained with (shifted one place: the first pad is seen, a full caption's last
+    # token is not); "correct" opens exactly the real tokens and the CLS itself
+    cls_mask: str = "legacy"
 
     def __post_init__(self):
         _positive(self, "vocab_size", "context_length", "d_model", "d_kv", "num_heads", "d_ff",
                   "encoder_layers", "decoder_layers", "relative_buckets", "relative_max_distance")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"text.dropout must be in [0, 1), got {self.dropout}")
-        for key in ("pad_id", "eos_id"):
+        for key in ("pad_id", "eos_id", "start_id"):
             if not 0 <= getattr(self, key) < self.vocab_size:
                 raise ConfigError(f"text.{key} {getattr(self, key)} is outside the vocabulary [0, {self.vocab_size})")
+        if self.cls_mask not in ("legacy", "correct"):
+            raise ConfigError(f"text.cls_mask must be 'legacy' or 'correct', got {self.cls_mask!r}")
+
+    @property
+    def start_id(self) -> int:
+        """The token every decoded sequence starts with."""
+        return self.pad_id if self.decoder_start_id is None else self.decoder_start_id
+
+
+# t5: our CoCa (T5 text encoder-decoder, two poolers); open_clip: open_clip's CoCa (CLIP text
+# transformer with a CLS token, a multimodal decoder reading its token outputs, one pooler)
+MODEL_FAMILIES = ("t5", "open_clip")
 
 
 @dataclass
 class CoCaConfig:
     name: str = "custom"
+    family: str = "t5"
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     embed_dim: int = 768  # contrastive embedding size
@@ -175,8 +193,17 @@ class CoCaConfig:
         if isinstance(self.text, dict):
             self.text = from_dict(TextConfig, self.text, "text")
         _positive(self, "embed_dim", "n_gen_queries", "pooler_heads")
-        if self.text.d_model % self.pooler_heads:
-            raise ConfigError(f"text.d_model {self.text.d_model} is not divisible by pooler_heads {self.pooler_heads}")
+        if self.family not in MODEL_FAMILIES:
+            raise ConfigError(f"family must be one of {MODEL_FAMILIES}, got {self.family!r}")
+        if self.family == "open_clip" and self.embed_dim != self.text.d_model:
+            raise ConfigError(f"the open_clip family's decoder reads the pooled image tokens: embed_dim "
+                              f"({self.embed_dim}) must equal text.d_model ({self.text.d_model})")
+        if self.family == "open_clip" and self.n_gen_queries < 2:
+            raise ConfigError("the open_clip family splits its pooler's queries into the image embedding and "
+                              f"the decoder's tokens: n_gen_queries must be >= 2, got {self.n_gen_queries}")
+        pooled = self.embed_dim if self.family == "open_clip" else self.text.d_model
+        if pooled % self.pooler_heads:
+            raise ConfigError(f"the pooler's width {pooled} is not divisible by pooler_heads {self.pooler_heads}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -235,6 +262,26 @@ register_preset(CoCaConfig(
                     encoder_layers=12, decoder_layers=12),
     embed_dim=512, n_gen_queries=256, pooler_heads=12,
 ))
+
+# open_clip's CoCa architectures, for its published weights (`coca convert open-clip`): CLIP ViT
+# with one attentional pooler (256 queries: the first is the image embedding, the other 255 the
+# decoder's visual tokens), CLIP's causal text transformer with a CLS token, a multimodal decoder.
+# Tokens here exclude <start_of_text>, which the model prepends: 75 + 1 = open_clip's 76.
+def _open_clip_coca(name: str, vision: VisionConfig, width: int, heads: int, embed_dim: int) -> CoCaConfig:
+    return CoCaConfig(
+        name=name, family="open_clip", vision=vision,
+        text=TextConfig(vocab_size=49408, context_length=75, d_model=width, d_kv=width // heads, num_heads=heads,
+                        d_ff=4 * width, encoder_layers=12, decoder_layers=12, ln_eps=1e-5, pad_id=0, eos_id=49407,
+                        decoder_start_id=49406),
+        embed_dim=embed_dim, n_gen_queries=256, pooler_heads=8, init_logit_scale=math.log(1 / 0.07))
+
+
+register_preset(_open_clip_coca("openclip-coca-vit-b-32",
+                                VisionConfig(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_dim=3072),
+                                width=512, heads=8, embed_dim=512))
+register_preset(_open_clip_coca("openclip-coca-vit-l-14",
+                                VisionConfig(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096),
+                                width=768, heads=12, embed_dim=768))
 
 # A few million parameters at 64px: every test and the demo use it. Patch 16 keeps the ViT at
 # 16 tokens, which is what makes a CPU training step take a fraction of a second.
@@ -390,7 +437,8 @@ class LossConfig:
 
 EVAL_TASKS = ("zeroshot", "caption", "retrieval")
 # decoding strategies (coca.generation); a captioning evaluation is deterministic: no sampling
-Strategy = Literal["greedy", "beam", "sample"]
+# open_clip_beam: open_clip's CoCa beam search (raw-logit scores), for the captions open_clip gives
+Strategy = Literal["greedy", "beam", "sample", "open_clip_beam"]
 STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
 EVAL_STRATEGIES: tuple[str, ...] = tuple(s for s in STRATEGIES if s != "sample")
 # zero-shot classification (coca.evaluate.zeroshot): class embeddings, caption likelihood, or both

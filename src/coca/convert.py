@@ -168,17 +168,32 @@ def vision_config_from_clip(sd: dict[str, Tensor], heads: int | None = None, act
                         act=act, ln_eps=ln_eps)
 
 
-def vit_state_from_clip(sd: dict[str, Tensor], cfg: VisionConfig) -> dict[str, Tensor]:
+def vit_state_from_clip(sd: dict[str, Tensor], cfg: VisionConfig, final_norm: bool = True) -> dict[str, Tensor]:
+    """A CLIP / open_clip visual state dict in our ViT's names (``final_norm=False``: without
+    ``ln_post``, which open_clip's CoCa applies after its pooler)."""
     out = {k: sd[k] for k in ("conv1.weight", "class_embedding", "positional_embedding")}
-    for ln in ("ln_pre", "ln_post"):
+    for ln in ("ln_pre", "ln_post") if final_norm else ("ln_pre",):
         out[f"{ln}.weight"], out[f"{ln}.bias"] = sd[f"{ln}.weight"], sd[f"{ln}.bias"]
     for i in range(cfg.layers):
-        s, d = f"transformer.resblocks.{i}", f"blocks.{i}"
-        rename = {"ln_1": "ln_1", "ln_2": "ln_2", "mlp.c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj",
-                  "attn.out_proj": "attn.out"}
-        for a, b in rename.items():
-            out[f"{d}.{b}.weight"], out[f"{d}.{b}.bias"] = sd[f"{s}.{a}.weight"], sd[f"{s}.{a}.bias"]
-        out[f"{d}.attn.qkv.weight"], out[f"{d}.attn.qkv.bias"] = sd[f"{s}.attn.in_proj_weight"], sd[f"{s}.attn.in_proj_bias"]
+        out.update(clip_block_state(sd, f"transformer.resblocks.{i}", f"blocks.{i}"))
+    return out
+
+
+def clip_block_state(sd: dict[str, Tensor], source: str, target: str, cross: bool = False) -> dict[str, Tensor]:
+    """One open_clip ``ResidualAttentionBlock`` in our ``ResidualBlock``'s names: its fused
+    ``in_proj`` is our ``qkv``, or for a cross-attention block our ``q`` and ``kv`` (its first third
+    and the rest), and its ``out_proj`` our ``out``."""
+    out = {}
+    lns = ("ln_1", "ln_1_kv", "ln_2") if cross else ("ln_1", "ln_2")
+    for a, b in {**{n: n for n in lns}, "mlp.c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj", "attn.out_proj": "attn.out"}.items():
+        out[f"{target}.{b}.weight"], out[f"{target}.{b}.bias"] = sd[f"{source}.{a}.weight"], sd[f"{source}.{a}.bias"]
+    weight, bias = sd[f"{source}.attn.in_proj_weight"], sd[f"{source}.attn.in_proj_bias"]
+    if cross:
+        width = weight.shape[1]
+        out[f"{target}.attn.q.weight"], out[f"{target}.attn.q.bias"] = weight[:width], bias[:width]
+        out[f"{target}.attn.kv.weight"], out[f"{target}.attn.kv.bias"] = weight[width:], bias[width:]
+    else:
+        out[f"{target}.attn.qkv.weight"], out[f"{target}.attn.qkv.bias"] = weight, bias
     return out
 
 
@@ -243,3 +258,85 @@ def init_from_pretrained(preset: str | CoCaConfig = "coca-large-v2", t5_dir: str
                                   f"expects {getattr(cfg.vision, k)}")
         load_checked(model.visual, vit_state_from_clip(sd, cfg.vision), str(vit_file))
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# open_clip's CoCa checkpoints (`coca convert open-clip`)
+# ---------------------------------------------------------------------------------------------
+
+# open_clip's architecture names and our presets of them
+OPEN_CLIP_ARCHS = {"coca_ViT-B-32": "openclip-coca-vit-b-32", "coca_ViT-L-14": "openclip-coca-vit-l-14"}
+_OLD_TEXT_KEYS = ("token_embedding", "positional_embedding", "transformer.", "ln_final", "text_projection", "cls_emb")
+
+
+def open_clip_coca_state(sd: dict[str, Tensor], cfg: CoCaConfig) -> dict[str, Tensor]:
+    """An open_clip ``CoCa`` state dict in the names of our ``OpenCLIPCoCa`` (the tensors unchanged
+    but for transposed projections and split attention projections)."""
+    if not any(k.startswith("text.") for k in sd):  # saved before open_clip's "custom text" layout
+        sd = {("text." + k if k.startswith(_OLD_TEXT_KEYS) else k): v for k, v in sd.items()}
+    for key in ("visual.attn_pool.query", "text.cls_emb", "text_decoder.text_projection"):
+        if key not in sd:
+            raise UserError(f"not an open_clip CoCa checkpoint: it has no {key!r} (found e.g. {sorted(sd)[:3]})")
+    v, t, E = cfg.vision, cfg.text, cfg.embed_dim
+    out = {f"visual.{k}": x for k, x in vit_state_from_clip(visual_state_only(sd), v, final_norm=False).items()}
+    pool = "visual.attn_pool."
+    bias = sd[pool + "attn.in_proj_bias"]
+    out.update({
+        "gen_pooler.query": sd[pool + "query"],
+        "gen_pooler.attn.q.weight": sd[pool + "attn.q_proj_weight"], "gen_pooler.attn.q.bias": bias[:E],
+        "gen_pooler.attn.kv.weight": torch.cat([sd[pool + "attn.k_proj_weight"], sd[pool + "attn.v_proj_weight"]]),
+        "gen_pooler.attn.kv.bias": bias[E:],
+        "image_proj.weight": sd["visual.proj"].t(),
+        "text_encoder.embed_tokens.weight": sd["text.token_embedding.weight"],
+        "text_encoder.positional_embedding": sd["text.positional_embedding"],
+        "text_encoder.cls_emb": sd["text.cls_emb"],
+        "text_proj.weight": sd["text.text_projection"].t(),
+        "text_decoder.lm_head.weight": sd["text_decoder.text_projection"].t(),
+        "logit_scale": sd["logit_scale"].reshape(()),
+    })
+    for ours, theirs in (("gen_pooler.attn.out", pool + "attn.out_proj"), ("gen_pooler.ln_q", pool + "ln_q"),
+                         ("gen_pooler.ln_k", pool + "ln_k"), ("ln_visual", "visual.ln_post"),
+                         ("text_encoder.ln_final", "text.ln_final"), ("text_decoder.final_norm", "text_decoder.ln_final")):
+        out[f"{ours}.weight"], out[f"{ours}.bias"] = sd[f"{theirs}.weight"], sd[f"{theirs}.bias"]
+    for i in range(t.encoder_layers):
+        out.update(clip_block_state(sd, f"text.transformer.resblocks.{i}", f"text_encoder.blocks.{i}"))
+    for i in range(t.decoder_layers):
+        out.update(clip_block_state(sd, f"text_decoder.resblocks.{i}", f"text_decoder.self_blocks.{i}"))
+        out.update(clip_block_state(sd, f"text_decoder.cross_attn.{i}", f"text_decoder.cross_blocks.{i}", cross=True))
+    return {k: x.contiguous() for k, x in out.items()}
+
+
+def open_clip_coca_config(arch: str | dict, name: str | None = None) -> CoCaConfig:
+    """Our config of an open_clip CoCa architecture: a name in ``OPEN_CLIP_ARCHS`` (its preset) or
+    an open_clip model config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``multimodal_cfg``)."""
+    if isinstance(arch, str):
+        if arch not in OPEN_CLIP_ARCHS:
+            raise ConfigError(f"unknown open_clip CoCa architecture {arch!r}; known: {', '.join(OPEN_CLIP_ARCHS)}")
+        return get_preset(OPEN_CLIP_ARCHS[arch])
+    v, t, m = arch["vision_cfg"], arch["text_cfg"], arch["multimodal_cfg"]
+    if (m["width"], m["heads"]) != (t["width"], t["heads"]) or m.get("vocab_size", 49408) != t.get("vocab_size", 49408):
+        raise ConfigError("the open_clip family needs the multimodal decoder's width, heads and vocabulary "
+                          "to equal the text tower's")
+    width, heads, E = t["width"], t["heads"], arch["embed_dim"]
+    vision = VisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], width=v["width"], layers=v["layers"],
+                          heads=v["width"] // v.get("head_width", 64), mlp_dim=int(v["width"] * v.get("mlp_ratio", 4.0)),
+                          act="quick_gelu" if arch.get("quick_gelu") else "gelu")
+    text = TextConfig(vocab_size=t.get("vocab_size", 49408), context_length=t.get("context_length", 77) - 1,
+                      d_model=width, d_kv=width // heads, num_heads=heads, d_ff=int(width * t.get("mlp_ratio", 4.0)),
+                      encoder_layers=t["layers"], decoder_layers=m["layers"], ln_eps=1e-5, pad_id=0,
+                      eos_id=49407, decoder_start_id=49406)
+    return CoCaConfig(name=name or "openclip-coca-custom", family="open_clip", vision=vision, text=text, embed_dim=E,
+                      n_gen_queries=v.get("attn_pooler_queries", 256), pooler_heads=v.get("attn_pooler_heads", 8))
+
+
+def from_open_clip_coca(sd: dict[str, Tensor], arch: str | dict, source: str = "open_clip CoCa", tokenizer=None):
+    """Our ``OpenCLIPCoCa`` with the weights of an open_clip CoCa state dict; the tokenizer is
+    CLIP's from the installed open_clip package unless given."""
+    from .clip_tokenizer import CLIPTokenizer
+    cfg = open_clip_coca_config(arch)
+    model = create_model(cfg, device="meta")
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    load_checked(model, open_clip_coca_state(sd, cfg), source)
+    model.tokenizer = tokenizer or CLIPTokenizer(context_length=cfg.text.context_length)
+    return model.eval()

@@ -206,7 +206,7 @@ class GenerationConfig:
             raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise UserError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
-        if self.strategy == "beam" and self.num_beams < 1:
+        if self.strategy in ("beam", "open_clip_beam") and self.num_beams < 1:
             raise UserError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"top_k must be >= 1 or None, got {self.top_k}")
@@ -224,7 +224,7 @@ class GenerationConfig:
         if n_return > 1 and self.strategy == "greedy":
             raise UserError(f"num_return_sequences={n_return} needs strategy 'beam' or 'sample' "
                             "(greedy decoding has one answer)")
-        if n_return > 1 and self.strategy == "beam" and n_return > self.num_beams:
+        if n_return > 1 and self.strategy in ("beam", "open_clip_beam") and n_return > self.num_beams:
             raise UserError(f"num_return_sequences ({n_return}) must be <= num_beams ({self.num_beams})")
         if self.length_penalty != self.length_penalty:  # NaN
             raise UserError("length_penalty must be a number, got NaN")
@@ -323,6 +323,9 @@ def decode(model, visual_tokens: Tensor, config: GenerationConfig | None = None,
 def _decode(model, visual_tokens, config: GenerationConfig, prefix, generator, track_scores, compiled):
     c = config
     processors = LogitsProcessors(c.repetition_penalty, c.no_repeat_ngram_size, c.min_new_tokens, model.cfg.text.eos_id)
+    if c.strategy == "open_clip_beam":
+        return _open_clip_beam_search(model, visual_tokens, prefix, c.max_new_tokens, processors, c.num_beams,
+                                      c.num_return_sequences, c.length_penalty, c.use_cache, compiled)
     if c.strategy == "beam" and c.num_beams > 1:
         return _beam_search(model, visual_tokens, prefix, c.max_new_tokens, processors, c.num_beams,
                             c.num_return_sequences, c.length_penalty, c.use_cache, compiled)
@@ -337,7 +340,7 @@ def _decode(model, visual_tokens, config: GenerationConfig, prefix, generator, t
 
 
 def _start(model, rows: int, prefix: Tensor, device) -> Tensor:
-    start = torch.full((rows, 1), model.cfg.text.pad_id, dtype=torch.long, device=device)
+    start = torch.full((rows, 1), model.cfg.text.start_id, dtype=torch.long, device=device)
     return torch.cat([start, prefix.expand(rows, -1)], dim=1)
 
 
@@ -449,3 +452,88 @@ def _add_hypothesis(hyps: list[tuple[float, Tensor, float]], score: float, token
     hyps.append((score, tokens.clone(), raw))
     hyps.sort(key=lambda h: h[0], reverse=True)
     del hyps[K:]
+
+
+def _open_clip_beam_search(model, visual_tokens, prefix, max_new_tokens, processors, K, n_return, length_penalty,
+                           use_cache, compiled=None) -> tuple[Tensor, Tensor, Tensor]:
+    """open_clip's CoCa beam search (``generate(generation_type="beam_search")``, which runs
+    transformers' ``BeamSearchScorer``), with the KV cache. It differs from ``_beam_search`` in
+    three ways, all reproduced: beam scores sum the processed raw logits, not log-probabilities; a
+    hypothesis's length counts the start token; a row is done when it holds K finished hypotheses
+    and its worst beats the best of this step's 2K candidates over the current length. open_clip's
+    ``num_beam_groups`` apply no diversity penalty, so its groups are identical searches: its
+    ``num_beams=6, num_beam_groups=3`` is ``K=2`` here. Returned scores are raw log-likelihoods."""
+    pad, eos = model.cfg.text.pad_id, model.cfg.text.eos_id
+    B, device = visual_tokens.shape[0], visual_tokens.device
+    step = _Stepper(model, visual_tokens, len(prefix) + max_new_tokens, use_cache, repeat=K, compiled=compiled)
+    seq = _start(model, B * K, prefix, device)
+    first_new = seq.shape[1]
+    beam_scores = torch.full((B, K), -1e9, device=device)
+    beam_scores[:, 0] = 0  # one live beam at first: the others would repeat it
+    raw_scores = torch.zeros(B, K, device=device)
+    hyps: list[list[tuple]] = [[] for _ in range(B)]  # (score, tokens, raw, ended with EOS), as added
+    worst = [1e9] * B
+    done = [False] * B
+
+    def add(b: int, score: float, tokens: Tensor, raw: float, length: int, ended: bool) -> None:
+        """transformers' ``BeamHypotheses.add``: keep the K best by score / length**penalty."""
+        score = score / length ** length_penalty
+        if len(hyps[b]) < K or score > worst[b]:
+            hyps[b].append((score, tokens.clone(), raw, ended))
+            if len(hyps[b]) > K:
+                ranked = sorted((h[0], i) for i, h in enumerate(hyps[b]))
+                del hyps[b][ranked[0][1]]
+                worst[b] = ranked[1][0]
+            else:
+                worst[b] = min(score, worst[b])
+
+    for t in range(max_new_tokens):
+        logits = step(seq)                                  # [B*K, V] raw, fp32
+        processed = processors(seq, logits, t)
+        V = processed.shape[-1]
+        top_scores, top_idx = (beam_scores.view(-1, 1) + processed).view(B, K * V).topk(2 * K, dim=1)
+        top_raw = raw_scores.view(-1, 1) + F.log_softmax(logits, -1)
+        top_raw = top_raw.view(B, K * V).gather(1, top_idx)
+        src, tok = top_idx // V, top_idx % V
+        length = seq.shape[1] + 1  # with the token chosen now (and the start token)
+        scores_h, tok_h, src_h, raw_h = top_scores.tolist(), tok.tolist(), src.tolist(), top_raw.tolist()
+        next_scores = torch.zeros(B, K, device=device)
+        next_tok = torch.full((B, K), pad, dtype=torch.long, device=device)
+        next_src = torch.zeros(B, K, dtype=torch.long, device=device)
+        next_raw = torch.zeros(B, K, device=device)
+        for b in range(B):
+            if done[b]:  # finished rows carry pad; their beams are never read again
+                continue
+            j = 0
+            for rank in range(2 * K):
+                if tok_h[b][rank] == eos:
+                    if rank < K:  # only an end among the K best candidates finishes a hypothesis
+                        add(b, scores_h[b][rank], seq[b * K + src_h[b][rank], first_new:], raw_h[b][rank], length, True)
+                else:
+                    next_scores[b, j], next_tok[b, j] = scores_h[b][rank], tok_h[b][rank]
+                    next_src[b, j], next_raw[b, j] = src_h[b][rank], raw_h[b][rank]
+                    j += 1
+                if j == K:
+                    break
+            done[b] = len(hyps[b]) == K and worst[b] >= max(scores_h[b]) / length ** length_penalty
+        index = (torch.arange(B, device=device)[:, None] * K + next_src).view(-1)
+        seq = torch.cat([seq[index], next_tok.view(-1, 1)], dim=1)
+        step.reorder(index)
+        beam_scores, raw_scores = next_scores, next_raw
+        if all(done):
+            break
+    for b in range(B):  # rows still running at the length limit: their beams compete too
+        if not done[b]:
+            for k in range(K):
+                add(b, float(beam_scores[b, k]), seq[b * K + k, first_new:], float(raw_scores[b, k]), seq.shape[1], False)
+    best = []
+    for b in range(B):
+        ranked = sorted(hyps[b], key=lambda h: h[0])  # stable: of equal scores the later added wins, as in transformers
+        for _, tokens, raw, ended in ranked[::-1][:n_return]:
+            best.append((torch.cat([tokens, tokens.new_tensor([eos])]) if ended else tokens, raw))
+    out = torch.full((len(best), max(len(h[0]) for h in best)), pad, dtype=torch.long, device=device)
+    for i, (tokens, _) in enumerate(best):
+        out[i, :len(tokens)] = tokens
+    scores = torch.tensor([h[1] for h in best], device=device)
+    counts = torch.tensor([len(h[0]) for h in best], device=device)
+    return out, scores, counts

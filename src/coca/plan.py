@@ -73,9 +73,9 @@ def saved_activation_bytes(model_cfg, micro_batch: int, text_len: int, checkpoin
 def _saved_activation_bytes(model_cfg, micro_batch, text_len, checkpointing, caption_chunk_tokens,
                             patch_dropout) -> int:
     from .losses import CoCaLoss
-    from .models.coca import CoCa
+    from .models.coca import model_class
     with torch.device("meta"):
-        model = CoCa(model_cfg).to(torch.bfloat16).train()
+        model = model_class(model_cfg)(model_cfg).to(torch.bfloat16).train()
     model.set_grad_checkpointing(checkpointing)
     param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
     s = model_cfg.vision.image_size

@@ -27,9 +27,10 @@ class CaptionScores:
 
 
 def token_logprobs(decoder, tokens: Tensor, visual_tokens: Tensor | None = None, cross=None,
-                   pad_id: int = 0) -> Tensor:
-    """[N, L] fp32 log p(tokens[:, i] | image, tokens[:, :i]); 0 at pad positions."""
-    start = torch.full_like(tokens[:, :1], pad_id)
+                   pad_id: int = 0, start_id: int | None = None) -> Tensor:
+    """[N, L] fp32 log p(tokens[:, i] | image, tokens[:, :i]); 0 at pad positions. The decoder
+    inputs start with ``start_id`` (default ``pad_id``, T5's start)."""
+    start = torch.full_like(tokens[:, :1], pad_id if start_id is None else start_id)
     hidden = decoder(torch.cat([start, tokens[:, :-1]], 1), visual_tokens, cross_kv=cross, return_hidden=True)
     out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     real = tokens != pad_id
@@ -52,14 +53,14 @@ def score(model, images: Tensor, tokens: Tensor, pairwise: bool = False, batch_s
         raise ValueError(f"{images.shape[0]} images but {tokens.shape[0]} captions: pairs need one caption per "
                          "image (or pass pairwise=True to score every image against every caption)")
     tokens = tokens.to(images.device)
-    pad = model.cfg.text.pad_id
+    pad, start = model.cfg.text.pad_id, model.cfg.text.start_id
     counts = (tokens != pad).sum(1)
     decoder = model.text_decoder
     if not pairwise:
         sums = []
         for i in range(0, tokens.shape[0], batch_size):
             visual = model.encode_image_tokens(images[i:i + batch_size])[1]
-            sums.append(token_logprobs(decoder, tokens[i:i + batch_size], visual, pad_id=pad).sum(1))
+            sums.append(token_logprobs(decoder, tokens[i:i + batch_size], visual, pad_id=pad, start_id=start).sum(1))
         total = torch.cat(sums)
         return CaptionScores(total, total / counts.clamp(min=1), counts)
     rows = []
@@ -70,7 +71,7 @@ def score(model, images: Tensor, tokens: Tensor, pairwise: bool = False, batch_s
             for j in range(0, tokens.shape[0], batch_size):
                 n = min(batch_size, tokens.shape[0] - j)
                 mine = [(k[b:b + 1].expand(n, -1, -1, -1), v[b:b + 1].expand(n, -1, -1, -1)) for k, v in cross]
-                row.append(token_logprobs(decoder, tokens[j:j + n], cross=mine, pad_id=pad).sum(1))
+                row.append(token_logprobs(decoder, tokens[j:j + n], cross=mine, pad_id=pad, start_id=start).sum(1))
             rows.append(torch.cat(row))
     total = torch.stack(rows)
     return CaptionScores(total, total / counts.clamp(min=1), counts)

@@ -71,8 +71,11 @@ def _forward_flops(model: CoCa, batch: int, text_len: int, patch_dropout: float)
     per_module = counter.get_flop_counts()
     name = type(model).__name__
     out = {}
+    # the open_clip family's text tower is also its decoder's lower half (``text_decoder.text``), the
+    # name the counter may file it under when the model runs it for the text embedding
     for label, module in (("visual", "visual"), ("poolers", "gen_pooler"), ("poolers", "contrastive_pooler"),
-                          ("text_encoder", "text_encoder"), ("text_decoder", "text_decoder")):
+                          ("text_encoder", "text_encoder"), ("text_encoder", "text_decoder.text"),
+                          ("text_decoder", "text_decoder")):
         out[label] = out.get(label, 0) + sum(per_module.get(f"{name}.{module}", {}).values())
     out["total"] = sum(per_module.get("Global", {}).values())
     return out

@@ -24,6 +24,8 @@ MODEL_FILE = "tokenizer.model"
 
 
 class Tokenizer:
+    file_name = MODEL_FILE  # its name in a model directory
+
     def __init__(self, path: str | os.PathLike, context_length: int = 77):
         import sentencepiece as spm
         path = Path(path)

@@ -30,41 +30,24 @@ from .vit import AttentionalPooler, LayerNorm, VisionTransformer
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.model"
 
 
-class CoCa(nn.Module):
-    def __init__(self, cfg: CoCaConfig):
-        super().__init__()
-        self.cfg = cfg
-        v, t = cfg.vision, cfg.text
-        self.visual = VisionTransformer(v)
-        self.gen_pooler = AttentionalPooler(t.d_model, v.width, cfg.pooler_heads, cfg.n_gen_queries)
-        self.ln_visual = LayerNorm(t.d_model)
-        self.contrastive_pooler = AttentionalPooler(t.d_model, t.d_model, cfg.pooler_heads, 1)
-        self.image_proj = nn.Linear(t.d_model, cfg.embed_dim, bias=False)
-        token_embedding = nn.Embedding(t.vocab_size, t.d_model)
-        self.text_encoder = T5Encoder(t, token_embedding)
-        self.text_decoder = T5Decoder(t, token_embedding)
-        self.text_proj = nn.Linear(t.d_model, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
-        self.tokenizer = None  # set by coca.load() when the directory has a tokenizer.model
-        self.reset_parameters()
+class CoCaBase(nn.Module):
+    """What both model families share: input checks, the image embedding, generation, scoring,
+    the temperature and ``save_pretrained``. A family defines the towers (``encode_image_tokens``,
+    ``encode_text``, ``forward``) and a ``text_decoder`` with the decoding interface generation
+    and scoring use (``new_cache``, ``cross_kv``, ``forward`` with a cache, ``static_step``,
+    ``lm_head``)."""
 
-    # --- construction helpers --------------------------------------------------------------
-    def reset_parameters(self) -> None:
-        if self.logit_scale.is_meta:
-            return
-        init_t5_weights(self, self.cfg.text)
-        nn.init.normal_(self.text_encoder.embed_tokens.weight, std=1.0)  # T5: unit-variance embeddings
-        for proj in (self.image_proj, self.text_proj):
-            nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+    cfg: CoCaConfig
+    tokenizer = None  # set by coca.load() when the directory has a tokenizer
 
-    def tie_weights(self) -> None:
-        """Encoder and decoder share the token embedding (broken by ``to_empty``; restored here)."""
-        self.text_decoder.embed_tokens = self.text_encoder.embed_tokens
+    def towers(self) -> tuple[nn.Module, ...]:
+        """The stacks ``set_grad_checkpointing`` reaches (each has ``blocks`` and ``grad_checkpointing``)."""
+        return self.visual, self.text_encoder, self.text_decoder
 
     def set_grad_checkpointing(self, blocks: bool | int = True) -> None:
         """Recompute blocks in the backward pass instead of keeping their activations: ``True`` every
-        block, ``False`` / 0 none, ``N`` the first N blocks of each stack (ViT, T5 encoder, decoder)."""
-        for tower in (self.visual, self.text_encoder, self.text_decoder):
+        block, ``False`` / 0 none, ``N`` the first N blocks of each stack (ViT, text encoder, decoder)."""
+        for tower in self.towers():
             tower.grad_checkpointing = len(tower.blocks) if blocks is True else int(blocks)
 
     # --- input checks: a clear message instead of an index error deep inside a kernel -------
@@ -95,6 +78,76 @@ class CoCa(nn.Module):
             if lo < 0 or hi >= t.vocab_size:
                 raise ValueError(f"{name} contain id {lo if lo < 0 else hi} outside the vocabulary [0, {t.vocab_size})")
 
+    def encode_image(self, images: Tensor, patch_dropout: float = 0.0) -> Tensor:
+        return self.encode_image_tokens(images, patch_dropout)[0]
+
+    def shift_right(self, tokens: Tensor) -> Tensor:
+        """Teacher-forcing decoder inputs: [start, t0, ..., t_{L-2}] (start = pad in T5)."""
+        start = torch.full_like(tokens[:, :1], self.cfg.text.start_id)
+        return torch.cat([start, tokens[:, :-1]], dim=1)
+
+    def contrastive_scale(self) -> Tensor:
+        """The inverse temperature exp(logit_scale), clamped at ``max_logit_scale`` (CLIP's 100)."""
+        return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, config=None, **kwargs) -> Tensor:
+        """Caption ids [B, T] (no start token; EOS then pad after the end), decoded as ``config`` (a
+        ``GenerationConfig``) and keyword options say. See ``coca.generation``."""
+        from ..generation import generate
+        return generate(self, images, config, **kwargs)
+
+    @torch.no_grad()
+    def score(self, images: Tensor, tokens: Tensor, pairwise: bool = False, batch_size: int = 64):
+        """Caption log-likelihoods (sum and mean over tokens); see ``coca.scoring``."""
+        from ..scoring import score
+        return score(self, images, tokens, pairwise=pairwise, batch_size=batch_size)
+
+    # --- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> Path:
+        """Write config.json, model.safetensors (and tokenizer.model) atomically into ``path``."""
+        from safetensors.torch import save as save_safetensors
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().to("cpu").contiguous() for name, p in unique_state(self).items()}
+        atomic_write_bytes(path / WEIGHTS_FILE, save_safetensors(tensors, metadata={"format": "pt"}))
+        atomic_write_text(path / CONFIG_FILE, json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is not None:  # tokenizer.model (SentencePiece) or CLIP's merges file
+            atomic_write_bytes(path / tokenizer.file_name, tokenizer.serialized_model())
+        return path
+
+
+class CoCa(CoCaBase):
+    def __init__(self, cfg: CoCaConfig):
+        super().__init__()
+        self.cfg = cfg
+        v, t = cfg.vision, cfg.text
+        self.visual = VisionTransformer(v)
+        self.gen_pooler = AttentionalPooler(t.d_model, v.width, cfg.pooler_heads, cfg.n_gen_queries)
+        self.ln_visual = LayerNorm(t.d_model)
+        self.contrastive_pooler = AttentionalPooler(t.d_model, t.d_model, cfg.pooler_heads, 1)
+        self.image_proj = nn.Linear(t.d_model, cfg.embed_dim, bias=False)
+        token_embedding = nn.Embedding(t.vocab_size, t.d_model)
+        self.text_encoder = T5Encoder(t, token_embedding)
+        self.text_decoder = T5Decoder(t, token_embedding)
+        self.text_proj = nn.Linear(t.d_model, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.reset_parameters()
+
+    # --- construction helpers --------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        if self.logit_scale.is_meta:
+            return
+        init_t5_weights(self, self.cfg.text)
+        nn.init.normal_(self.text_encoder.embed_tokens.weight, std=1.0)  # T5: unit-variance embeddings
+        for proj in (self.image_proj, self.text_proj):
+            nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+
+    def tie_weights(self) -> None:
+        """Encoder and decoder share the token embedding (broken by ``to_empty``; restored here)."""
+        self.text_decoder.embed_tokens = self.text_encoder.embed_tokens
+
     # --- towers ------------------------------------------------------------------------------
     def encode_image_tokens(self, images: Tensor, patch_dropout: float = 0.0) -> tuple[Tensor, Tensor]:
         """Returns (image_embed [B, E] normalised, visual tokens [B, Q, D] for the decoder).
@@ -103,9 +156,6 @@ class CoCa(nn.Module):
         visual_tokens = self.ln_visual(self.gen_pooler(self.visual(images, patch_dropout)))
         pooled = self.contrastive_pooler(visual_tokens)[:, 0]
         return F.normalize(self.image_proj(pooled), dim=-1), visual_tokens
-
-    def encode_image(self, images: Tensor, patch_dropout: float = 0.0) -> Tensor:
-        return self.encode_image_tokens(images, patch_dropout)[0]
 
     def encode_text(self, tokens: Tensor, check_ids: bool = True, pack_text: bool | TextPacking = False) -> Tensor:
         """Mean of the encoder states over non-pad tokens, projected and L2-normalised: [B, E].
@@ -130,11 +180,6 @@ class CoCa(nn.Module):
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         return F.normalize(self.text_proj(pooled), dim=-1)
-
-    def shift_right(self, tokens: Tensor) -> Tensor:
-        """Teacher-forcing decoder inputs, as T5: [start=pad, t0, ..., t_{L-2}]."""
-        start = torch.full_like(tokens[:, :1], self.cfg.text.pad_id)
-        return torch.cat([start, tokens[:, :-1]], dim=1)
 
     def forward(self, images: Tensor, text_tokens: Tensor, return_logits: bool = True,
                 pack_text: bool | TextPacking = False, patch_dropout: float = 0.0) -> dict[str, Tensor]:
@@ -167,36 +212,6 @@ class CoCa(nn.Module):
         out["logits" if return_logits else "decoder_hidden"] = decoded
         return out
 
-    def contrastive_scale(self) -> Tensor:
-        """The inverse temperature exp(logit_scale), clamped at ``max_logit_scale`` (CLIP's 100)."""
-        return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
-
-    @torch.no_grad()
-    def generate(self, images: Tensor, config=None, **kwargs) -> Tensor:
-        """Caption ids [B, T] (no start token; EOS then pad after the end), decoded as ``config`` (a
-        ``GenerationConfig``) and keyword options say. See ``coca.generation``."""
-        from ..generation import generate
-        return generate(self, images, config, **kwargs)
-
-    @torch.no_grad()
-    def score(self, images: Tensor, tokens: Tensor, pairwise: bool = False, batch_size: int = 64):
-        """Caption log-likelihoods (sum and mean over tokens); see ``coca.scoring``."""
-        from ..scoring import score
-        return score(self, images, tokens, pairwise=pairwise, batch_size=batch_size)
-
-    # --- persistence -------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> Path:
-        """Write config.json, model.safetensors (and tokenizer.model) atomically into ``path``."""
-        from safetensors.torch import save as save_safetensors
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: p.detach().to("cpu").contiguous() for name, p in unique_state(self).items()}
-        atomic_write_bytes(path / WEIGHTS_FILE, save_safetensors(tensors, metadata={"format": "pt"}))
-        atomic_write_text(path / CONFIG_FILE, json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        tokenizer = tokenizer or self.tokenizer
-        if tokenizer is not None:
-            atomic_write_bytes(path / TOKENIZER_FILE, tokenizer.serialized_model())
-        return path
 
 
 def unique_state(model: nn.Module) -> dict[str, Tensor]:
@@ -221,7 +236,7 @@ def create_model(config: str | CoCaConfig | dict[str, Any] = "coca-tiny", device
     else:
         raise TypeError(f"config must be a preset name, CoCaConfig or dict, got {type(config).__name__}")
     with torch.device(device):
-        model = CoCa(cfg)
+        model = model_class(cfg)(cfg)
     if dtype is not None:
         model.to(dtype)
     return model
@@ -246,7 +261,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     except (json.JSONDecodeError, ConfigError) as e:
         raise ConfigError(f"{path / CONFIG_FILE}: {e}") from None
     with torch.device("meta"):
-        model = CoCa(cfg)
+        model = model_class(cfg)(cfg)
     model.to_empty(device=device)
     model.tie_weights()
     try:
@@ -260,13 +275,32 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         else:
             from ..precision import apply_precision
             apply_precision(model, dtype, device)
-    if (path / TOKENIZER_FILE).is_file():
-        from ..tokenizer import Tokenizer
-        model.tokenizer = Tokenizer(path / TOKENIZER_FILE, context_length=cfg.text.context_length)
+    model.tokenizer = load_tokenizer(path, cfg)
+    if model.tokenizer is not None:
         if model.tokenizer.vocab_size > cfg.text.vocab_size:  # its top ids would index past the embedding
-            raise UserError(f"{path / TOKENIZER_FILE} has {model.tokenizer.vocab_size} ids but the model's "
+            raise UserError(f"{model.tokenizer.path} has {model.tokenizer.vocab_size} ids but the model's "
                              f"vocabulary ({path / CONFIG_FILE} text.vocab_size) is {cfg.text.vocab_size}")
     return model.eval()
+
+
+def model_class(cfg: CoCaConfig) -> type[CoCaBase]:
+    """The module class of a config's model family."""
+    if cfg.family == "open_clip":
+        from .open_clip_coca import OpenCLIPCoCa
+        return OpenCLIPCoCa
+    return CoCa
+
+
+def load_tokenizer(path: Path, cfg: CoCaConfig):
+    """The tokenizer a model directory holds: tokenizer.model (SentencePiece), CLIP's merges file
+    (the open_clip family), or None."""
+    if (path / TOKENIZER_FILE).is_file():
+        from ..tokenizer import Tokenizer
+        return Tokenizer(path / TOKENIZER_FILE, context_length=cfg.text.context_length)
+    from ..clip_tokenizer import VOCAB_FILE, CLIPTokenizer
+    if (path / VOCAB_FILE).is_file():
+        return CLIPTokenizer(path / VOCAB_FILE, context_length=cfg.text.context_length)
+    return None
 
 
 def load_checked(model: nn.Module, state: dict[str, Tensor], source: str, allow_missing: bool = False) -> None:

@@ -321,6 +321,20 @@ class DecoderCache:
             layer.reorder(index)
 
 
+def cross_for_decoding(cross: list[tuple[Tensor, Tensor]], repeat: int = 1, rows: int | None = None):
+    """Per-layer cross-attention keys/values of the images, laid out for a decoding cache: each
+    image's repeated for its ``repeat`` beams or samples (one projection serves them all), padded to
+    ``rows`` with copies of the last row (the compiled step's fixed shapes), contiguous."""
+    if repeat > 1:
+        cross = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in cross]
+    if rows is not None and rows > cross[0][0].shape[0]:
+        extra = rows - cross[0][0].shape[0]
+        cross = [(torch.cat([k, k[-1:].expand(extra, -1, -1, -1)]), torch.cat([v, v[-1:].expand(extra, -1, -1, -1)]))
+                 for k, v in cross]
+    # contiguous once here: the projection's [B, N, 2, H, Dh] views would be copied by every step
+    return [(k.contiguous(), v.contiguous()) for k, v in cross]
+
+
 class T5Decoder(nn.Module):
     """Causal T5 stack with cross-attention to the visual tokens, final RMSNorm and untied LM head.
 
@@ -349,15 +363,7 @@ class T5Decoder(nn.Module):
         once per image; with ``repeat`` (beam search) each image's projection serves its beams.
         ``static``: zero-filled buffers and the bias table that ``static_step`` reads. ``rows``:
         pad to that many rows with copies of the last (fixed shapes for the compiled step)."""
-        cross = self.cross_kv(visual_tokens)
-        if repeat > 1:
-            cross = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in cross]
-        if rows is not None and rows > cross[0][0].shape[0]:
-            extra = rows - cross[0][0].shape[0]
-            cross = [(torch.cat([k, k[-1:].expand(extra, -1, -1, -1)]), torch.cat([v, v[-1:].expand(extra, -1, -1, -1)]))
-                     for k, v in cross]
-        # contiguous once here: the projection's [B, N, 2, H, Dh] views would be copied by every step
-        cross = [(k.contiguous(), v.contiguous()) for k, v in cross]
+        cross = cross_for_decoding(self.cross_kv(visual_tokens), repeat, rows)
         B, dtype = cross[0][0].shape[0], cross[0][0].dtype
         layers = [LayerCache(B, self.cfg.num_heads, max_len, self.cfg.d_kv, dtype, visual_tokens.device, zeros=static)
                   for _ in self.blocks]

@@ -60,45 +60,71 @@ class MultiHeadAttention(nn.Module):
         B, L, _ = x.shape  # [B, L, n*dim] -> n x [B, heads, L, head_dim]
         return x.view(B, L, n, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys/values [B, heads, N, head_dim] of a context (computed once per image
+        when decoding)."""
+        return self._split(self.kv(context), 2)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, bias: Tensor | None = None,
+                cache=None, kv: tuple[Tensor, Tensor] | None = None, impl=None) -> Tensor:
+        """Self-attention over x, or cross-attention to ``context`` (or its projected ``kv``).
+        ``bias``: an additive mask [B|1, heads|1, L, S]; ``cache``: self-attention keys/values of
+        earlier positions that this call appends to (``LayerCache``); ``impl`` overrides the kernel."""
         B, L, _ = x.shape
         if self.self_attention:
             q, k, v = self._split(self.qkv(x), 3)
+            if cache is not None:
+                k, v = cache.append(k, v)
         else:
             (q,) = self._split(self.q(x), 1)
-            k, v = self._split(self.kv(context), 2)
-        out = attention(q, k, v, impl=self.attention_impl)
+            k, v = kv if kv is not None else self.project_kv(context)
+        out = attention(q, k, v, bias, impl=impl or self.attention_impl)
         return self.out(out.transpose(1, 2).reshape(B, L, -1))
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.ln_1 = LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.attn = MultiHeadAttention(cfg.width, cfg.heads)
-        self.ln_2 = LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(cfg.width, cfg.mlp_dim))
-        self.mlp.add_module("act", QuickGELU() if cfg.act == "quick_gelu" else nn.GELU())
-        self.mlp.add_module("c_proj", nn.Linear(cfg.mlp_dim, cfg.width))
+    """CLIP's pre-LN block (open_clip ``ResidualAttentionBlock``): attention, then an MLP. With
+    ``cross``: attention from x to a context, normalised by its own ``ln_1_kv`` (open_clip's
+    cross-attention block of the CoCa decoder)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def __init__(self, width: int, heads: int, mlp_dim: int, act: str = "gelu", eps: float = 1e-5, cross: bool = False):
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=eps)
+        if cross:
+            self.ln_1_kv = LayerNorm(width, eps=eps)
+        self.attn = MultiHeadAttention(width, heads, kv_dim=width if cross else None)
+        self.ln_2 = LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, mlp_dim))
+        self.mlp.add_module("act", QuickGELU() if act == "quick_gelu" else nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(mlp_dim, width))
+
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """A cross-attention block's keys/values of ``context`` (after its ``ln_1_kv``)."""
+        return self.attn.project_kv(self.ln_1_kv(context))
+
+    def forward(self, x: Tensor, bias: Tensor | None = None, cache=None, kv: tuple[Tensor, Tensor] | None = None,
+                impl=None) -> Tensor:
+        """Self-attention (``bias``, ``cache`` as ``MultiHeadAttention``), or with ``kv`` from
+        ``project_kv`` cross-attention."""
+        x = x + self.attn(self.ln_1(x), bias=bias, cache=cache, kv=kv, impl=impl)
         return x + self.mlp(self.ln_2(x))
 
 
 class VisionTransformer(nn.Module):
-    """``forward(images [B, 3, S, S]) -> [B, 1 + N, width]`` tokens after ln_post, class token first."""
+    """``forward(images [B, 3, S, S]) -> [B, 1 + N, width]`` tokens after ln_post, class token first.
+    ``final_norm=False``: no ln_post (open_clip's CoCa normalises after its pooler instead)."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, final_norm: bool = True):
         super().__init__()
         self.cfg = cfg
         self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.num_patches + 1, cfg.width))
         self.ln_pre = LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.blocks = nn.ModuleList([ResidualBlock(cfg) for _ in range(cfg.layers)])
-        self.ln_post = LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.blocks = nn.ModuleList([ResidualBlock(cfg.width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.ln_eps)
+                                     for _ in range(cfg.layers)])
+        self.ln_post = LayerNorm(cfg.width, eps=cfg.ln_eps) if final_norm else nn.Identity()
         self.grad_checkpointing = 0  # the first N blocks recompute their forward in backward
         self.reset_parameters()
 
