@@ -259,6 +259,11 @@ def _row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _open_clip_generate_rows(r):
+    return [_row(x["mode"], x["batch"], f"{x['open_clip_tokens_per_s']:.1f}", f"{x['ours_tokens_per_s']:.1f}",
+                 f"**{x['speedup']:.1f}x**", "yes" if x["tokens_identical"] else "NO") for x in r["rows"]]
+
+
 def _n(v: float) -> str:
     """A count with thousands separators."""
     return f"{v:,.0f}"
@@ -667,6 +672,8 @@ TABLES = [
     ("BENCHMARKS.md", ("generation_dtypes_b1.json",), _floor_rows),
     ("docs/performance.md", ("generation_dtypes_b1.json", "generation_dtypes_b4.json", "generation_dtypes_b32.json"),
      _dtype_summary),
+    ("BENCHMARKS.md", ("open_clip_generate.json",), _open_clip_generate_rows),
+    ("README.md", ("open_clip_generate.json",), _open_clip_generate_rows),
     ("BENCHMARKS.md", ("precision.json",), _precision_rows),
     ("BENCHMARKS.md", ("caption_files.json",), _caption_files_rows),
     ("BENCHMARKS.md", ("serve.json",), _serve_rows),

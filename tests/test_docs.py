@@ -300,12 +300,12 @@ def test_the_command_table_names_every_subcommand():
     assert len(named) == len(set(named))
 
 
-def test_the_code_tour_names_six_files_that_exist():
+def test_the_code_tour_names_seven_files_that_exist():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Where to start reading"):]
     section = section[:section.index("\n## ", 1)]
     files = re.findall(r"(?m)^\| \[`([^`]+)`\]\(([^)]+)\) \|", section)
-    assert len(files) == 6
+    assert len(files) == 7
     assert all(name == target and (ROOT / name).is_file() for name, target in files)
 
 

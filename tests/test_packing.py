@@ -221,7 +221,8 @@ def test_patch_dropout_stops_for_the_unmasked_tuning_steps():
     from coca.train.loop import Trainer
     tc = load_run_config(None, ["train.steps=20", "train.patch_dropout=0.5", "train.patch_dropout_until=0.75"]).train
     parts = SimpleNamespace(device=torch.device("cpu"), packed_attention="groups")
-    options = [Trainer.step_options(SimpleNamespace(tc=tc, parts=parts, progress=SimpleNamespace(step=s)))
+    model = SimpleNamespace(model=SimpleNamespace(family="t5"))
+    options = [Trainer.step_options(SimpleNamespace(tc=tc, cfg=model, parts=parts, progress=SimpleNamespace(step=s)))
                for s in range(20)]  # progress.step = steps done before the one being taken
     assert [o.patch_dropout for o in options] == [0.5] * 15 + [0.0] * 5
     assert all(o.pack_text and o.attention_buckets == 4 for o in options)

@@ -75,6 +75,24 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_convert_open_clip(args) -> int:
+    from .convert import convert_open_clip
+    path, arch = convert_open_clip(args.checkpoint, args.out, arch=args.arch, vocab=args.vocab)
+    print(f"wrote {path} (open_clip {arch}); load it with coca.load({str(path)!r}) or --model {path}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push, push_plan
+    if args.dry_run:
+        for name, data in push_plan(args.model_dir, args.repo).items():
+            print(f"{name}\t{len(data)} bytes")
+        return 0
+    url = push(args.model_dir, args.repo, private=args.private, commit_message=args.message)
+    print(f"pushed {args.model_dir} to {args.repo}: {url}\nload it with coca.load('hf-hub:{args.repo}')")
+    return 0
+
+
 def cmd_caption(args) -> int:
     from pathlib import Path
 
@@ -274,10 +292,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output model directory")
     s.set_defaults(fn=cmd_init)
 
+    s = sub.add_parser("convert", help="read a checkpoint of another library into a model directory")
+    conv = s.add_subparsers(dest="source", required=True)
+    c = conv.add_parser("open-clip", help="open_clip CoCa weights (coca_ViT-B-32, coca_ViT-L-14 and their fine-tunes)")
+    c.add_argument("--checkpoint", required=True,
+                   help="open_clip_model.safetensors / open_clip_pytorch_model.bin, a directory holding one, or "
+                        "hf-hub:ORG/NAME (e.g. hf-hub:laion/CoCa-ViT-L-14-laion2B-s13B-b90k)")
+    c.add_argument("--arch", choices=["coca_ViT-B-32", "coca_ViT-L-14"],
+                   help="default: open_clip_config.json beside the weights, else the tensor shapes")
+    c.add_argument("--vocab", help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: the installed open_clip's)")
+    c.add_argument("--out", required=True, help="output model directory")
+    c.set_defaults(fn=cmd_convert_open_clip)
+
+    s = sub.add_parser("push", help="upload a model directory to the Hugging Face Hub with a model card")
+    s.add_argument("model_dir")
+    s.add_argument("repo", help="ORG/NAME")
+    s.add_argument("--private", action="store_true")
+    s.add_argument("--message", help="commit message")
+    s.add_argument("--dry-run", action="store_true", help="list the files (and card) that would be uploaded")
+    s.set_defaults(fn=cmd_push)
+
     s = sub.add_parser("caption", help="caption images, folders, globs or path lists (resumable JSON lines with --out)")
     s.add_argument("images", nargs="+", help="image files, folders (recursive), glob patterns ('photos/**/*.jpg'), "
                    "or .txt/.lst files with one image path per line")
-    s.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer.model)")
+    s.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer) or hf-hub:ORG/NAME")
     s.add_argument("--out", help="JSON lines file (path, caption[, score]); rerun with the same file to resume "
                    "(default: print path<TAB>caption)")
     s.add_argument("--score", action="store_true", help="add each caption's mean log-probability per token")
@@ -303,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_caption)
 
     s = sub.add_parser("serve", help="HTTP API (caption, classify, embed, search) with dynamic batching, and a web page")
-    s.add_argument("--model", required=True, help="model directory (with tokenizer.model)")
+    s.add_argument("--model", required=True, help="model directory (with its tokenizer) or hf-hub:ORG/NAME")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--index", help="an index directory from `coca index` (enables search)")
@@ -321,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("index", help="embed every image under a folder into a search index (resumable)")
     s.add_argument("images", help="image folder (searched recursively)")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", required=True, help="model directory or hf-hub:ORG/NAME")
     s.add_argument("--out", required=True, help="index directory (rerun to resume or add new images)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--workers", type=int, default=2)
@@ -331,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("classify", help="rank labels for images by zero-shot similarity")
     s.add_argument("images", nargs="+")
-    s.add_argument("--model", required=True, help="model directory")
+    s.add_argument("--model", required=True, help="model directory or hf-hub:ORG/NAME")
     s.add_argument("--labels", required=True, help='comma-separated labels, e.g. "a dog,a cat,a car"')
     s.add_argument("--template", help="one prompt template with {} for the label, e.g. 'a photo of {}.'")
     s.add_argument("--templates", help="file of prompt templates (one per line), averaged per label")
@@ -346,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     esub = s.add_subparsers(dest="eval_command", required=True)
 
     def common(e, batch_size):
-        e.add_argument("--model", required=True, help="model directory (with tokenizer.model)")
+        e.add_argument("--model", required=True, help="model directory (with its tokenizer) or hf-hub:ORG/NAME")
         e.add_argument("--images", required=True, help="image directory (annotation paths are resolved against it "
                        "or, when they already start with its name, against its parent)")
         e.add_argument("--out", help="JSON results file (default eval_<task>.json)")

@@ -672,7 +672,8 @@ ARCHITECTURE_KEYS = (
     "vision.image_size", "vision.patch_size", "vision.width", "vision.layers", "vision.heads", "vision.mlp_dim",
     "text.vocab_size", "text.d_model", "text.d_kv", "text.num_heads", "text.d_ff", "text.encoder_layers",
     "text.decoder_layers", "text.relative_buckets", "text.relative_max_distance", "vision.act",
-    "embed_dim", "n_gen_queries", "pooler_heads",
+    "embed_dim", "n_gen_queries", "pooler_heads", "family", "text.cls_mask", "text.decoder_start_id",
+    "text.pad_id", "text.eos_id",
 )
 
 
@@ -694,6 +695,10 @@ def init_model_config(train: TrainConfig, spec: Any) -> CoCaConfig:
 
     from .layout import RunLayout
     run, init_dir = RunLayout(train.run_dir), Path(train.init_from)
+    if not run.has_started() and train.init_from.startswith("hf-hub:"):
+        from .hub import model_dir
+        init_dir = model_dir(train.init_from)  # the snapshot in the Hugging Face cache; the run records its path
+        train.init_from = str(init_dir)
     if run.has_started():
         base, source = yaml.safe_load(run.config.read_text())["model"], str(run.config)
     else:

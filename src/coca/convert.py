@@ -281,11 +281,15 @@ def open_clip_coca_state(sd: dict[str, Tensor], cfg: CoCaConfig) -> dict[str, Te
     out = {f"visual.{k}": x for k, x in vit_state_from_clip(visual_state_only(sd), v, final_norm=False).items()}
     pool = "visual.attn_pool."
     bias = sd[pool + "attn.in_proj_bias"]
+    if pool + "attn.in_proj_weight" in sd:  # the ViT is as wide as the pooler: torch keeps q, k, v fused
+        q_weight, kv_weight = sd[pool + "attn.in_proj_weight"][:E], sd[pool + "attn.in_proj_weight"][E:]
+    else:
+        q_weight = sd[pool + "attn.q_proj_weight"]
+        kv_weight = torch.cat([sd[pool + "attn.k_proj_weight"], sd[pool + "attn.v_proj_weight"]])
     out.update({
         "gen_pooler.query": sd[pool + "query"],
-        "gen_pooler.attn.q.weight": sd[pool + "attn.q_proj_weight"], "gen_pooler.attn.q.bias": bias[:E],
-        "gen_pooler.attn.kv.weight": torch.cat([sd[pool + "attn.k_proj_weight"], sd[pool + "attn.v_proj_weight"]]),
-        "gen_pooler.attn.kv.bias": bias[E:],
+        "gen_pooler.attn.q.weight": q_weight, "gen_pooler.attn.q.bias": bias[:E],
+        "gen_pooler.attn.kv.weight": kv_weight, "gen_pooler.attn.kv.bias": bias[E:],
         "image_proj.weight": sd["visual.proj"].t(),
         "text_encoder.embed_tokens.weight": sd["text.token_embedding.weight"],
         "text_encoder.positional_embedding": sd["text.positional_embedding"],
@@ -337,6 +341,58 @@ def from_open_clip_coca(sd: dict[str, Tensor], arch: str | dict, source: str = "
     model = create_model(cfg, device="meta")
     model.to_empty(device="cpu")
     model.tie_weights()
-    load_checked(model, open_clip_coca_state(sd, cfg), source)
+    try:
+        state = open_clip_coca_state(sd, cfg)
+    except KeyError as e:
+        raise UserError(f"{source} does not match the model config ({cfg.name}): it has no tensor {e}; "
+                        "is the architecture right?") from None
+    load_checked(model, state, source)
     model.tokenizer = tokenizer or CLIPTokenizer(context_length=cfg.text.context_length)
     return model.eval()
+
+
+def infer_open_clip_arch(sd: dict[str, Tensor]) -> str:
+    """Which published architecture a CoCa state dict has, from its tensor shapes."""
+    for arch, preset in OPEN_CLIP_ARCHS.items():
+        cfg = get_preset(preset)
+        conv = sd.get("visual.conv1.weight")
+        if conv is not None and tuple(conv.shape) == (cfg.vision.width, 3, cfg.vision.patch_size, cfg.vision.patch_size) \
+                and sd.get("text.cls_emb") is not None and sd["text.cls_emb"].shape[0] == cfg.text.d_model:
+            return arch
+    raise UserError("the checkpoint is neither coca_ViT-B-32 nor coca_ViT-L-14 by its shapes; pass --arch "
+                    "(or an open_clip_config.json beside it)")
+
+
+def convert_open_clip(checkpoint: str, out: str | os.PathLike, arch: str | None = None,
+                      vocab: str | None = None) -> tuple[Path, str]:
+    """`coca convert open-clip`: an open_clip CoCa checkpoint (a file, a directory holding
+    ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``, or ``hf-hub:ORG/NAME``) saved
+    in our layout at ``out``. The architecture is ``arch``, else the ``open_clip_config.json`` beside
+    the weights, else read from the shapes. Returns (out, the architecture)."""
+    from . import hub
+    from .clip_tokenizer import CLIPTokenizer
+    config_file = None
+    if hub.is_hub(checkpoint):
+        weights = hub.file(checkpoint, hub.OPEN_CLIP_WEIGHTS)
+        try:
+            config_file = hub.file(checkpoint, ("open_clip_config.json",))
+        except InputNotFound:
+            config_file = None
+    else:
+        weights = Path(checkpoint)
+        if weights.is_dir():
+            found = [weights / n for n in hub.OPEN_CLIP_WEIGHTS if (weights / n).is_file()]
+            if not found:
+                raise InputNotFound(f"{weights} holds none of {', '.join(hub.OPEN_CLIP_WEIGHTS)}")
+            weights = found[0]
+        config_file = weights.parent / "open_clip_config.json"
+    state = {k.removeprefix("module."): v for k, v in read_state_file(weights).items()}
+    spec: str | dict | None = arch
+    if spec is None and config_file is not None and config_file.is_file():
+        spec = json.loads(config_file.read_text()).get("model_cfg")
+    if spec is None:
+        spec = infer_open_clip_arch(state)
+    tokenizer = CLIPTokenizer(vocab, context_length=open_clip_coca_config(spec).text.context_length)
+    model = from_open_clip_coca(state, spec, source=str(weights), tokenizer=tokenizer)
+    path = model.save_pretrained(out)
+    return path, spec if isinstance(spec, str) else model.cfg.name

@@ -104,6 +104,13 @@ class CoCaBase(nn.Module):
         return score(self, images, tokens, pairwise=pairwise, batch_size=batch_size)
 
     # --- persistence -------------------------------------------------------------------------
+    def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str | None = None,
+                    token: str | None = None) -> str:
+        """Save this model (with its tokenizer) and upload it to the Hub repository ``repo_id`` with
+        a model card; ``coca.load("hf-hub:" + repo_id)`` loads it back. Returns the commit URL."""
+        from ..hub import push_model
+        return push_model(self, repo_id, private=private, commit_message=commit_message, token=token)
+
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> Path:
         """Write config.json, model.safetensors (and tokenizer.model) atomically into ``path``."""
         from safetensors.torch import save as save_safetensors
@@ -243,13 +250,16 @@ def create_model(config: str | CoCaConfig | dict[str, Any] = "coca-tiny", device
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> CoCa:
-    """Load a directory written by ``save_pretrained``. Only safetensors are read: no pickle.
+    """Load a directory written by ``save_pretrained``, or ``hf-hub:ORG/NAME[@REVISION]`` from the
+    Hugging Face Hub (through its cache; ``coca.hub``). Only safetensors are read: no pickle.
 
     ``dtype``: "fp32" | "bf16" | "int8" (dynamic quantisation of the Linear layers, CPU only; see
     ``coca.precision``) or a torch float dtype."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    path = Path(path)
+
+    from ..hub import model_dir
+    path = model_dir(path)  # a directory, or an hf-hub:ORG/NAME snapshot in the Hugging Face cache
     if not path.is_dir():
         raise InputNotFound(f"model directory {str(path)!r} does not exist")
     for name in (CONFIG_FILE, WEIGHTS_FILE):

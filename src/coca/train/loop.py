@@ -59,7 +59,9 @@ MAX_SHORT_STEPS_IN_A_ROW = 50
 
 def prepare_tokenizer(cfg: RunConfig, layout: RunLayout, log) -> Tokenizer:
     ctx = cfg.model.text.context_length
-    if cfg.data.tokenizer:
+    if cfg.model.family == "open_clip":
+        tok = clip_tokenizer(cfg, layout, log)
+    elif cfg.data.tokenizer:
         tok = Tokenizer(cfg.data.tokenizer, context_length=ctx)
     elif layout.tokenizer.is_file():  # resumed run: keep the ids the weights were trained with
         tok = Tokenizer(layout.tokenizer, context_length=ctx)
@@ -87,6 +89,26 @@ def prepare_tokenizer(cfg: RunConfig, layout: RunLayout, log) -> Tokenizer:
         raise ConfigError(f"tokenizer pad/eos ids ({tok.pad_id}, {tok.eos_id}) differ from the model's "
                           f"({t.pad_id}, {t.eos_id}); set model.text.pad_id / eos_id to match")
     return tok
+
+
+def clip_tokenizer(cfg: RunConfig, layout: RunLayout, log):
+    """The open_clip family's tokenizer, CLIP's: its merges file from data.tokenizer, a resumed
+    run's copy, the init_from directory, or the installed open_clip package, kept in the run
+    directory (a copy keeps resume exact). It is never trained."""
+    from ..clip_tokenizer import VOCAB_FILE, CLIPTokenizer, packaged_vocab
+    kept, ctx = layout.root / VOCAB_FILE, cfg.model.text.context_length
+    if kept.is_file() and not cfg.data.tokenizer:
+        return CLIPTokenizer(kept, ctx)
+    init = Path(cfg.train.init_from) / VOCAB_FILE if cfg.train.init_from else None
+    source = Path(cfg.data.tokenizer) if cfg.data.tokenizer else init if init is not None and init.is_file() \
+        else packaged_vocab()
+    if source is None:
+        raise ConfigError(f"the open_clip family uses CLIP's tokenizer: set data.tokenizer to its {VOCAB_FILE} "
+                          "(a converted model directory holds one), or install open_clip_torch, which ships it")
+    CLIPTokenizer(source, ctx)  # a bad file fails here, before it is copied
+    atomic_write_bytes(kept, source.read_bytes())
+    log(f"tokenizer: CLIP's BPE from {source}")
+    return CLIPTokenizer(kept, ctx)
 
 
 @torch.no_grad()
@@ -310,7 +332,9 @@ class Trainer:
         """Packing as configured; patch dropout until ``patch_dropout_until`` of the steps, then none."""
         tc = self.tc
         masked = self.progress.step < tc.patch_dropout_until * tc.steps
-        return StepOptions(pack_text=tc.pack_text, patch_dropout=tc.patch_dropout if masked else 0.0,
+        # the open_clip family runs its text at full length (the CLS's position depends on it)
+        pack = tc.pack_text and self.cfg.model.family == "t5"
+        return StepOptions(pack_text=pack, patch_dropout=tc.patch_dropout if masked else 0.0,
                            attention_buckets=attention_buckets(self.parts.device, tc.compile),
                            packed_attention=self.parts.packed_attention)
 

@@ -15,8 +15,11 @@ from ..config import OptimConfig
 from ..errors import UserError
 from ..components import COMPONENTS, component_of
 
-_BLOCK = re.compile(r"^(visual|text_encoder|text_decoder)\.blocks\.(\d+)\.")
-_TOP = ("visual.ln_post.", "text_encoder.final_norm.", "text_decoder.final_norm.", "text_decoder.lm_head.")
+# the open_clip family's decoder layer i is its self_blocks.i and cross_blocks.i; its text tower
+# ends in ln_final
+_BLOCK = re.compile(r"^(visual|text_encoder|text_decoder)\.(?:blocks|self_blocks|cross_blocks)\.(\d+)\.")
+_TOP = ("visual.ln_post.", "text_encoder.final_norm.", "text_encoder.ln_final.", "text_decoder.final_norm.",
+        "text_decoder.lm_head.")
 
 
 def freeze(model: nn.Module, components: list[str]) -> int:
