@@ -77,10 +77,17 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--reps-large", type=int, default=1, help="repetitions at batch >= 16 (open_clip takes minutes)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compiled", action="store_true",
+                   help="also ours through the compiled decoding step (a CompiledDecoder kept across calls; "
+                        "its compiles happen in the warm-up call)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     theirs, ours = build()
+    compiled = None
+    if args.compiled:
+        from coca.compiled_decoding import CompiledDecoder
+        compiled = CompiledDecoder(ours)
     rows = []
     with torch.no_grad():
         for mode in args.modes:
@@ -89,9 +96,14 @@ def main(argv=None) -> int:
                 oc, us = calls(theirs, ours, images, mode)
                 reference, mine = oc(), us()  # also the warm-up
                 identical = same_tokens(reference, mine, mode)
-                times = {"open_clip": [], "ours": []}
+                runs = [("open_clip", oc), ("ours", us)]
+                if compiled is not None:
+                    us_compiled = calls(theirs, ours, images, mode, compiled)[1]
+                    identical = identical and same_tokens(reference, us_compiled(), mode)
+                    runs.append(("ours_compiled", us_compiled))
+                times = {name: [] for name, _ in runs}
                 for _ in range(args.reps if batch < 16 else args.reps_large):
-                    for name, fn in (("open_clip", oc), ("ours", us)):
+                    for name, fn in runs:
                         t0 = time.perf_counter()
                         fn()
                         times[name].append(time.perf_counter() - t0)
@@ -100,6 +112,8 @@ def main(argv=None) -> int:
                        **{f"{k}_s": statistics.median(v) for k, v in times.items()},
                        **{f"{k}_tokens_per_s": new_tokens / statistics.median(v) for k, v in times.items()}}
                 row["speedup"] = row["open_clip_s"] / row["ours_s"]
+                if compiled is not None:
+                    row["compiled_speedup"] = row["open_clip_s"] / row["ours_compiled_s"]
                 rows.append(row)
                 print(row, flush=True)
     table = matched.markdown_table(
