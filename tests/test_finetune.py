@@ -79,8 +79,14 @@ def test_init_from_takes_the_architecture_and_refuses_shape_overrides(work, tmp_
     assert cfg.model.text.vocab_size == 64 and cfg.model.text.dropout == 0.1 and cfg.model.max_logit_scale == 50
     with pytest.raises(ConfigError, match=r"model.text.d_model=256 would change the architecture.*remove model.text.d_model"):
         load_run_config(None, [init, "model.text.d_model=256"])
-    with pytest.raises(ConfigError, match="model.preset='coca-base' differs"):
+    with pytest.raises(ConfigError, match="model.preset='coca-base' with this config's overrides differs"):
         load_run_config(None, [init, "model.preset=coca-base"])
+    # the very config the directory was trained with (its preset and its overrides) is accepted;
+    # the bare preset is not, naming what differs
+    same = load_run_config(None, [init, "model.preset=coca-tiny", *PRETRAIN[:1]])
+    assert same.model.to_dict() == coca.load(work / "pre/model").cfg.to_dict()
+    with pytest.raises(ConfigError, match=r"text.vocab_size \(1024 here, 64 there\)"):
+        load_run_config(None, [init, "model.preset=coca-tiny"])
     with pytest.raises(ConfigError, match="model.vision.act='quick_gelu' would change"):
         load_run_config(None, [init, "model.vision.act=quick_gelu"])
     with pytest.raises(FileNotFoundError, match="model directory"):

@@ -461,3 +461,39 @@ print("exiting with the loader alive", flush=True)
 """)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------- one run per directory
+
+def test_a_second_training_on_a_run_directory_refuses_and_a_killed_ones_lock_does_not_block_resume(tmp_path):
+    import json
+    import signal
+    import time
+    run_dir = tmp_path / "run"
+    settings = [f"train.run_dir={run_dir}", "train.steps=400", "train.checkpoint_every=2", "train.log_every=1",
+                "data.batch_size=8", "data.workers=0", "train.progress=false", "train.val_every=0",
+                "train.tensorboard=false", "train.threads=1", "train.precision=fp32", "model.text.vocab_size=64",
+                "data.tokenizer_vocab_size=64", "data.tokenizer_model_type=bpe", "data.tokenizer_train_captions=500"]
+    def command(items):
+        return [sys.executable, "-m", "coca.cli", "train", *[a for item in items for a in ("--set", item)]]
+    cmd = command(settings)
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        time.sleep(0.5)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert "is in use" in second.stderr and f"pid {first.pid}" in second.stderr
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    from coca.layout import step_of
+    latest = max(s for s in map(step_of, (p.name for p in (run_dir / "checkpoints").iterdir())) if s is not None)
+    # the killed run's lock file is still there, with its pid; the resume takes the lock all the same
+    assert f"pid {first.pid}" in (run_dir / "train.lock").read_text()
+    resumed = subprocess.run(command([settings[0], f"train.steps={latest + 2}", *settings[2:]]),
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"split"' not in x]
+    assert steps[-1] == latest + 2 and steps == sorted(set(steps))  # resumed from its checkpoint, no mixed lines

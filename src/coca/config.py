@@ -723,10 +723,15 @@ def init_model_config(train: TrainConfig, spec: Any) -> CoCaConfig:
     spec = {"preset": spec} if isinstance(spec, str) else dict(spec)
     preset = spec.pop("preset", None)
     if preset is not None:
-        differ = [k for k in ARCHITECTURE_KEYS if _get(get_preset(preset), k) != _get(base_cfg, k)]
+        # the preset as this config resolves it, its own overrides included: a directory trained
+        # with this very config matches it
+        resolved = resolve_model({"preset": preset, **spec})
+        differ = [k for k in ARCHITECTURE_KEYS if _get(resolved, k) != _get(base_cfg, k)]
         if differ:
-            raise ConfigError(f"model.preset={preset!r} differs from the model in train.init_from ({source}) in "
-                              f"{', '.join(differ[:4])}: the architecture comes from that directory; remove model.preset")
+            shown = ", ".join(f"{k} ({_get(resolved, k)!r} here, {_get(base_cfg, k)!r} there)" for k in differ[:4])
+            raise ConfigError(f"model.preset={preset!r} with this config's overrides differs from the model in "
+                              f"train.init_from ({source}) in {shown}: the architecture comes from that "
+                              "directory; remove model.preset")
     try:
         merged = CoCaConfig.from_dict(_deep_merge(base_cfg.to_dict(), spec))
     except ConfigError as e:

@@ -47,6 +47,7 @@ from .engines import Engine, Outcome, engine_for_run
 from .metrics import MetricsLog, TensorBoard
 from .optim import build_optimizer, build_scheduler, describe_groups, freeze
 from .precision import resolve_device, resolve_precision
+from .run_lock import RunLock, in_use_error
 from .step import StepOptions, attention_buckets, packed_attention_kernel
 from .warmstart import init_tokenizer, load_init_weights
 
@@ -186,6 +187,7 @@ class Trainer:
         self.stop_signal = None
         self.short_steps = 0  # steps in a row with too few valid samples
         self.parts: TrainingParts | None = None  # build()'s, set by setup()
+        self.lock = RunLock(self.layout.root)  # held from build() to the end of fit()
 
     def say(self, *args) -> None:
         if self.parts is None or self.parts.world.is_main:
@@ -207,6 +209,10 @@ class Trainer:
         main = world.is_main
         say = self._log if main else (lambda *args: None)
         packed_attention = packed_attention_kernel(tc.packed_attention, device, cfg.model.text.dropout)
+        # rank 0 locks the run directory for the whole launch, before anything is written there
+        holder = self.lock.acquire() if main else None
+        if global_sum(0 if holder is None else 1, world, device) > 0:
+            raise in_use_error(layout.root, holder or "the process holding rank 0's lock")
         if tc.precision == "auto":  # decided here, and saved in config.yaml as decided
             tc.precision = resolve_precision(tc.precision, device)
             say(f"train.precision=auto: {tc.precision} on this {device.type}")
@@ -405,7 +411,14 @@ class Trainer:
         return global_sum(1 if self.stop_signal is not None else 0, self.parts.world, self.parts.device) > 0
 
     def fit(self) -> dict:
-        """Train (or resume) the run in ``train.run_dir``; returns a summary dict."""
+        """Train (or resume) the run in ``train.run_dir``; returns a summary dict. The run
+        directory is locked meanwhile (``run_lock``): a second run on it refuses at once."""
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _fit(self) -> dict:
         tc = self.tc
         self.setup()
 
