@@ -497,3 +497,24 @@ def test_a_second_training_on_a_run_directory_refuses_and_a_killed_ones_lock_doe
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"split"' not in x]
     assert steps[-1] == latest + 2 and steps == sorted(set(steps))  # resumed from its checkpoint, no mixed lines
+
+
+def test_resume_with_another_tokenizer_is_refused_naming_both_fingerprints(tmp_path):
+    """A changed data.tokenizer, or the same path retrained, would give the step-N weights ids that
+    mean other pieces; before the first checkpoint a new one simply replaces the run's copy."""
+    from coca.train.loop import fingerprint
+    captions = [f"a {c} {s}" for c in ("red", "blue", "green", "pink") for s in ("circle", "square", "star")] * 20
+    first = Tokenizer.train(captions, vocab_size=40, out_dir=tmp_path / "tok1", model_type="bpe")
+    other = Tokenizer.train([c.upper() + " now" for c in captions], vocab_size=44, out_dir=tmp_path / "tok2",
+                            model_type="bpe")
+    train(run_config(tmp_path, f"data.tokenizer={first.path}", "train.checkpoint_every=3"), log=lambda *a: None)
+    run_tok = tmp_path / "run" / "tokenizer.model"
+    assert fingerprint(run_tok) == fingerprint(first.path)
+    with pytest.raises(ConfigError, match=rf"fingerprint {fingerprint(other.path)}.*fingerprint {fingerprint(first.path)}"):
+        train(run_config(tmp_path, f"data.tokenizer={other.path}", "train.steps=5"), log=lambda *a: None)
+    first.path.write_bytes(other.path.read_bytes())  # retrained in place, same path
+    with pytest.raises(ConfigError, match="is not the tokenizer this run's checkpoints were trained with"):
+        train(run_config(tmp_path, f"data.tokenizer={first.path}", "train.steps=5"), log=lambda *a: None)
+    # the run's own copy (or no data.tokenizer) resumes
+    summary = train(run_config(tmp_path, f"data.tokenizer={run_tok}", "train.steps=5"), log=lambda *a: None)
+    assert summary["step"] == 5 and fingerprint(run_tok) != fingerprint(other.path)

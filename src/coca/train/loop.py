@@ -62,9 +62,12 @@ def prepare_tokenizer(cfg: RunConfig, layout: RunLayout, log) -> Tokenizer:
     ctx = cfg.model.text.context_length
     if cfg.model.family == "open_clip":
         tok = clip_tokenizer(cfg, layout, log)
-    elif cfg.data.tokenizer:
-        tok = Tokenizer(cfg.data.tokenizer, context_length=ctx)
-    elif layout.tokenizer.is_file():  # resumed run: keep the ids the weights were trained with
+    elif layout.tokenizer.is_file() and (not cfg.data.tokenizer or same_tokenizer(layout, layout.tokenizer,
+                                                                                   Path(cfg.data.tokenizer))):
+        tok = Tokenizer(layout.tokenizer, context_length=ctx)  # resumed run: the ids the weights were trained with
+    elif cfg.data.tokenizer:  # kept in the run directory: a resume can tell if it changed
+        Tokenizer(cfg.data.tokenizer, context_length=ctx)  # a bad file fails here, before it is copied
+        atomic_write_bytes(layout.tokenizer, Path(cfg.data.tokenizer).read_bytes())
         tok = Tokenizer(layout.tokenizer, context_length=ctx)
     elif cfg.train.init_from:  # the ids the loaded text weights were trained with; a copy keeps resume exact
         source = init_tokenizer(cfg.train.init_from)
@@ -92,13 +95,35 @@ def prepare_tokenizer(cfg: RunConfig, layout: RunLayout, log) -> Tokenizer:
     return tok
 
 
+def fingerprint(path: Path) -> str:
+    """A tokenizer file's identity: the start of its SHA-256."""
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def same_tokenizer(layout: RunLayout, kept: Path, given: Path) -> bool:
+    """Whether ``given`` (data.tokenizer) is the run's own copy ``kept``. A run with a checkpoint
+    refuses another one: its weights learnt what the kept ids mean; before the first checkpoint the
+    given one replaces the copy (False)."""
+    if not given.is_file():
+        return False  # the caller reports the missing file
+    if fingerprint(given) == fingerprint(kept):
+        return True
+    if latest_checkpoint(layout.checkpoints) is None:
+        return False
+    raise ConfigError(f"data.tokenizer {str(given)!r} (fingerprint {fingerprint(given)}) is not the tokenizer this "
+                      f"run's checkpoints were trained with, {kept} (fingerprint {fingerprint(kept)}): its ids would "
+                      "mean other pieces to the weights. Resume with that one (data.tokenizer set to it, or left "
+                      "empty), or start a new train.run_dir")
+
+
 def clip_tokenizer(cfg: RunConfig, layout: RunLayout, log):
     """The open_clip family's tokenizer, CLIP's: its merges file from data.tokenizer, a resumed
     run's copy, the init_from directory, or the installed open_clip package, kept in the run
     directory (a copy keeps resume exact). It is never trained."""
     from ..clip_tokenizer import VOCAB_FILE, CLIPTokenizer, packaged_vocab
     kept, ctx = layout.root / VOCAB_FILE, cfg.model.text.context_length
-    if kept.is_file() and not cfg.data.tokenizer:
+    if kept.is_file() and (not cfg.data.tokenizer or same_tokenizer(layout, kept, Path(cfg.data.tokenizer))):
         return CLIPTokenizer(kept, ctx)
     init = Path(cfg.train.init_from) / VOCAB_FILE if cfg.train.init_from else None
     source = Path(cfg.data.tokenizer) if cfg.data.tokenizer else init if init is not None and init.is_file() \
