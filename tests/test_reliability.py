@@ -518,3 +518,21 @@ def test_resume_with_another_tokenizer_is_refused_naming_both_fingerprints(tmp_p
     # the run's own copy (or no data.tokenizer) resumes
     summary = train(run_config(tmp_path, f"data.tokenizer={run_tok}", "train.steps=5"), log=lambda *a: None)
     assert summary["step"] == 5 and fingerprint(run_tok) != fingerprint(other.path)
+
+
+def test_numeric_class_names_are_names_not_indices(tmp_path):
+    """Class names "1".."4" and "10": a label that is a class name is that class (read as an index,
+    "1" would be class "2" and "10" out of range); a number that names no class is still an index."""
+    from PIL import Image
+
+    from coca.evaluate.zeroshot import labelled_images
+    names = ["1", "2", "3", "4", "10"]
+    for c in names:
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (8, 8), "red").save(tmp_path / c / "a.png")
+    by_folder = labelled_images(tmp_path, None, names)
+    assert by_folder.mapping == "by name"
+    assert {p.parent.name: names[label] for p, label in zip(by_folder.paths, by_folder.labels)} == {c: c for c in names}
+    (tmp_path / "labels.csv").write_text("1/a.png,1\n2/a.png,2\n10/a.png,10\n4/a.png,0\n")
+    by_file = labelled_images(tmp_path, tmp_path / "labels.csv", names)
+    assert [names[label] for label in by_file.labels] == ["1", "2", "10", "1"]

@@ -89,7 +89,8 @@ def labelled_images(images: str | os.PathLike, labels_file: str | os.PathLike | 
       space), whatever the order of the names file; otherwise sorted folder i is class i (how the
       ImageNet validation synset folders map to the standard class order). ``mapping`` says which.
     - ``labels_file``: a CSV/TSV of ``image,label`` rows (a header row is allowed), image paths
-      relative to ``images``, label a class index or a class name.
+      relative to ``images``, label a class name or else a class index (a label that is a class
+      name is that class, also when the names are numbers).
     """
     from ..data.readers import FolderSource
     root = Path(images)
@@ -126,12 +127,12 @@ def _read_labels_file(path: Path, root: Path, classnames: list[str]) -> tuple[li
         if len(row) < 2:
             raise UserError(f"{path}: line {n}: expected 'image{delimiter}label', got {row!r}")
         name, label = row[0].strip(), row[1].strip()
-        if label.lstrip("-").isdigit():
+        if label in index_of:  # class names are text, numbers included ("1".."4"): a name first
+            idx = index_of[label]
+        elif label.lstrip("-").isdigit():
             idx = int(label)
             if not 0 <= idx < len(classnames):
                 raise UserError(f"{path}: line {n}: label {idx} is outside [0, {len(classnames)})")
-        elif label in index_of:
-            idx = index_of[label]
         elif n == 1:  # header row
             continue
         else:
