@@ -13,11 +13,13 @@ import os
 import tempfile
 from pathlib import Path
 
+from .clip_tokenizer import VOCAB_FILE
 from .errors import InputNotFound, UserError
+from .models.coca import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 
 PREFIX = "hf-hub:"
 # what a model directory holds (coca.models.coca): the files a load needs and those a push shares
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model", "bpe_simple_vocab_16e6.txt.gz")
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, VOCAB_FILE)
 CARD_EXTRAS = ("eval.json",)
 # open_clip's file names for its published weights, the safe one first (as open_clip tries them)
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -105,7 +107,7 @@ def model_card(directory: Path, repo_id: str) -> str:
     """The README.md a push writes: Hub metadata (``library_name: coca``), how to use the model,
     its config, the training config of the run it came from and its evaluation results where the
     directory (or its run) has them."""
-    cfg = json.loads((directory / "config.json").read_text())
+    cfg = json.loads((directory / CONFIG_FILE).read_text())
     family = cfg.get("family", "t5")
     v, t = cfg["vision"], cfg["text"]
     tags = ["coca", "image-captioning", "image-to-text", "zero-shot-image-classification", "image-text-retrieval"]
@@ -144,8 +146,8 @@ def push_plan(directory: str | os.PathLike, repo_id: str) -> dict[str, bytes]:
     """The files a push uploads, by name: the model directory's model files and eval.json, and the
     model card as README.md."""
     directory = Path(directory)
-    if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
-        raise InputNotFound(f"{directory} is not a model directory (it needs config.json and model.safetensors)")
+    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise InputNotFound(f"{directory} is not a model directory (it needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise UserError(f"{repo_id!r} is not a Hub repository name: expected ORG/NAME")
     files = {name: (directory / name).read_bytes() for name in (*MODEL_FILES, *CARD_EXTRAS) if (directory / name).is_file()}

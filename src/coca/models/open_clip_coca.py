@@ -227,9 +227,6 @@ class OpenCLIPCoCa(CoCaBase):
         """The decoder runs the model's text tower (broken by ``to_empty``; restored here)."""
         self.text_decoder.text = self.text_encoder
 
-    def towers(self) -> tuple[nn.Module, ...]:
-        return self.visual, self.text_encoder, self.text_decoder
-
     # --- towers ------------------------------------------------------------------------------
     def encode_image_tokens(self, images: Tensor, patch_dropout: float = 0.0) -> tuple[Tensor, Tensor]:
         """(image_embed [B, E] normalised, visual tokens [B, n_gen_queries - 1, E] for the decoder)."""
